@@ -1,0 +1,92 @@
+//! The admin port: `/metrics`, `/healthz`, `/readyz`, `/v1/stats` (DESIGN §5).
+//!
+//! `/readyz` answers 200 only while Kafka, the bus and the database are usable and the
+//! node is not draining; otherwise 503 with the reasons, so an operator sees why.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::bus::Bus;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+
+/// What readiness depends on, updated by the tasks that know.
+pub struct Health {
+    /// Last Kafka probe succeeded.
+    pub kafka: AtomicBool,
+    /// The node is shutting down.
+    pub draining: AtomicBool,
+    pub bus: Arc<dyn Bus>,
+}
+
+impl Health {
+    pub fn new(bus: Arc<dyn Bus>) -> Self {
+        Self { kafka: AtomicBool::new(false), draining: AtomicBool::new(false), bus }
+    }
+
+    /// Empty when ready; otherwise why not.
+    pub fn problems(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.draining.load(Ordering::Relaxed) {
+            out.push("draining");
+        }
+        if !self.kafka.load(Ordering::Relaxed) {
+            out.push("kafka unreachable");
+        }
+        if !self.bus.is_connected() {
+            out.push("redis unreachable");
+        }
+        out
+    }
+}
+
+/// Shared state of the admin endpoints.
+pub struct Admin {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub registry: Arc<Registry>,
+    pub node_id: String,
+}
+
+/// The admin router.
+pub fn router(admin: Arc<Admin>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/readyz", get(readyz))
+        .route("/v1/stats", get(stats))
+        .with_state(admin)
+}
+
+async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], admin.metrics.render()).into_response()
+}
+
+async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
+    let problems = admin.health.problems();
+    if problems.is_empty() {
+        Json(json!({ "status": "ready" })).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not_ready", "problems": problems }))).into_response()
+    }
+}
+
+async fn stats(State(admin): State<Arc<Admin>>) -> Json<serde_json::Value> {
+    let m = &admin.metrics;
+    Json(json!({
+        "node": admin.node_id,
+        "connections": admin.registry.connection_count(),
+        "users": admin.registry.user_count(),
+        "kafka_partitions": m.kafka_partitions.get(),
+        "messages_in": m.ingest_records.get(),
+        "bus_received": m.bus_received.with_label_values(&["bus"]).get(),
+        "messages_out": m.deliveries.get(),
+    }))
+}

@@ -1,0 +1,200 @@
+//! Wiring: builds every part from [`Settings`], runs the long-lived tasks on one
+//! [`TaskTracker`], and shuts them down in a fixed order.
+//!
+//! Shutdown order (DESIGN §8): readiness off → stop accepting → close sessions with 1012 →
+//! ingest commits and leaves the group → the bus subscriber stops → exit. If any task ends
+//! on its own, that is a failure: the others are stopped the same way and `run` errors.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, Admin, Health};
+use crate::bus::{local::LocalBus, redis::RedisBus, Bus};
+use crate::config::Settings;
+use crate::gateway::{auth::Authenticator, Gateway};
+use crate::ingest::{self, Ingest};
+use crate::kafka::Producer;
+use crate::metrics::Metrics;
+use crate::registry::{Limits, Registry};
+use crate::router::Router;
+use crate::{api, shutdown};
+
+/// Partitions of each topic in the embedded in-process broker.
+const EMBEDDED_PARTITIONS: i32 = 4;
+
+/// The bound listeners of a node.
+pub struct Listeners {
+    pub public: TcpListener,
+    pub admin: TcpListener,
+}
+
+/// The in-process broker of the embedded default; lives as long as the app.
+struct EmbeddedKafka {
+    _cluster: MockCluster<'static, DefaultProducerContext>,
+}
+
+fn start_embedded_kafka(settings: &mut Settings) -> anyhow::Result<EmbeddedKafka> {
+    let cluster = MockCluster::new(1).context("starting the in-process Kafka broker")?;
+    let mut topics = settings.kafka.topics.clone();
+    topics.extend([settings.kafka.upstream_topic.clone(), settings.kafka.dead_letter_topic.clone()]);
+    for topic in topics.iter().filter(|t| !t.is_empty()) {
+        cluster.create_topic(topic, EMBEDDED_PARTITIONS, 1).context("creating an embedded topic")?;
+    }
+    settings.kafka.brokers = cluster.bootstrap_servers();
+    Ok(EmbeddedKafka { _cluster: cluster })
+}
+
+/// Runs a node until `shutdown` is cancelled (or a part fails).
+pub async fn run(mut settings: Settings, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let embedded_kafka = if settings.kafka.brokers.is_empty() {
+        Some(start_embedded_kafka(&mut settings)?)
+    } else {
+        None
+    };
+    let settings = Arc::new(settings);
+    let metrics = Arc::new(Metrics::new());
+    let bus: Arc<dyn Bus> = if settings.redis.url.is_empty() {
+        Arc::new(LocalBus::default())
+    } else {
+        let bus = RedisBus::connect(&settings.redis.url, &settings.redis.prefix, metrics.clone())
+            .await
+            .with_context(|| format!("connecting to redis.url {}", settings.redis.url))?;
+        Arc::new(bus)
+    };
+    let auth = Arc::new(Authenticator::new(&settings.auth).map_err(anyhow::Error::msg)?);
+    if auth.is_insecure() {
+        tracing::warn!("auth.mode = \"insecure\": ANYONE can connect as ANY user with ?user=. Never expose this node.");
+    }
+    let producer = Producer::new(&settings.kafka).context("creating the Kafka producer")?;
+    let consumer = Arc::new(ingest::consumer(&settings.kafka, metrics.clone()).context("creating the Kafka consumer")?);
+    let registry = Registry::new(limits(&settings), metrics.clone());
+    let health = Arc::new(Health::new(bus.clone()));
+    let known_types: HashSet<String> = settings.types.registry.iter().map(|t| t.name.clone()).collect();
+    let default_prefs: BTreeMap<String, bool> =
+        settings.types.registry.iter().map(|t| (t.name.clone(), t.default)).collect();
+
+    let tasks = TaskTracker::new();
+    let failed = CancellationToken::new();
+    let stop_ingest = CancellationToken::new();
+    let stop_bus = CancellationToken::new();
+    let stop_http = CancellationToken::new();
+    let drain = CancellationToken::new();
+
+    let ingest = Ingest {
+        consumer: consumer.clone(),
+        bus: bus.clone(),
+        producer: producer.clone(),
+        kafka: settings.kafka.clone(),
+        types: settings.types.clone(),
+        metrics: metrics.clone(),
+    };
+    spawn(&tasks, &failed, "ingest", ingest.run(stop_ingest.clone()));
+
+    let router = Router::new(registry.clone(), metrics.clone(), known_types);
+    let sub_bus = bus.clone();
+    let sub_stop = stop_bus.clone();
+    spawn(&tasks, &failed, "bus subscriber", async move {
+        sub_bus.subscribe(Box::new(router), sub_stop).await.map_err(anyhow::Error::from)
+    });
+
+    spawn(&tasks, &failed, "kafka probe", probe_kafka(producer.clone(), settings.kafka.topics[0].clone(), health.clone(), stop_bus.clone()));
+
+    let gateway = Arc::new(Gateway {
+        settings: settings.clone(),
+        registry: registry.clone(),
+        auth,
+        metrics: metrics.clone(),
+        upstream: (!settings.kafka.upstream_topic.is_empty()).then(|| producer.clone()),
+        sessions: TaskTracker::new(),
+        drain: drain.clone(),
+        default_prefs,
+    });
+    let public = api::router(gateway.clone(), Arc::new(settings.types.clone()));
+    spawn(&tasks, &failed, "public server", serve(listeners.public, public, stop_http.clone()));
+    let admin = admin::router(Arc::new(Admin {
+        metrics: metrics.clone(),
+        health: health.clone(),
+        registry: registry.clone(),
+        node_id: settings.node.id.clone(),
+    }));
+    spawn(&tasks, &failed, "admin server", serve(listeners.admin, admin, stop_bus.clone()));
+    tasks.close();
+
+    tokio::select! {
+        _ = shutdown.cancelled() => tracing::info!("shutting down"),
+        _ = failed.cancelled() => tracing::error!("a task failed; shutting down"),
+    }
+    health.draining.store(true, Ordering::Relaxed);
+    stop_http.cancel();
+    shutdown::close_sessions(&gateway, &drain, settings.shutdown.drain).await;
+    stop_ingest.cancel();
+    stop_bus.cancel();
+    if tokio::time::timeout(Duration::from_secs(15), tasks.wait()).await.is_err() {
+        tracing::warn!("tasks did not stop within 15 s; exiting anyway");
+    }
+    producer.flush(Duration::from_secs(2));
+    drop(embedded_kafka);
+    if failed.is_cancelled() {
+        anyhow::bail!("stopped after a task failed (see the log above)");
+    }
+    Ok(())
+}
+
+fn limits(settings: &Settings) -> Limits {
+    let s = &settings.server;
+    Limits {
+        max_connections: s.max_connections,
+        max_connections_per_user: s.max_connections_per_user,
+        queue_max_messages: s.queue_max_messages,
+        queue_max_bytes: s.queue_max_bytes,
+    }
+}
+
+/// Spawns a long-lived task; its end is logged once, and an error marks the app failed.
+fn spawn<F>(tasks: &TaskTracker, failed: &CancellationToken, name: &'static str, task: F)
+where
+    F: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let failed = failed.clone();
+    tasks.spawn(async move {
+        match task.await {
+            Ok(()) => tracing::info!(task = name, "stopped"),
+            Err(e) => {
+                tracing::error!(task = name, error = format!("{e:#}"), "failed");
+                failed.cancel();
+            }
+        }
+    });
+}
+
+async fn serve(listener: TcpListener, router: axum::Router, stop: CancellationToken) -> anyhow::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+        .context("http server")
+}
+
+/// Keeps `health.kafka` current with a metadata request every few seconds.
+async fn probe_kafka(producer: Producer, topic: String, health: Arc<Health>, stop: CancellationToken) -> anyhow::Result<()> {
+    loop {
+        let (p, t) = (producer.clone(), topic.clone());
+        let ok = tokio::task::spawn_blocking(move || p.probe(&t, Duration::from_secs(3))).await.unwrap_or(false);
+        if health.kafka.swap(ok, Ordering::Relaxed) != ok {
+            tracing::info!(reachable = ok, "kafka reachability changed");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(if ok { 5 } else { 1 })) => {}
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! The Kafka envelope (DESIGN §2): decoding a record's value, and rendering the client
+//! `msg` frame exactly once per message.
+//!
+//! Invariant: a value either decodes into an [`Envelope`] whose `to` is one valid
+//! [`Target`], or yields a [`Reject`] naming a metric-friendly reason. Nothing here panics
+//! on any input (the fuzz target `envelope` checks that).
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// A client platform (DESIGN §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Platform {
+    H5,
+    Ios,
+    Android,
+}
+
+impl Platform {
+    /// The wire name (`h5`, `ios`, `android`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::H5 => "h5",
+            Platform::Ios => "ios",
+            Platform::Android => "android",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "h5" => Some(Platform::H5),
+            "ios" => Some(Platform::Ios),
+            "android" => Some(Platform::Android),
+            _ => None,
+        }
+    }
+}
+
+/// Who a message is for (the envelope's `to`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Every connection of one user, optionally narrowed to a platform or one tab.
+    User {
+        user: String,
+        platform: Option<Platform>,
+        tab: Option<String>,
+    },
+    /// Every connection of each listed user.
+    Users(Vec<String>),
+    /// One connection, by the id the server gave it.
+    Conn(String),
+    /// Every connected user.
+    All,
+}
+
+/// The JSON shape of `to`: exactly one selector, `platform`/`tab` only beside `user`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct TargetRepr {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    users: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    platform: Option<Platform>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tab: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    conn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    all: Option<bool>,
+}
+
+impl TryFrom<TargetRepr> for Target {
+    type Error = &'static str;
+
+    fn try_from(r: TargetRepr) -> Result<Self, Self::Error> {
+        let selectors = [r.user.is_some(), r.users.is_some(), r.conn.is_some(), r.all.is_some()];
+        if selectors.iter().filter(|s| **s).count() != 1 {
+            return Err("`to` needs exactly one of user, users, conn, all");
+        }
+        if r.user.is_none() && (r.platform.is_some() || r.tab.is_some()) {
+            return Err("`platform` and `tab` go with `user`");
+        }
+        if let Some(user) = r.user {
+            if user.is_empty() {
+                return Err("`to.user` is empty");
+            }
+            return Ok(Target::User {
+                user,
+                platform: r.platform,
+                tab: r.tab,
+            });
+        }
+        if let Some(users) = r.users {
+            if users.is_empty() || users.iter().any(String::is_empty) {
+                return Err("`to.users` must list non-empty user ids");
+            }
+            return Ok(Target::Users(users));
+        }
+        if let Some(conn) = r.conn {
+            return Ok(Target::Conn(conn));
+        }
+        match r.all {
+            Some(true) => Ok(Target::All),
+            _ => Err("`to.all` must be true"),
+        }
+    }
+}
+
+impl From<&Target> for TargetRepr {
+    fn from(t: &Target) -> Self {
+        match t {
+            Target::User { user, platform, tab } => TargetRepr {
+                user: Some(user.clone()),
+                platform: *platform,
+                tab: tab.clone(),
+                ..Default::default()
+            },
+            Target::Users(users) => TargetRepr {
+                users: Some(users.clone()),
+                ..Default::default()
+            },
+            Target::Conn(conn) => TargetRepr {
+                conn: Some(conn.clone()),
+                ..Default::default()
+            },
+            Target::All => TargetRepr {
+                all: Some(true),
+                ..Default::default()
+            },
+        }
+    }
+}
+
+impl Serialize for Target {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        TargetRepr::from(self).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Target {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Target::try_from(TargetRepr::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Target {
+    /// The user a record should be keyed by in Kafka, when there is exactly one.
+    pub fn single_user(&self) -> Option<&str> {
+        match self {
+            Target::User { user, .. } => Some(user),
+            Target::Users(users) if users.len() == 1 => Some(&users[0]),
+            _ => None,
+        }
+    }
+}
+
+/// A decoded, valid envelope.
+#[derive(Debug)]
+pub struct Envelope {
+    pub msg_type: String,
+    pub to: Target,
+    /// `data`, verbatim (JSON `null` when absent).
+    pub data: Box<RawValue>,
+    /// The producer's own id, if it gave one.
+    pub producer_id: Option<String>,
+    pub ttl_ms: Option<u64>,
+}
+
+/// Why a record was rejected; `as_str` is the `reason` label of
+/// `fanout_ingest_rejected_total`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Reject {
+    #[error("record has no value")]
+    Empty,
+    #[error("record of {0} bytes is larger than kafka.max_record_bytes")]
+    TooLarge(usize),
+    #[error("value is not a JSON object: {0}")]
+    NotJson(String),
+    #[error("a field has the wrong shape: {0}")]
+    Invalid(String),
+    #[error("no `type`")]
+    NoType,
+    #[error("bad `to`: {0}")]
+    BadTarget(String),
+    #[error("type `{0}` is not registered and types.unknown = \"reject\"")]
+    UnknownType(String),
+}
+
+impl Reject {
+    /// Stable label for metrics and the dead-letter header.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Reject::Empty => "empty",
+            Reject::TooLarge(_) => "too_large",
+            Reject::NotJson(_) => "not_json",
+            Reject::Invalid(_) => "invalid",
+            Reject::NoType => "no_type",
+            Reject::BadTarget(_) => "bad_target",
+            Reject::UnknownType(_) => "unknown_type",
+        }
+    }
+
+    /// Every reason, so metrics can be pre-registered at zero.
+    pub const ALL: [&'static str; 7] = [
+        "empty",
+        "too_large",
+        "not_json",
+        "invalid",
+        "no_type",
+        "bad_target",
+        "unknown_type",
+    ];
+}
+
+#[derive(Deserialize)]
+struct RawEnvelope<'a> {
+    #[serde(rename = "type", default)]
+    msg_type: Option<String>,
+    #[serde(borrow, default)]
+    to: Option<&'a RawValue>,
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    ttl_ms: Option<u64>,
+}
+
+/// Decodes a record value. `max_bytes` is `kafka.max_record_bytes`.
+pub fn decode(value: Option<&[u8]>, max_bytes: usize) -> Result<Envelope, Reject> {
+    let value = value.filter(|v| !v.is_empty()).ok_or(Reject::Empty)?;
+    if value.len() > max_bytes {
+        return Err(Reject::TooLarge(value.len()));
+    }
+    let raw: RawEnvelope<'_> = serde_json::from_slice(value).map_err(|e| {
+        if e.is_data() {
+            Reject::Invalid(e.to_string())
+        } else {
+            Reject::NotJson(e.to_string())
+        }
+    })?;
+    let msg_type = raw.msg_type.filter(|t| !t.is_empty()).ok_or(Reject::NoType)?;
+    let to_raw = raw.to.ok_or_else(|| Reject::BadTarget("missing".into()))?;
+    let to: Target =
+        serde_json::from_str(to_raw.get()).map_err(|e| Reject::BadTarget(e.to_string()))?;
+    let data = raw
+        .data
+        .unwrap_or_else(|| RawValue::from_string("null".into()).expect("null is JSON"));
+    Ok(Envelope {
+        msg_type,
+        to,
+        data,
+        producer_id: raw.id,
+        ttl_ms: raw.ttl_ms,
+    })
+}
+
+/// Renders the client frame `{"t":"msg","id":…,"type":…,"ts":…,"data":…}`; done once
+/// per message at ingest, the bytes are then shared by every recipient.
+pub fn render_msg_frame(id: &str, msg_type: &str, ts_ms: i64, data: &RawValue) -> String {
+    #[derive(Serialize)]
+    struct MsgFrame<'a> {
+        t: &'static str,
+        id: &'a str,
+        #[serde(rename = "type")]
+        msg_type: &'a str,
+        ts: i64,
+        data: &'a RawValue,
+    }
+    serde_json::to_string(&MsgFrame {
+        t: "msg",
+        id,
+        msg_type,
+        ts: ts_ms,
+        data,
+    })
+    .expect("serializing strings and raw JSON cannot fail")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(json: &str) -> Envelope {
+        decode(Some(json.as_bytes()), 1 << 20).unwrap()
+    }
+
+    fn reason(json: &str) -> &'static str {
+        decode(Some(json.as_bytes()), 1 << 20).unwrap_err().as_str()
+    }
+
+    #[test]
+    fn decodes_every_target_shape() {
+        let e = ok(r#"{"type":"robot.reply","to":{"user":"alice"},"data":{"text":"hi"}}"#);
+        assert_eq!(e.msg_type, "robot.reply");
+        assert_eq!(e.data.get(), r#"{"text":"hi"}"#);
+        assert!(matches!(e.to, Target::User { ref user, platform: None, tab: None } if user == "alice"));
+        let e = ok(r#"{"type":"x","to":{"user":"a","platform":"ios"}}"#);
+        assert!(matches!(e.to, Target::User { platform: Some(Platform::Ios), .. }));
+        let e = ok(r#"{"type":"x","to":{"user":"a","tab":"t-1"}}"#);
+        assert!(matches!(e.to, Target::User { tab: Some(ref t), .. } if t == "t-1"));
+        assert_eq!(ok(r#"{"type":"x","to":{"users":["a","b"]}}"#).to, Target::Users(vec!["a".into(), "b".into()]));
+        assert_eq!(ok(r#"{"type":"x","to":{"conn":"c-1"}}"#).to, Target::Conn("c-1".into()));
+        assert_eq!(ok(r#"{"type":"x","to":{"all":true}}"#).to, Target::All);
+    }
+
+    #[test]
+    fn missing_data_is_null_and_extras_are_kept() {
+        let e = ok(r#"{"type":"x","to":{"all":true},"id":"p-1","ttl_ms":5000}"#);
+        assert_eq!(e.data.get(), "null");
+        assert_eq!(e.producer_id.as_deref(), Some("p-1"));
+        assert_eq!(e.ttl_ms, Some(5000));
+    }
+
+    #[test]
+    fn rejects_bad_records_with_a_reason() {
+        assert_eq!(decode(None, 10).unwrap_err(), Reject::Empty);
+        assert_eq!(decode(Some(b"{}"), 1).unwrap_err().as_str(), "too_large");
+        assert_eq!(reason("not json"), "not_json");
+        assert_eq!(reason(r#"{"type":"x","to":{"all":true}"#), "not_json");
+        assert_eq!(reason("[1,2]"), "invalid");
+        assert_eq!(reason(r#"{"type":5,"to":{"all":true}}"#), "invalid");
+        assert_eq!(reason(r#"{"to":{"all":true}}"#), "no_type");
+        assert_eq!(reason(r#"{"type":"","to":{"all":true}}"#), "no_type");
+        assert_eq!(reason(r#"{"type":"x"}"#), "bad_target");
+        assert_eq!(reason(r#"{"type":"x","to":{}}"#), "bad_target");
+        assert_eq!(reason(r#"{"type":"x","to":{"user":"a","all":true}}"#), "bad_target");
+        assert_eq!(reason(r#"{"type":"x","to":{"all":false}}"#), "bad_target");
+        assert_eq!(reason(r#"{"type":"x","to":{"users":[]}}"#), "bad_target");
+        assert_eq!(reason(r#"{"type":"x","to":{"conn":"c","tab":"t"}}"#), "bad_target");
+        assert_eq!(reason(r#"{"type":"x","to":{"user":"a","platform":"desktop"}}"#), "bad_target");
+        assert_eq!(reason(r#"{"type":"x","to":{"usr":"a"}}"#), "bad_target");
+    }
+
+    #[test]
+    fn target_round_trips_through_json() {
+        for t in [
+            Target::User { user: "a".into(), platform: Some(Platform::H5), tab: Some("t".into()) },
+            Target::Users(vec!["a".into()]),
+            Target::Conn("c-9".into()),
+            Target::All,
+        ] {
+            let json = serde_json::to_string(&t).unwrap();
+            assert_eq!(serde_json::from_str::<Target>(&json).unwrap(), t, "{json}");
+        }
+    }
+
+    #[test]
+    fn msg_frame_carries_data_verbatim() {
+        let data = RawValue::from_string(r#"{"text":"hi \"there\"","n":[1,2]}"#.into()).unwrap();
+        let frame = render_msg_frame("m-1", "robot.reply", 1764000000000, &data);
+        assert_eq!(
+            frame,
+            r#"{"t":"msg","id":"m-1","type":"robot.reply","ts":1764000000000,"data":{"text":"hi \"there\"","n":[1,2]}}"#
+        );
+    }
+}

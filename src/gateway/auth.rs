@@ -1,0 +1,289 @@
+//! Who is connecting (DESIGN §3 "Authentication").
+//!
+//! A JWT is looked for, in order, in `Authorization: Bearer`, in `Sec-WebSocket-Protocol`
+//! (`fanout.v1, bearer.<jwt>`), and in `?access_token=` when allowed. `exp` is required;
+//! `iss`/`aud` are checked when configured. In insecure mode the user comes from `?user=`.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::http::{header, HeaderMap};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{AuthConfig, AuthMode};
+use crate::envelope::Platform;
+
+/// The subprotocol a browser lists, and the server answers with.
+pub const SUBPROTOCOL: &str = "fanout.v1";
+const BEARER_PROTOCOL_PREFIX: &str = "bearer.";
+
+/// Claims fanout reads.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+}
+
+/// An authenticated client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user: String,
+    pub platform: Option<Platform>,
+    pub device: Option<String>,
+    /// Token expiry, seconds since the epoch (`None` in insecure mode).
+    pub exp: Option<u64>,
+}
+
+/// Why a client was not let in (HTTP 401).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no token: send Authorization: Bearer <jwt> or the bearer.<jwt> subprotocol")]
+    Missing,
+    #[error("the token has expired")]
+    Expired,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    #[error("insecure mode needs ?user=<id>")]
+    NoUser,
+}
+
+impl AuthError {
+    /// The `error` code of the JSON body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::Missing | AuthError::NoUser => "unauthenticated",
+            AuthError::Expired => "token_expired",
+            AuthError::Invalid(_) => "invalid_token",
+        }
+    }
+}
+
+/// Checks tokens with the configured keys.
+pub struct Authenticator {
+    mode: AuthMode,
+    allow_query_token: bool,
+    keys: Vec<(Algorithm, DecodingKey)>,
+    issuer: String,
+    audience: String,
+    admin_token: String,
+}
+
+impl Authenticator {
+    /// Builds the verifier; fails if a configured key cannot be parsed.
+    pub fn new(cfg: &AuthConfig) -> Result<Self, String> {
+        let mut keys = Vec::new();
+        if !cfg.jwt_secret.is_empty() {
+            keys.push((Algorithm::HS256, DecodingKey::from_secret(cfg.jwt_secret.as_bytes())));
+        }
+        if !cfg.jwt_public_key.is_empty() {
+            let pem = cfg.jwt_public_key.as_bytes();
+            let key = DecodingKey::from_rsa_pem(pem)
+                .map(|k| (Algorithm::RS256, k))
+                .or_else(|_| DecodingKey::from_ec_pem(pem).map(|k| (Algorithm::ES256, k)))
+                .map_err(|e| format!("auth.jwt_public_key is neither an RSA nor an EC public key: {e}"))?;
+            keys.push(key);
+        }
+        Ok(Self {
+            mode: cfg.mode,
+            allow_query_token: cfg.allow_query_token,
+            keys,
+            issuer: cfg.issuer.clone(),
+            audience: cfg.audience.clone(),
+            admin_token: cfg.admin_token.clone(),
+        })
+    }
+
+    /// True in insecure mode.
+    pub fn is_insecure(&self) -> bool {
+        self.mode == AuthMode::Insecure
+    }
+
+    /// Authenticates a WebSocket upgrade request. Returns the identity and whether the
+    /// client offered the `fanout.v1` subprotocol (then the answer must name it).
+    pub fn authenticate_upgrade(
+        &self,
+        headers: &HeaderMap,
+        query: &HashMap<String, String>,
+    ) -> Result<Identity, AuthError> {
+        if self.mode == AuthMode::Insecure {
+            let user = query.get("user").filter(|u| !u.is_empty()).ok_or(AuthError::NoUser)?;
+            return Ok(Identity { user: user.clone(), platform: None, device: None, exp: None });
+        }
+        let token = bearer_header(headers)
+            .or_else(|| bearer_subprotocol(headers))
+            .or_else(|| {
+                self.allow_query_token
+                    .then(|| query.get("access_token").cloned())
+                    .flatten()
+            })
+            .ok_or(AuthError::Missing)?;
+        self.verify(&token)
+    }
+
+    /// Verifies one token.
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let key = self
+            .keys
+            .iter()
+            .find(|(alg, _)| *alg == header.alg)
+            .map(|(_, k)| k)
+            .ok_or_else(|| AuthError::Invalid(format!("algorithm {:?} is not accepted", header.alg)))?;
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = 0;
+        let mut required = vec!["exp", "sub"];
+        if !self.issuer.is_empty() {
+            validation.set_issuer(&[&self.issuer]);
+            required.push("iss");
+        }
+        if self.audience.is_empty() {
+            validation.validate_aud = false;
+        } else {
+            validation.set_audience(&[&self.audience]);
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
+        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+            _ => AuthError::Invalid(e.to_string()),
+        })?;
+        let claims = data.claims;
+        if claims.sub.is_empty() {
+            return Err(AuthError::Invalid("empty sub".into()));
+        }
+        let platform = match claims.platform.as_deref() {
+            None => None,
+            Some(p) => Some(Platform::parse(p).ok_or_else(|| AuthError::Invalid(format!("unknown platform claim `{p}`")))?),
+        };
+        Ok(Identity { user: claims.sub, platform, device: claims.device, exp: Some(claims.exp) })
+    }
+
+    /// True if `headers` carry `auth.admin_token` (always true in insecure mode).
+    pub fn is_admin(&self, headers: &HeaderMap) -> bool {
+        if self.mode == AuthMode::Insecure {
+            return true;
+        }
+        !self.admin_token.is_empty() && bearer_header(headers).is_some_and(|t| constant_time_eq(&t, &self.admin_token))
+    }
+}
+
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn bearer_header(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+}
+
+/// The protocols listed in every `Sec-WebSocket-Protocol` header.
+pub fn offered_protocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
+fn bearer_subprotocol(headers: &HeaderMap) -> Option<String> {
+    offered_protocols(headers)
+        .find_map(|p| p.strip_prefix(BEARER_PROTOCOL_PREFIX))
+        .map(str::to_owned)
+}
+
+/// Mints an HS256 token (for `fanout token`, tests and ops).
+pub fn mint(cfg: &AuthConfig, user: &str, ttl: Duration, platform: Option<Platform>) -> Result<String, String> {
+    if cfg.jwt_secret.is_empty() {
+        return Err("auth.jwt_secret is not set: cannot mint an HS256 token".into());
+    }
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs();
+    let claims = Claims {
+        sub: user.to_owned(),
+        exp: now + ttl.as_secs(),
+        platform: platform.map(|p| p.as_str().to_owned()),
+        device: None,
+        iss: (!cfg.issuer.is_empty()).then(|| cfg.issuer.clone()),
+        aud: (!cfg.audience.is_empty()).then(|| cfg.audience.clone()),
+    };
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(cfg.jwt_secret.as_bytes()),
+    )
+    .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn cfg() -> AuthConfig {
+        AuthConfig { jwt_secret: "s3cret".into(), ..Default::default() }
+    }
+
+    fn with_header(name: header::HeaderName, value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(name, HeaderValue::from_str(value).unwrap());
+        h
+    }
+
+    #[test]
+    fn token_is_found_in_header_subprotocol_and_allowed_query() {
+        let auth = Authenticator::new(&cfg()).unwrap();
+        let token = mint(&cfg(), "alice", Duration::from_secs(60), Some(Platform::Ios)).unwrap();
+        let none = HashMap::new();
+        let id = auth
+            .authenticate_upgrade(&with_header(header::AUTHORIZATION, &format!("Bearer {token}")), &none)
+            .unwrap();
+        assert_eq!((id.user.as_str(), id.platform), ("alice", Some(Platform::Ios)));
+        let proto = with_header(header::SEC_WEBSOCKET_PROTOCOL, &format!("fanout.v1, bearer.{token}"));
+        assert_eq!(auth.authenticate_upgrade(&proto, &none).unwrap().user, "alice");
+        let query = HashMap::from([("access_token".to_owned(), token.clone())]);
+        assert_eq!(auth.authenticate_upgrade(&HeaderMap::new(), &query), Err(AuthError::Missing));
+        let open = Authenticator::new(&AuthConfig { allow_query_token: true, ..cfg() }).unwrap();
+        assert_eq!(open.authenticate_upgrade(&HeaderMap::new(), &query).unwrap().user, "alice");
+    }
+
+    #[test]
+    fn bad_tokens_are_refused() {
+        let auth = Authenticator::new(&cfg()).unwrap();
+        assert!(matches!(auth.verify("garbage"), Err(AuthError::Invalid(_))));
+        let other = mint(&AuthConfig { jwt_secret: "other".into(), ..cfg() }, "a", Duration::from_secs(60), None).unwrap();
+        assert!(matches!(auth.verify(&other), Err(AuthError::Invalid(_))));
+        let expired = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &Claims { sub: "a".into(), exp: 1, platform: None, device: None, iss: None, aud: None },
+            &EncodingKey::from_secret(b"s3cret"),
+        )
+        .unwrap();
+        assert_eq!(auth.verify(&expired), Err(AuthError::Expired));
+    }
+
+    #[test]
+    fn issuer_and_audience_are_checked_when_configured() {
+        let strict = AuthConfig { issuer: "me".into(), audience: "app".into(), ..cfg() };
+        let auth = Authenticator::new(&strict).unwrap();
+        assert!(auth.verify(&mint(&strict, "a", Duration::from_secs(60), None).unwrap()).is_ok());
+        assert!(auth.verify(&mint(&cfg(), "a", Duration::from_secs(60), None).unwrap()).is_err());
+    }
+
+    #[test]
+    fn admin_token_is_compared_exactly() {
+        let auth = Authenticator::new(&AuthConfig { admin_token: "adm".into(), ..cfg() }).unwrap();
+        assert!(auth.is_admin(&with_header(header::AUTHORIZATION, "Bearer adm")));
+        assert!(!auth.is_admin(&with_header(header::AUTHORIZATION, "Bearer adx")));
+        assert!(!auth.is_admin(&HeaderMap::new()));
+    }
+}

@@ -1,0 +1,246 @@
+//! The gateway: `GET /ws` — checks before the upgrade (origin, capacity, token), the
+//! WebSocket handshake on tokio-tungstenite, and one [`session::Session`] per connection.
+//!
+//! Every refusal before the upgrade is an HTTP status with a JSON body; a refusal after it
+//! (per-user limit) is a close code. Neither touches any other connection.
+
+pub mod auth;
+pub mod protocol;
+pub mod session;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::json_error;
+use crate::config::Settings;
+use crate::envelope::Platform;
+use crate::kafka::Producer;
+use crate::metrics::Metrics;
+use crate::registry::{ConnHandle, RegisterError, Registry};
+use auth::{Authenticator, Identity};
+use protocol::{ClientFrame, Hello, Resume};
+use session::{FrameHandler, Session};
+
+/// Read buffer per connection: small, since clients send little (DESIGN §9).
+const READ_BUFFER: usize = 4 * 1024;
+
+/// Shared state of the WebSocket endpoint.
+pub struct Gateway {
+    pub settings: Arc<Settings>,
+    pub registry: Arc<Registry>,
+    pub auth: Arc<Authenticator>,
+    pub metrics: Arc<Metrics>,
+    /// Produces `ask` frames upstream; `None` when `kafka.upstream_topic` is empty.
+    pub upstream: Option<Producer>,
+    /// Sessions, so shutdown can wait for them.
+    pub sessions: TaskTracker,
+    /// Cancelled to close every session with 1012.
+    pub drain: CancellationToken,
+    /// Default preferences of the type registry (until per-user preferences exist).
+    pub default_prefs: BTreeMap<String, bool>,
+}
+
+fn refuse(metrics: &Metrics, status: StatusCode, code: &str, message: &str) -> Response {
+    metrics.upgrades_refused.with_label_values(&[status.as_str()]).inc();
+    json_error(status, code, message)
+}
+
+fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    has_token(header::CONNECTION, "upgrade")
+        && has_token(header::UPGRADE, "websocket")
+        && headers.get(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v == "13")
+        && headers.contains_key(header::SEC_WEBSOCKET_KEY)
+}
+
+/// `GET /ws`
+pub async fn upgrade(
+    State(gw): State<Arc<Gateway>>,
+    Query(query): Query<HashMap<String, String>>,
+    mut req: Request,
+) -> Response {
+    let headers = req.headers();
+    if !is_websocket_upgrade(headers) {
+        return refuse(&gw.metrics, StatusCode::BAD_REQUEST, "not_websocket", "GET /ws needs a WebSocket upgrade (version 13)");
+    }
+    if gw.drain.is_cancelled() {
+        return refuse(&gw.metrics, StatusCode::SERVICE_UNAVAILABLE, "draining", "this node is shutting down");
+    }
+    let origins = &gw.settings.server.allowed_origins;
+    if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
+        if !origins.is_empty() && !origins.iter().any(|o| o == origin) {
+            return refuse(&gw.metrics, StatusCode::FORBIDDEN, "origin_not_allowed", "this Origin is not in server.allowed_origins");
+        }
+    }
+    if gw.registry.is_full() {
+        return refuse(&gw.metrics, StatusCode::SERVICE_UNAVAILABLE, "overloaded", "this node is at its connection limit");
+    }
+    let identity = match gw.auth.authenticate_upgrade(headers, &query) {
+        Ok(identity) => identity,
+        Err(e) => return refuse(&gw.metrics, StatusCode::UNAUTHORIZED, e.code(), &e.to_string()),
+    };
+    let platform = match (identity.platform, query.get("platform")) {
+        (Some(p), _) => Some(p),
+        (None, None) => None,
+        (None, Some(p)) => match Platform::parse(p) {
+            Some(p) => Some(p),
+            None => return refuse(&gw.metrics, StatusCode::BAD_REQUEST, "bad_platform", "platform must be h5, ios or android"),
+        },
+    };
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).expect("checked above").as_bytes();
+    let accept = derive_accept_key(key);
+    let offered_v1 = auth::offered_protocols(headers).any(|p| p == auth::SUBPROTOCOL);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let connect = Connect {
+        identity,
+        platform,
+        tab: query.get("tab").cloned(),
+        since: query.get("since").cloned(),
+    };
+    let task_gw = gw.clone();
+    gw.sessions.spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => task_gw.run_session(TokioIo::new(upgraded), connect).await,
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+    let mut response = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept);
+    if offered_v1 {
+        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(auth::SUBPROTOCOL));
+    }
+    response.body(Body::empty()).expect("valid response").into_response()
+}
+
+/// What the client asked for when it connected.
+struct Connect {
+    identity: Identity,
+    platform: Option<Platform>,
+    tab: Option<String>,
+    since: Option<String>,
+}
+
+impl Gateway {
+    async fn run_session<IO>(self: Arc<Self>, io: IO, connect: Connect)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let limit = self.settings.server.max_frame_bytes;
+        let config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
+            .write_buffer_size(0)
+            .max_message_size(Some(limit))
+            .max_frame_size(Some(limit));
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+        let user = connect.identity.user.clone();
+        let registered = self.registry.register(&user, connect.platform, connect.tab);
+        let (_registration, conn, queue) = match registered {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(%user, error = %e, "connection refused after upgrade");
+                let (mut ws, code) = (ws, 1013u16);
+                let reason = match e {
+                    RegisterError::NodeFull => "node at its connection limit",
+                    RegisterError::UserFull => "too many connections for this user",
+                };
+                let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame { code: code.into(), reason: reason.into() };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), ws.close(Some(frame))).await;
+                self.metrics.connections_closed.with_label_values(&["1013"]).inc();
+                return;
+            }
+        };
+        self.metrics.connections_opened.inc();
+        let hello = Hello {
+            conn: &conn.id,
+            user: &conn.user,
+            node: &self.settings.node.id,
+            heartbeat_ms: self.settings.heartbeat.interval.as_millis() as u64,
+            prefs: &self.default_prefs,
+            // Resume arrives with the recovery history; until then a `since` is honestly
+            // answered "not recovered" (never a silent partial replay).
+            resume: connect.since.as_ref().map(|_| Resume { recovered: false, replayed: 0 }),
+        }
+        .render();
+        let session = Session {
+            conn: conn.clone(),
+            queue,
+            hello,
+            heartbeat: self.settings.heartbeat.clone(),
+            token_exp: connect.identity.exp,
+            max_frames_per_sec: self.settings.server.max_frames_per_sec,
+            handler: self.clone(),
+            metrics: self.metrics.clone(),
+            drain: self.drain.clone(),
+            drain_reason: format!(r#"{{"retry_ms":{}}}"#, 1000 + rand::random::<u64>() % 4000),
+        };
+        let end = session.run(ws).await;
+        tracing::debug!(conn = %conn.id, user = %conn.user, ?end, "session ended");
+    }
+
+    fn ask(&self, conn: &Arc<ConnHandle>, reference: Option<String>, data: &serde_json::value::RawValue) -> Option<Utf8Bytes> {
+        let topic = &self.settings.kafka.upstream_topic;
+        let Some(producer) = self.upstream.clone().filter(|_| !topic.is_empty()) else {
+            self.metrics.asks.with_label_values(&["disabled"]).inc();
+            return Some(protocol::error("ask_disabled", "this server has no kafka.upstream_topic", reference.as_deref()));
+        };
+        let (topic, payload, conn, metrics) = (topic.clone(), data.get().to_owned(), conn.clone(), self.metrics.clone());
+        tokio::spawn(async move {
+            let platform = conn.platform.map(Platform::as_str).unwrap_or("");
+            let headers = [("fanout-user", &*conn.user), ("fanout-conn", &*conn.id), ("fanout-platform", platform)];
+            let reply = match producer.send(&topic, Some(&conn.user), payload.as_bytes(), &headers).await {
+                Ok(()) => {
+                    metrics.asks.with_label_values(&["ok"]).inc();
+                    protocol::ask_ok(reference.as_deref())
+                }
+                Err(e) => {
+                    tracing::warn!(conn = %conn.id, error = %e, "ask could not be produced");
+                    metrics.asks.with_label_values(&["error"]).inc();
+                    protocol::error("ask_failed", "the message could not be delivered upstream; retry", reference.as_deref())
+                }
+            };
+            let _ = conn.push(reply, None);
+        });
+        None
+    }
+}
+
+impl FrameHandler for Gateway {
+    fn handle(&self, conn: &Arc<ConnHandle>, frame: ClientFrame<'_>) -> Option<Utf8Bytes> {
+        match frame {
+            ClientFrame::Ping => Some(protocol::pong()),
+            ClientFrame::Ack { ids } => {
+                self.metrics.acked.inc_by(ids.len() as u64);
+                None
+            }
+            ClientFrame::PrefsGet => Some(protocol::prefs(&self.default_prefs)),
+            ClientFrame::PrefsSet { .. } => Some(protocol::error(
+                "unavailable",
+                "preferences cannot be changed on this server yet",
+                None,
+            )),
+            ClientFrame::Ask { reference, data } => self.ask(conn, reference, data),
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Client protocol v1 frames (DESIGN §3): parsing what clients send and rendering the
+//! server's replies. `msg` frames are not rendered here: ingest renders them once.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// A frame a client sent.
+#[derive(Debug)]
+pub enum ClientFrame<'a> {
+    Ping,
+    Ack { ids: Vec<String> },
+    PrefsGet,
+    PrefsSet { prefs: BTreeMap<String, bool> },
+    /// `data` is kept verbatim, to be produced upstream byte for byte.
+    Ask { reference: Option<String>, data: &'a RawValue },
+}
+
+/// A client frame that cannot be understood: answered with `error` code `bad_frame`.
+#[derive(Debug, PartialEq)]
+pub struct BadFrame {
+    pub message: String,
+    pub reference: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawFrame<'a> {
+    t: Option<String>,
+    #[serde(rename = "ref")]
+    reference: Option<String>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    ids: Option<Vec<String>>,
+    prefs: Option<BTreeMap<String, bool>>,
+}
+
+/// Parses one text frame.
+pub fn parse(text: &str) -> Result<ClientFrame<'_>, BadFrame> {
+    let raw: RawFrame<'_> = serde_json::from_str(text).map_err(|e| BadFrame {
+        message: format!("not a protocol frame: {e}"),
+        reference: None,
+    })?;
+    let bad = |message: &str| BadFrame { message: message.to_owned(), reference: raw.reference.clone() };
+    match raw.t.as_deref() {
+        Some("ping") => Ok(ClientFrame::Ping),
+        Some("ack") => Ok(ClientFrame::Ack { ids: raw.ids.ok_or_else(|| bad("ack needs ids"))? }),
+        Some("prefs.get") => Ok(ClientFrame::PrefsGet),
+        Some("prefs.set") => Ok(ClientFrame::PrefsSet {
+            prefs: raw.prefs.clone().ok_or_else(|| bad("prefs.set needs prefs"))?,
+        }),
+        Some("ask") => Ok(ClientFrame::Ask {
+            data: raw.data.ok_or_else(|| bad("ask needs data"))?,
+            reference: raw.reference,
+        }),
+        Some(other) => Err(bad(&format!("unknown frame type `{other}`"))),
+        None => Err(bad("missing field `t`")),
+    }
+}
+
+/// `hello.resume`.
+#[derive(Debug, Serialize)]
+pub struct Resume {
+    pub recovered: bool,
+    pub replayed: u64,
+}
+
+/// The first frame of every connection.
+#[derive(Debug, Serialize)]
+pub struct Hello<'a> {
+    pub conn: &'a str,
+    pub user: &'a str,
+    pub node: &'a str,
+    pub heartbeat_ms: u64,
+    pub prefs: &'a BTreeMap<String, bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Resume>,
+}
+
+fn tagged<T: Serialize>(t: &'static str, body: &T) -> Utf8Bytes {
+    let mut value = serde_json::to_value(body).expect("frame serializes");
+    let mut out = serde_json::Map::new();
+    out.insert("t".into(), t.into());
+    if let serde_json::Value::Object(fields) = &mut value {
+        out.append(fields);
+    }
+    serde_json::to_string(&out).expect("frame serializes").into()
+}
+
+impl Hello<'_> {
+    pub fn render(&self) -> Utf8Bytes {
+        tagged("hello", self)
+    }
+}
+
+/// `{"t":"pong"}`
+pub fn pong() -> Utf8Bytes {
+    Utf8Bytes::from_static(r#"{"t":"pong"}"#)
+}
+
+/// `{"t":"prefs","prefs":{…}}`
+pub fn prefs(prefs: &BTreeMap<String, bool>) -> Utf8Bytes {
+    tagged("prefs", &serde_json::json!({ "prefs": prefs }))
+}
+
+/// `{"t":"ask.ok","ref":…}`
+pub fn ask_ok(reference: Option<&str>) -> Utf8Bytes {
+    tagged("ask.ok", &serde_json::json!({ "ref": reference }))
+}
+
+/// `{"t":"error","code":…,"message":…,"ref":…}` (`ref` only when the client gave one).
+pub fn error(code: &str, message: &str, reference: Option<&str>) -> Utf8Bytes {
+    let mut body = serde_json::json!({ "code": code, "message": message });
+    if let Some(r) = reference {
+        body["ref"] = r.into();
+    }
+    tagged("error", &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_client_frame() {
+        assert!(matches!(parse(r#"{"t":"ping"}"#), Ok(ClientFrame::Ping)));
+        assert!(matches!(parse(r#"{"t":"ack","ids":["a","b"]}"#), Ok(ClientFrame::Ack { ids }) if ids == ["a", "b"]));
+        assert!(matches!(parse(r#"{"t":"prefs.get"}"#), Ok(ClientFrame::PrefsGet)));
+        assert!(matches!(
+            parse(r#"{"t":"prefs.set","prefs":{"marketing":false}}"#),
+            Ok(ClientFrame::PrefsSet { prefs }) if prefs == BTreeMap::from([("marketing".to_owned(), false)])
+        ));
+        match parse(r#"{"t":"ask","ref":"q1","data":{"b":1,  "a":[2]}}"#).unwrap() {
+            ClientFrame::Ask { reference, data } => {
+                assert_eq!(reference.as_deref(), Some("q1"));
+                assert_eq!(data.get(), r#"{"b":1,  "a":[2]}"#, "data stays verbatim");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_frames_say_why_and_keep_the_ref() {
+        assert!(parse("garbage").is_err());
+        assert!(parse("[]").is_err());
+        assert_eq!(parse(r#"{"t":"nope","ref":"r"}"#).unwrap_err().reference.as_deref(), Some("r"));
+        assert!(parse(r#"{"t":"ask","ref":"r"}"#).unwrap_err().message.contains("data"));
+        assert!(parse(r#"{"ref":"r"}"#).unwrap_err().message.contains("`t`"));
+    }
+
+    #[test]
+    fn server_frames_have_t_first() {
+        assert_eq!(error("bad_frame", "x", Some("q")).as_str(), r#"{"t":"error","code":"bad_frame","message":"x","ref":"q"}"#);
+        assert_eq!(ask_ok(Some("q")).as_str(), r#"{"t":"ask.ok","ref":"q"}"#);
+        let prefs = BTreeMap::from([("a".to_owned(), true)]);
+        let hello = Hello { conn: "c", user: "u", node: "n", heartbeat_ms: 5, prefs: &prefs, resume: None }.render();
+        assert_eq!(hello.as_str(), r#"{"t":"hello","conn":"c","user":"u","node":"n","heartbeat_ms":5,"prefs":{"a":true}}"#);
+    }
+}

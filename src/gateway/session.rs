@@ -1,0 +1,361 @@
+//! One WebSocket session: a `select!` loop over its queue, its socket, the heartbeat, the
+//! token expiry, its close signal and shutdown.
+//!
+//! Invariant: the session is the only writer of its socket and never touches the registry
+//! while awaiting it; a slow client fills only its own queue and, when that overflows, is
+//! closed with 4001 — it can only lose its own messages.
+//!
+//! Generic over any `Sink + Stream` of WebSocket messages, so tests drive it with channels.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::{Sink, SinkExt, Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_util::sync::CancellationToken;
+
+use super::protocol::{self, ClientFrame};
+use crate::config::HeartbeatConfig;
+use crate::metrics::Metrics;
+use crate::registry::{ConnHandle, Queued};
+use crate::router::now_ms;
+
+/// Most queued frames written before one flush.
+const BATCH: usize = 64;
+/// Consecutive unparseable frames tolerated before closing with 1008.
+const MAX_BAD_FRAMES: u32 = 20;
+
+/// How a session ended; a server-side end knows its close code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// The client closed or went away.
+    ClientGone,
+    /// The server closes with this code and reason.
+    Close(u16, String),
+}
+
+impl End {
+    fn close(code: u16) -> Self {
+        let reason = match code {
+            1008 => "policy violation",
+            1009 => "frame too big",
+            1011 => "internal error",
+            1013 => "try again later",
+            4000 => "heartbeat timeout",
+            4001 => "too slow: queue overflowed",
+            4003 => "token expired",
+            _ => "",
+        };
+        End::Close(code, reason.to_owned())
+    }
+
+    /// The close code sent, if the server closed.
+    pub fn close_code(&self) -> Option<u16> {
+        match self {
+            End::ClientGone => None,
+            End::Close(code, _) => Some(*code),
+        }
+    }
+}
+
+/// Answers client frames that need more than the session itself (prefs, ask).
+pub trait FrameHandler: Send + Sync {
+    /// Handles one parsed frame; returns an immediate reply, if any. Slow work (producing
+    /// an `ask`) is spawned and answers through `conn`'s queue.
+    fn handle(&self, conn: &Arc<ConnHandle>, frame: ClientFrame<'_>) -> Option<Utf8Bytes>;
+}
+
+/// What a session needs besides its socket.
+pub struct Session {
+    pub conn: Arc<ConnHandle>,
+    pub queue: mpsc::Receiver<Queued>,
+    pub hello: Utf8Bytes,
+    pub heartbeat: HeartbeatConfig,
+    /// Token expiry, seconds since the epoch.
+    pub token_exp: Option<u64>,
+    pub max_frames_per_sec: u32,
+    pub handler: Arc<dyn FrameHandler>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the node closes this connection for draining.
+    pub drain: CancellationToken,
+    /// The JSON reason of the 1012 close when draining.
+    pub drain_reason: String,
+}
+
+fn expiry_instant(exp: Option<u64>) -> Instant {
+    let far = Instant::now() + Duration::from_secs(10 * 365 * 24 * 3600);
+    let Some(exp) = exp else { return far };
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    Instant::now() + Duration::from_secs(exp.saturating_sub(now))
+}
+
+impl Session {
+    /// Runs until the connection ends; sends the close frame when the server ends it.
+    pub async fn run<S>(mut self, mut ws: S) -> End
+    where
+        S: Sink<Message, Error = WsError> + Stream<Item = Result<Message, WsError>> + Unpin,
+    {
+        let end = match ws.send(Message::Text(self.hello.clone())).await {
+            Ok(()) => self.serve(&mut ws).await,
+            Err(_) => End::ClientGone,
+        };
+        if let End::Close(code, reason) = &end {
+            let frame = CloseFrame { code: CloseCode::from(*code), reason: reason.as_str().into() };
+            let _ = tokio::time::timeout(Duration::from_secs(1), ws.send(Message::Close(Some(frame)))).await;
+        }
+        let label = end.close_code().map_or_else(|| "client".to_owned(), |c| c.to_string());
+        self.metrics.connections_closed.with_label_values(&[&label]).inc();
+        end
+    }
+
+    async fn serve<S>(&mut self, ws: &mut S) -> End
+    where
+        S: Sink<Message, Error = WsError> + Stream<Item = Result<Message, WsError>> + Unpin,
+    {
+        let interval = self.heartbeat.interval;
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let expiry = expiry_instant(self.token_exp);
+        let mut last_seen = Instant::now();
+        let mut rate = (Instant::now(), 0u32);
+        let mut bad_frames = 0u32;
+        let conn = self.conn.clone();
+        loop {
+            tokio::select! {
+                biased;
+                code = conn.closed() => return End::close(code),
+                _ = self.drain.cancelled() => return End::Close(1012, self.drain_reason.clone()),
+                _ = sleep_until(expiry) => return End::close(4003),
+                queued = self.queue.recv() => {
+                    let Some(first) = queued else { return End::close(1011) };
+                    tokio::select! {
+                        written = self.write_batch(ws, first) => if written.is_err() { return End::ClientGone },
+                        code = conn.closed() => return End::close(code),
+                    }
+                }
+                incoming = ws.next() => {
+                    let message = match incoming {
+                        None => return End::ClientGone,
+                        Some(Err(WsError::Capacity(_))) => return End::close(1009),
+                        Some(Err(e)) => {
+                            tracing::debug!(conn = %conn.id, error = %e, "socket read ended");
+                            return End::ClientGone;
+                        }
+                        Some(Ok(message)) => message,
+                    };
+                    last_seen = Instant::now();
+                    if rate.0.elapsed() >= Duration::from_secs(1) {
+                        rate = (Instant::now(), 0);
+                    }
+                    rate.1 += 1;
+                    if rate.1 > self.max_frames_per_sec {
+                        return End::close(1008);
+                    }
+                    let reply = match message {
+                        Message::Text(text) => self.on_text(&text, &mut bad_frames),
+                        Message::Binary(_) => {
+                            bad_frames += 1;
+                            Some(protocol::error("bad_frame", "binary frames are not part of the protocol", None))
+                        }
+                        Message::Close(_) => return End::ClientGone,
+                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
+                    };
+                    if bad_frames > MAX_BAD_FRAMES {
+                        return End::close(1008);
+                    }
+                    if let Some(reply) = reply {
+                        if ws.send(Message::Text(reply)).await.is_err() {
+                            return End::ClientGone;
+                        }
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if last_seen.elapsed() >= self.heartbeat.timeout {
+                        return End::close(4000);
+                    }
+                    if ws.send(Message::Ping(Default::default())).await.is_err() {
+                        return End::ClientGone;
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_text(&self, text: &str, bad_frames: &mut u32) -> Option<Utf8Bytes> {
+        match protocol::parse(text) {
+            Ok(ClientFrame::Ping) => {
+                *bad_frames = 0;
+                Some(protocol::pong())
+            }
+            Ok(frame) => {
+                *bad_frames = 0;
+                self.handler.handle(&self.conn, frame)
+            }
+            Err(bad) => {
+                *bad_frames += 1;
+                self.metrics.client_errors.with_label_values(&["bad_frame"]).inc();
+                Some(protocol::error("bad_frame", &bad.message, bad.reference.as_deref()))
+            }
+        }
+    }
+
+    /// Feeds `first` and whatever else is queued (up to [`BATCH`]), then flushes once.
+    async fn write_batch<S>(&mut self, ws: &mut S, first: Queued) -> Result<(), WsError>
+    where
+        S: Sink<Message, Error = WsError> + Unpin,
+    {
+        let mut stamps = [0i64; BATCH];
+        let mut stamped = 0;
+        let mut next = Some(first);
+        let mut fed = 0;
+        while let Some(q) = next.take() {
+            self.conn.dequeued(q.frame.len());
+            if let Some(ts) = q.ts_ms {
+                stamps[stamped] = ts;
+                stamped += 1;
+            }
+            ws.feed(Message::Text(q.frame)).await?;
+            fed += 1;
+            if fed < BATCH {
+                next = self.queue.try_recv().ok();
+            }
+        }
+        ws.flush().await?;
+        let now = now_ms();
+        for ts in &stamps[..stamped] {
+            self.metrics.delivery_latency.observe((now - ts).max(0) as f64 / 1000.0);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{Limits, Registry};
+    use futures::channel::mpsc as fmpsc;
+
+    struct NoHandler;
+    impl FrameHandler for NoHandler {
+        fn handle(&self, _: &Arc<ConnHandle>, _: ClientFrame<'_>) -> Option<Utf8Bytes> {
+            Some(protocol::error("x", "y", None))
+        }
+    }
+
+    /// A fake socket: what the session writes goes to `out`, what the test sends comes in.
+    struct Fake {
+        out: fmpsc::UnboundedSender<Message>,
+        inc: fmpsc::UnboundedReceiver<Result<Message, WsError>>,
+    }
+    impl Sink<Message> for Fake {
+        type Error = WsError;
+        fn poll_ready(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), WsError>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn start_send(self: std::pin::Pin<&mut Self>, item: Message) -> Result<(), WsError> {
+            let _ = self.out.unbounded_send(item);
+            Ok(())
+        }
+        fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), WsError>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), WsError>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+    impl Stream for Fake {
+        type Item = Result<Message, WsError>;
+        fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+            self.inc.poll_next_unpin(cx)
+        }
+    }
+
+    struct Harness {
+        conn: Arc<ConnHandle>,
+        out: fmpsc::UnboundedReceiver<Message>,
+        send: fmpsc::UnboundedSender<Result<Message, WsError>>,
+        task: tokio::task::JoinHandle<End>,
+        _guard: crate::registry::Registration,
+    }
+
+    fn start(exp: Option<u64>) -> Harness {
+        let metrics = Arc::new(Metrics::new());
+        let limits = Limits { max_connections: 10, max_connections_per_user: 10, queue_max_messages: 10, queue_max_bytes: 1 << 20 };
+        let registry = Registry::new(limits, metrics.clone());
+        let (guard, conn, queue) = registry.register("alice", None, None).unwrap();
+        let (out_tx, out) = fmpsc::unbounded();
+        let (send, inc) = fmpsc::unbounded();
+        let session = Session {
+            conn: conn.clone(),
+            queue,
+            hello: "hello".into(),
+            heartbeat: HeartbeatConfig { interval: Duration::from_secs(25), timeout: Duration::from_secs(60) },
+            token_exp: exp,
+            max_frames_per_sec: 100,
+            handler: Arc::new(NoHandler),
+            metrics,
+            drain: CancellationToken::new(),
+            drain_reason: String::new(),
+        };
+        let task = tokio::spawn(session.run(Fake { out: out_tx, inc }));
+        Harness { conn, out, send, task, _guard: guard }
+    }
+
+    fn close_code(m: &Message) -> Option<u16> {
+        match m {
+            Message::Close(Some(f)) => Some(f.code.into()),
+            _ => None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_client_is_pinged_then_closed_with_4000() {
+        let mut h = start(None);
+        assert_eq!(h.out.next().await.unwrap(), Message::Text("hello".into()));
+        assert!(matches!(h.out.next().await.unwrap(), Message::Ping(_)), "ping after 25 s");
+        assert!(matches!(h.out.next().await.unwrap(), Message::Ping(_)), "ping after 50 s");
+        let close = h.out.next().await.unwrap();
+        assert_eq!(close_code(&close), Some(4000));
+        assert_eq!(h.task.await.unwrap().close_code(), Some(4000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pong_keeps_the_connection_alive() {
+        let mut h = start(None);
+        h.out.next().await.unwrap();
+        for _ in 0..5 {
+            assert!(matches!(h.out.next().await.unwrap(), Message::Ping(_)));
+            h.send.unbounded_send(Ok(Message::Pong(Default::default()))).unwrap();
+        }
+        assert!(!h.task.is_finished());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_expiry_closes_with_4003() {
+        let exp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 10;
+        let mut h = start(Some(exp));
+        h.out.next().await.unwrap();
+        assert_eq!(close_code(&h.out.next().await.unwrap()), Some(4003));
+    }
+
+    #[tokio::test]
+    async fn queued_frames_are_written_and_bad_frames_answered() {
+        let mut h = start(None);
+        h.out.next().await.unwrap();
+        h.conn.push("one".into(), Some(now_ms())).unwrap();
+        h.conn.push("two".into(), None).unwrap();
+        assert_eq!(h.out.next().await.unwrap(), Message::Text("one".into()));
+        assert_eq!(h.out.next().await.unwrap(), Message::Text("two".into()));
+        h.send.unbounded_send(Ok(Message::Text("garbage".into()))).unwrap();
+        let Message::Text(reply) = h.out.next().await.unwrap() else { panic!() };
+        assert!(reply.as_str().contains("bad_frame"));
+        h.send.unbounded_send(Ok(Message::Text(r#"{"t":"ping"}"#.into()))).unwrap();
+        assert_eq!(h.out.next().await.unwrap(), Message::Text(protocol::pong()));
+        h.conn.close(4001);
+        assert_eq!(close_code(&h.out.next().await.unwrap()), Some(4001));
+    }
+}

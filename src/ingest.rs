@@ -1,0 +1,273 @@
+//! Ingest: Kafka consumer group → validated, rendered message → bus.
+//!
+//! Invariants (DESIGN §1, §2):
+//! * An offset is stored for commit only after its record was published on the bus (or,
+//!   for a bad record, rejected and dead-lettered): at-least-once, nothing skipped.
+//! * While the bus is down the loop retries the same record, so consumption pauses rather
+//!   than committing what was never published.
+//! * A bad record never stops a partition and never crashes the node.
+//! * The client frame is rendered here, once per message.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{ClientContext, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, BusMessage, Channel, Header};
+use crate::config::{KafkaConfig, OffsetReset, TypesConfig, UnknownTypes};
+use crate::envelope::{self, Reject};
+use crate::kafka::{client_config, Producer};
+use crate::metrics::Metrics;
+use crate::router::now_ms;
+
+/// Logs rebalances and keeps the partition gauge current.
+pub struct IngestContext {
+    metrics: Arc<Metrics>,
+}
+
+impl ClientContext for IngestContext {}
+
+impl ConsumerContext for IngestContext {
+    fn post_rebalance(&self, consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => tracing::info!(partitions = ?partitions(tpl), "partitions assigned"),
+            Rebalance::Revoke(tpl) => tracing::info!(partitions = ?partitions(tpl), "partitions revoked"),
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+        let owned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        self.metrics.kafka_partitions.set(owned as i64);
+    }
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<String> {
+    tpl.elements().iter().map(|e| format!("{}/{}", e.topic(), e.partition())).collect()
+}
+
+/// The consumer type ingest uses.
+pub type IngestConsumer = StreamConsumer<IngestContext>;
+
+/// Creates the group consumer and subscribes it to `kafka.topics`.
+pub fn consumer(cfg: &KafkaConfig, metrics: Arc<Metrics>) -> Result<IngestConsumer, KafkaError> {
+    let reset = match cfg.auto_offset_reset {
+        OffsetReset::Earliest => "earliest",
+        OffsetReset::Latest => "latest",
+    };
+    let consumer: IngestConsumer = client_config(cfg)
+        .set("group.id", &cfg.group_id)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", reset)
+        .set("session.timeout.ms", cfg.session_timeout.as_millis().to_string())
+        .set("heartbeat.interval.ms", (cfg.session_timeout.as_millis() / 4).max(100).to_string())
+        .create_with_context(IngestContext { metrics })?;
+    let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    Ok(consumer)
+}
+
+/// Logs at most once per second, counting what it held back.
+struct RateLimitedLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    fn new() -> Self {
+        Self { last: None, suppressed: 0 }
+    }
+
+    /// Returns how many were suppressed since the last log, or `None` to stay quiet.
+    fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// Everything ingest needs.
+pub struct Ingest {
+    pub consumer: Arc<IngestConsumer>,
+    pub bus: Arc<dyn Bus>,
+    pub producer: Producer,
+    pub kafka: KafkaConfig,
+    pub types: TypesConfig,
+    pub metrics: Arc<Metrics>,
+}
+
+/// What to do with one consumed record.
+enum Outcome {
+    Publish(BusMessage),
+    Reject(Reject),
+}
+
+/// A stable, unique message id from the record's coordinates: a redelivery of the same
+/// record carries the same id. `topic_tag` distinguishes topics.
+fn message_id(topic: &str, partition: i32, offset: i64) -> String {
+    let tag = topic.bytes().fold(0x811c9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193));
+    format!("{tag:08x}-{partition}-{offset}")
+}
+
+impl Ingest {
+    fn decide(&self, record: &BorrowedMessage<'_>, known: &HashSet<&str>) -> Outcome {
+        let env = match envelope::decode(record.payload(), self.kafka.max_record_bytes) {
+            Ok(env) => env,
+            Err(reject) => return Outcome::Reject(reject),
+        };
+        if self.types.unknown == UnknownTypes::Reject && !known.contains(env.msg_type.as_str()) {
+            return Outcome::Reject(Reject::UnknownType(env.msg_type));
+        }
+        let id = message_id(record.topic(), record.partition(), record.offset());
+        let ts = record.timestamp().to_millis().unwrap_or_else(now_ms);
+        let frame = envelope::render_msg_frame(&id, &env.msg_type, ts, &env.data);
+        Outcome::Publish(BusMessage {
+            header: Header { id, msg_type: env.msg_type, to: env.to, ts, ttl_ms: env.ttl_ms },
+            frame: frame.into(),
+        })
+    }
+
+    /// Consumes until `shutdown`, then commits what was published and leaves the group.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let known: HashSet<&str> = self.types.registry.iter().map(|t| t.name.as_str()).collect();
+        let mut reject_log = RateLimitedLog::new();
+        loop {
+            let record = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                record = self.consumer.recv() => record,
+            };
+            let record = match record {
+                Ok(record) => record,
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka consumer error");
+                    continue;
+                }
+            };
+            self.metrics.ingest_records.inc();
+            let (topic, partition, offset) = (record.topic().to_owned(), record.partition(), record.offset());
+            match self.decide(&record, &known) {
+                Outcome::Publish(msg) => {
+                    drop(record);
+                    if !self.publish(msg, &shutdown).await {
+                        break;
+                    }
+                }
+                Outcome::Reject(reject) => {
+                    self.metrics.ingest_rejected.with_label_values(&[reject.as_str()]).inc();
+                    if let Some(suppressed) = reject_log.allow() {
+                        tracing::warn!(%topic, partition, offset, reason = reject.as_str(), error = %reject, suppressed, "record rejected");
+                    }
+                    self.dead_letter(&record, &reject).await;
+                }
+            }
+            if let Err(e) = self.consumer.store_offset(&topic, partition, offset + 1) {
+                tracing::warn!(%topic, partition, offset, error = %e, "could not store offset (partition revoked?)");
+            }
+        }
+        self.leave();
+        Ok(())
+    }
+
+    /// Publishes until the bus takes it; false if shutdown came first (not stored, so the
+    /// record is consumed again by whoever owns the partition next).
+    async fn publish(&self, msg: BusMessage, shutdown: &CancellationToken) -> bool {
+        let payload = msg.encode();
+        let mut backoff = Duration::from_millis(50);
+        let mut failures = 0u32;
+        loop {
+            match self.bus.publish(Channel::Bus, payload.clone()).await {
+                Ok(()) => {
+                    if failures > 0 {
+                        tracing::info!(failures, "bus publish recovered; consumption resumes");
+                    }
+                    return true;
+                }
+                Err(e) => {
+                    if failures == 0 {
+                        tracing::error!(error = %e, "bus publish failed; consumption paused until it recovers");
+                    }
+                    failures += 1;
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Copies a rejected record to `kafka.dead_letter_topic`, when set. Gives up after a
+    /// few attempts: a broken dead-letter topic must not stop the partition.
+    async fn dead_letter(&self, record: &BorrowedMessage<'_>, reject: &Reject) {
+        let topic = &self.kafka.dead_letter_topic;
+        if topic.is_empty() {
+            return;
+        }
+        let partition = record.partition().to_string();
+        let offset = record.offset().to_string();
+        let error = reject.to_string();
+        let headers = [
+            ("fanout-reject-reason", reject.as_str()),
+            ("fanout-reject-error", error.as_str()),
+            ("fanout-source-topic", record.topic()),
+            ("fanout-source-partition", partition.as_str()),
+            ("fanout-source-offset", offset.as_str()),
+        ];
+        let key = record.key().and_then(|k| std::str::from_utf8(k).ok());
+        let payload = record.payload().unwrap_or_default();
+        for attempt in 1..=3 {
+            match self.producer.send(topic, key, payload, &headers).await {
+                Ok(()) => {
+                    self.metrics.ingest_dead_lettered.inc();
+                    return;
+                }
+                Err(e) if attempt == 3 => {
+                    tracing::error!(%topic, error = %e, "dead-letter produce failed; record dropped")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200 * attempt)).await,
+            }
+        }
+    }
+
+    /// Commits stored offsets and leaves the group, so partitions move at once.
+    fn leave(&self) {
+        match self.consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => tracing::info!("kafka offsets committed"),
+            Err(e) => tracing::debug!(error = %e, "nothing to commit at shutdown"),
+        }
+        self.consumer.unsubscribe();
+        self.metrics.kafka_partitions.set(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_are_stable_and_distinct() {
+        assert_eq!(message_id("a", 1, 5), message_id("a", 1, 5));
+        assert_ne!(message_id("a", 1, 5), message_id("b", 1, 5));
+        assert_ne!(message_id("a", 1, 5), message_id("a", 2, 5));
+        assert_ne!(message_id("a", 1, 5), message_id("a", 1, 6));
+    }
+
+    #[test]
+    fn rate_limited_log_counts_what_it_holds_back() {
+        let mut log = RateLimitedLog::new();
+        assert_eq!(log.allow(), Some(0));
+        assert_eq!(log.allow(), None);
+        assert_eq!(log.allow(), None);
+        log.last = Some(Instant::now() - Duration::from_secs(2));
+        assert_eq!(log.allow(), Some(2));
+    }
+}

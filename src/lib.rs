@@ -1,0 +1,34 @@
+//! fanout: pushes messages from Kafka to WebSocket clients, filtered by what each user
+//! switched on.
+//!
+//! `ingest` (Kafka) → `bus` (Redis / in-process) → `router` + `registry` (local sessions)
+//! → `gateway` (WebSocket sessions)
+//!
+//! * [`config`] — layered, validated settings (DESIGN §7).
+//! * [`envelope`] — the Kafka envelope: decoding, recipients, the rendered `msg` frame.
+//! * [`ingest`] — consumer group; publishes each record on the bus, then stores its offset.
+//! * [`kafka`] — shared librdkafka configuration and the producer (ask, dead letters).
+//! * [`bus`] — the pub/sub every node shares: trait, wire format, Redis and local versions.
+//! * [`router`] — bus message → the local connections it targets.
+//! * [`registry`] — the index of this node's connections and their bounded queues.
+//! * [`gateway`] — `/ws`: authentication, handshake, one session per connection.
+//! * [`api`] — the public HTTP API.
+//! * [`admin`] — metrics, health, readiness, stats.
+//! * [`metrics`] — every Prometheus metric, registered once.
+//! * [`shutdown`] — signals and closing sessions.
+//! * [`app`] — wiring all of the above into a running node.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod api;
+pub mod app;
+pub mod bus;
+pub mod config;
+pub mod envelope;
+pub mod gateway;
+pub mod ingest;
+pub mod kafka;
+pub mod metrics;
+pub mod registry;
+pub mod router;
+pub mod shutdown;

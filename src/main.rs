@@ -1,0 +1,112 @@
+//! The `fanout` binary: parses the command line, loads config, starts logging, runs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use fanout::config::Settings;
+use fanout::envelope::Platform;
+use fanout::{app, gateway::auth, shutdown};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "fanout", version, about = "Kafka → WebSocket push, filtered per user")]
+struct Cli {
+    /// Configuration file (TOML), layered over config/default.toml.
+    #[arg(long, global = true, env = "FANOUT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default command).
+    Serve,
+    /// Load, validate and print the effective configuration (secrets masked).
+    CheckConfig,
+    /// Mint an HS256 JWT with auth.jwt_secret.
+    Token {
+        #[arg(long)]
+        user: String,
+        /// Lifetime, e.g. 1h, 30m.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Platform claim: h5, ios or android.
+        #[arg(long, value_parser = parse_platform)]
+        platform: Option<Platform>,
+    },
+}
+
+fn parse_platform(s: &str) -> Result<Platform, String> {
+    Platform::parse(s).ok_or_else(|| "must be h5, ios or android".to_owned())
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FANOUT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("FANOUT_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("fanout: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::CheckConfig => {
+            print!("{}", settings.to_masked_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Token { user, ttl, platform } => match auth::mint(&settings.auth, &user, ttl, platform) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("fanout: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Serve => {
+            init_logging();
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match runtime.block_on(serve(settings)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let public = tokio::net::TcpListener::bind(settings.server.listen)
+        .await
+        .with_context(|| format!("binding server.listen {}", settings.server.listen))?;
+    let admin = tokio::net::TcpListener::bind(settings.admin.listen)
+        .await
+        .with_context(|| format!("binding admin.listen {}", settings.admin.listen))?;
+    tracing::info!(
+        node = %settings.node.id,
+        public = %public.local_addr()?,
+        admin = %admin.local_addr()?,
+        "fanout listening"
+    );
+    let token = CancellationToken::new();
+    shutdown::on_signal(token.clone());
+    app::run(settings, app::Listeners { public, admin }, token).await
+}

@@ -1,0 +1,145 @@
+//! Every Prometheus metric of a node, registered once in its own [`Registry`] (so several
+//! nodes can run in one test process). Fields are typed handles: a call site is one line.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::envelope::Reject;
+
+/// The metrics of one node.
+pub struct Metrics {
+    pub registry: Registry,
+    /// Open WebSocket connections.
+    pub connections: IntGauge,
+    /// Distinct users with at least one open connection.
+    pub users: IntGauge,
+    /// WebSocket connections accepted since start.
+    pub connections_opened: IntCounter,
+    /// Connections closed, by close code.
+    pub connections_closed: IntCounterVec,
+    /// Upgrades refused before the handshake, by HTTP status.
+    pub upgrades_refused: IntCounterVec,
+    /// Kafka records consumed.
+    pub ingest_records: IntCounter,
+    /// Kafka records rejected, by reason.
+    pub ingest_rejected: IntCounterVec,
+    /// Rejected records copied to the dead-letter topic.
+    pub ingest_dead_lettered: IntCounter,
+    /// Partitions this node currently owns.
+    pub kafka_partitions: IntGauge,
+    /// Payloads published on the bus, by channel.
+    pub bus_published: IntCounterVec,
+    /// Failed publish attempts (ingest retries them).
+    pub bus_publish_errors: IntCounter,
+    /// Payloads received from the bus, by channel.
+    pub bus_received: IntCounterVec,
+    /// Interruptions of the bus subscription, by reason (`reconnected`, `lagged`).
+    pub bus_gaps: IntCounterVec,
+    /// Bus payloads that could not be decoded.
+    pub bus_bad_payloads: IntCounter,
+    /// Frames queued to client connections, by message type.
+    pub delivered: IntCounterVec,
+    /// Frames queued to connections, all types together.
+    pub deliveries: IntCounter,
+    /// Deliveries not made, by reason (`queue_full`, `expired`, `duplicate`, `closed`).
+    pub dropped: IntCounterVec,
+    /// Time from the Kafka record timestamp to the frame written to the socket.
+    pub delivery_latency: Histogram,
+    /// Message ids acknowledged by clients.
+    pub acked: IntCounter,
+    /// Client `ask` frames, by result (`ok`, `error`, `disabled`).
+    pub asks: IntCounterVec,
+    /// Client frames answered with `error`, by code.
+    pub client_errors: IntCounterVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    registry.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+    registry.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    registry.register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
+impl Metrics {
+    /// Registers every metric family; labelled families known in advance start at zero.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "fanout_delivery_latency_seconds",
+                "Kafka record timestamp to frame written on the socket",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+            ]),
+        )
+        .expect("valid metric");
+        r.register(Box::new(latency.clone())).expect("metric registered once");
+        let m = Self {
+            connections: gauge(&r, "fanout_connections", "Open WebSocket connections"),
+            users: gauge(&r, "fanout_users", "Users with at least one open connection"),
+            connections_opened: counter(&r, "fanout_connections_opened_total", "WebSocket connections accepted"),
+            connections_closed: counter_vec(&r, "fanout_connections_closed_total", "Connections closed, by close code", "code"),
+            upgrades_refused: counter_vec(&r, "fanout_upgrades_refused_total", "Upgrades refused before the handshake, by HTTP status", "status"),
+            ingest_records: counter(&r, "fanout_ingest_records_total", "Kafka records consumed"),
+            ingest_rejected: counter_vec(&r, "fanout_ingest_rejected_total", "Kafka records rejected, by reason", "reason"),
+            ingest_dead_lettered: counter(&r, "fanout_ingest_dead_lettered_total", "Rejected records copied to the dead-letter topic"),
+            kafka_partitions: gauge(&r, "fanout_kafka_assigned_partitions", "Partitions owned by this node"),
+            bus_published: counter_vec(&r, "fanout_bus_published_total", "Payloads published on the bus", "channel"),
+            bus_publish_errors: counter(&r, "fanout_bus_publish_errors_total", "Failed bus publish attempts"),
+            bus_received: counter_vec(&r, "fanout_bus_received_total", "Payloads received from the bus", "channel"),
+            bus_gaps: counter_vec(&r, "fanout_bus_gaps_total", "Bus subscription interruptions", "reason"),
+            bus_bad_payloads: counter(&r, "fanout_bus_bad_payloads_total", "Bus payloads that could not be decoded"),
+            delivered: counter_vec(&r, "fanout_delivered_total", "Frames queued to connections, by message type", "type"),
+            deliveries: counter(&r, "fanout_deliveries_total", "Frames queued to connections"),
+            dropped: counter_vec(&r, "fanout_dropped_total", "Deliveries not made, by reason", "reason"),
+            delivery_latency: latency,
+            acked: counter(&r, "fanout_acked_total", "Message ids acknowledged by clients"),
+            asks: counter_vec(&r, "fanout_asks_total", "Client ask frames, by result", "result"),
+            client_errors: counter_vec(&r, "fanout_client_errors_total", "Client frames answered with error, by code", "code"),
+            registry: r,
+        };
+        for reason in Reject::ALL {
+            m.ingest_rejected.with_label_values(&[reason]);
+        }
+        for reason in ["queue_full", "expired", "duplicate", "closed"] {
+            m.dropped.with_label_values(&[reason]);
+        }
+        for channel in ["bus", "control"] {
+            m.bus_published.with_label_values(&[channel]);
+            m.bus_received.with_label_values(&[channel]);
+        }
+        for reason in ["reconnected", "lagged"] {
+            m.bus_gaps.with_label_values(&[reason]);
+        }
+        m
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("text exposition is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
