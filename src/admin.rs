@@ -28,7 +28,11 @@ pub struct Health {
 
 impl Health {
     pub fn new(bus: Arc<dyn Bus>) -> Self {
-        Self { kafka: AtomicBool::new(false), draining: AtomicBool::new(false), bus }
+        Self {
+            kafka: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            bus,
+        }
     }
 
     /// Empty when ready; otherwise why not.
@@ -59,14 +63,21 @@ pub struct Admin {
 pub fn router(admin: Arc<Admin>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({ "status": "ok" })) }),
+        )
         .route("/readyz", get(readyz))
         .route("/v1/stats", get(stats))
         .with_state(admin)
 }
 
 async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], admin.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        admin.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
@@ -74,7 +85,11 @@ async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
     if problems.is_empty() {
         Json(json!({ "status": "ready" })).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not_ready", "problems": problems }))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "not_ready", "problems": problems })),
+        )
+            .into_response()
     }
 }
 

@@ -46,16 +46,25 @@ struct EmbeddedKafka {
 fn start_embedded_kafka(settings: &mut Settings) -> anyhow::Result<EmbeddedKafka> {
     let cluster = MockCluster::new(1).context("starting the in-process Kafka broker")?;
     let mut topics = settings.kafka.topics.clone();
-    topics.extend([settings.kafka.upstream_topic.clone(), settings.kafka.dead_letter_topic.clone()]);
+    topics.extend([
+        settings.kafka.upstream_topic.clone(),
+        settings.kafka.dead_letter_topic.clone(),
+    ]);
     for topic in topics.iter().filter(|t| !t.is_empty()) {
-        cluster.create_topic(topic, EMBEDDED_PARTITIONS, 1).context("creating an embedded topic")?;
+        cluster
+            .create_topic(topic, EMBEDDED_PARTITIONS, 1)
+            .context("creating an embedded topic")?;
     }
     settings.kafka.brokers = cluster.bootstrap_servers();
     Ok(EmbeddedKafka { _cluster: cluster })
 }
 
 /// Runs a node until `shutdown` is cancelled (or a part fails).
-pub async fn run(mut settings: Settings, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    mut settings: Settings,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let embedded_kafka = if settings.kafka.brokers.is_empty() {
         Some(start_embedded_kafka(&mut settings)?)
     } else {
@@ -76,12 +85,24 @@ pub async fn run(mut settings: Settings, listeners: Listeners, shutdown: Cancell
         tracing::warn!("auth.mode = \"insecure\": ANYONE can connect as ANY user with ?user=. Never expose this node.");
     }
     let producer = Producer::new(&settings.kafka).context("creating the Kafka producer")?;
-    let consumer = Arc::new(ingest::consumer(&settings.kafka, metrics.clone()).context("creating the Kafka consumer")?);
+    let consumer = Arc::new(
+        ingest::consumer(&settings.kafka, metrics.clone())
+            .context("creating the Kafka consumer")?,
+    );
     let registry = Registry::new(limits(&settings), metrics.clone());
     let health = Arc::new(Health::new(bus.clone()));
-    let known_types: HashSet<String> = settings.types.registry.iter().map(|t| t.name.clone()).collect();
-    let default_prefs: BTreeMap<String, bool> =
-        settings.types.registry.iter().map(|t| (t.name.clone(), t.default)).collect();
+    let known_types: HashSet<String> = settings
+        .types
+        .registry
+        .iter()
+        .map(|t| t.name.clone())
+        .collect();
+    let default_prefs: BTreeMap<String, bool> = settings
+        .types
+        .registry
+        .iter()
+        .map(|t| (t.name.clone(), t.default))
+        .collect();
 
     let tasks = TaskTracker::new();
     let failed = CancellationToken::new();
@@ -104,10 +125,23 @@ pub async fn run(mut settings: Settings, listeners: Listeners, shutdown: Cancell
     let sub_bus = bus.clone();
     let sub_stop = stop_bus.clone();
     spawn(&tasks, &failed, "bus subscriber", async move {
-        sub_bus.subscribe(Box::new(router), sub_stop).await.map_err(anyhow::Error::from)
+        sub_bus
+            .subscribe(Box::new(router), sub_stop)
+            .await
+            .map_err(anyhow::Error::from)
     });
 
-    spawn(&tasks, &failed, "kafka probe", probe_kafka(producer.clone(), settings.kafka.topics[0].clone(), health.clone(), stop_bus.clone()));
+    spawn(
+        &tasks,
+        &failed,
+        "kafka probe",
+        probe_kafka(
+            producer.clone(),
+            settings.kafka.topics[0].clone(),
+            health.clone(),
+            stop_bus.clone(),
+        ),
+    );
 
     let gateway = Arc::new(Gateway {
         settings: settings.clone(),
@@ -119,15 +153,30 @@ pub async fn run(mut settings: Settings, listeners: Listeners, shutdown: Cancell
         drain: drain.clone(),
         default_prefs,
     });
-    let public = api::router(gateway.clone(), Arc::new(settings.types.clone()));
-    spawn(&tasks, &failed, "public server", serve(listeners.public, public, stop_http.clone()));
+    let public_api = Arc::new(api::Api {
+        settings: settings.clone(),
+        auth: gateway.auth.clone(),
+        producer: producer.clone(),
+    });
+    let public = api::router(gateway.clone(), public_api);
+    spawn(
+        &tasks,
+        &failed,
+        "public server",
+        serve(listeners.public, public, stop_http.clone()),
+    );
     let admin = admin::router(Arc::new(Admin {
         metrics: metrics.clone(),
         health: health.clone(),
         registry: registry.clone(),
         node_id: settings.node.id.clone(),
     }));
-    spawn(&tasks, &failed, "admin server", serve(listeners.admin, admin, stop_bus.clone()));
+    spawn(
+        &tasks,
+        &failed,
+        "admin server",
+        serve(listeners.admin, admin, stop_bus.clone()),
+    );
     tasks.close();
 
     tokio::select! {
@@ -139,7 +188,10 @@ pub async fn run(mut settings: Settings, listeners: Listeners, shutdown: Cancell
     shutdown::close_sessions(&gateway, &drain, settings.shutdown.drain).await;
     stop_ingest.cancel();
     stop_bus.cancel();
-    if tokio::time::timeout(Duration::from_secs(15), tasks.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(15), tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("tasks did not stop within 15 s; exiting anyway");
     }
     producer.flush(Duration::from_secs(2));
@@ -177,7 +229,11 @@ where
     });
 }
 
-async fn serve(listener: TcpListener, router: axum::Router, stop: CancellationToken) -> anyhow::Result<()> {
+async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
     axum::serve(listener, router)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
@@ -185,10 +241,17 @@ async fn serve(listener: TcpListener, router: axum::Router, stop: CancellationTo
 }
 
 /// Keeps `health.kafka` current with a metadata request every few seconds.
-async fn probe_kafka(producer: Producer, topic: String, health: Arc<Health>, stop: CancellationToken) -> anyhow::Result<()> {
+async fn probe_kafka(
+    producer: Producer,
+    topic: String,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
     loop {
         let (p, t) = (producer.clone(), topic.clone());
-        let ok = tokio::task::spawn_blocking(move || p.probe(&t, Duration::from_secs(3))).await.unwrap_or(false);
+        let ok = tokio::task::spawn_blocking(move || p.probe(&t, Duration::from_secs(3)))
+            .await
+            .unwrap_or(false);
         if health.kafka.swap(ok, Ordering::Relaxed) != ok {
             tracing::info!(reachable = ok, "kafka reachability changed");
         }

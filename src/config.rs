@@ -408,16 +408,29 @@ impl Settings {
             env = env.with_list_parse_key(key);
         }
         let raw = builder.add_source(env).build()?;
-        let settings = Self::from_config(raw)?;
+        let mut settings = Self::from_config(raw)?;
+        for list in [
+            &mut settings.kafka.topics,
+            &mut settings.server.allowed_origins,
+        ] {
+            for item in list.iter_mut() {
+                *item = item.trim().to_owned();
+            }
+        }
         settings.validate()?;
         Ok(settings)
     }
 
     fn from_config(raw: config::Config) -> Result<Self, ConfigError> {
-        let explicit: Vec<&str> = ["server.listen", "admin.listen", "auth.mode", "server.demo_page"]
-            .into_iter()
-            .filter(|key| raw.get::<config::Value>(key).is_ok())
-            .collect();
+        let explicit: Vec<&str> = [
+            "server.listen",
+            "admin.listen",
+            "auth.mode",
+            "server.demo_page",
+        ]
+        .into_iter()
+        .filter(|key| raw.get::<config::Value>(key).is_ok())
+        .collect();
         let unknown: Option<UnknownTypes> = raw.get("types_unknown").ok();
         let mut table = raw.cache.into_table()?;
         table.remove("types_unknown");
@@ -454,10 +467,17 @@ impl Settings {
             self.server.demo_page = true;
         }
         if self.types.registry.is_empty() {
-            self.types.registry = [("robot.reply", true), ("order.status", true), ("marketing", false)]
-                .into_iter()
-                .map(|(name, default)| TypeConfig { name: name.to_owned(), default })
-                .collect();
+            self.types.registry = [
+                ("robot.reply", true),
+                ("order.status", true),
+                ("marketing", false),
+            ]
+            .into_iter()
+            .map(|(name, default)| TypeConfig {
+                name: name.to_owned(),
+                default,
+            })
+            .collect();
         }
     }
 
@@ -467,7 +487,10 @@ impl Settings {
             return Err(invalid("node.id", "must not be empty"));
         }
         if self.kafka.topics.is_empty() || self.kafka.topics.iter().any(|t| t.trim().is_empty()) {
-            return Err(invalid("kafka.topics", "needs at least one non-empty topic"));
+            return Err(invalid(
+                "kafka.topics",
+                "needs at least one non-empty topic",
+            ));
         }
         if self.kafka.group_id.is_empty() {
             return Err(invalid("kafka.group_id", "must not be empty"));
@@ -479,11 +502,17 @@ impl Settings {
             return Err(invalid("redis.prefix", "must be a non-empty word"));
         }
         if !self.redis.url.is_empty() && !self.redis.url.starts_with("redis") {
-            return Err(invalid("redis.url", "must start with redis:// or rediss://"));
+            return Err(invalid(
+                "redis.url",
+                "must start with redis:// or rediss://",
+            ));
         }
         let db = &self.database.url;
         if !db.is_empty() && !db.starts_with("postgres") && !db.starts_with("sqlite:") {
-            return Err(invalid("database.url", "must be postgres://… or sqlite://…"));
+            return Err(invalid(
+                "database.url",
+                "must be postgres://… or sqlite://…",
+            ));
         }
         self.validate_auth()?;
         self.validate_limits()?;
@@ -493,7 +522,10 @@ impl Settings {
                 return Err(invalid("types.name", "must not be empty"));
             }
             if !seen.insert(&t.name) {
-                return Err(invalid("types.name", format!("`{}` is listed twice", t.name)));
+                return Err(invalid(
+                    "types.name",
+                    format!("`{}` is listed twice", t.name),
+                ));
             }
         }
         Ok(())
@@ -507,7 +539,10 @@ impl Settings {
                 "\"insecure\" is for the embedded default only; with Kafka, Redis or a database configured use \"jwt\"",
             ));
         }
-        if auth.mode == AuthMode::Jwt && auth.jwt_secret.is_empty() && auth.jwt_public_key.is_empty() {
+        if auth.mode == AuthMode::Jwt
+            && auth.jwt_secret.is_empty()
+            && auth.jwt_public_key.is_empty()
+        {
             return Err(invalid(
                 "auth.jwt_secret",
                 "auth.mode = \"jwt\" needs auth.jwt_secret (HS256) or auth.jwt_public_key (RS256/ES256)",
@@ -523,7 +558,10 @@ impl Settings {
         let s = &self.server;
         let positive: [(&'static str, usize); 5] = [
             ("server.max_connections", s.max_connections),
-            ("server.max_connections_per_user", s.max_connections_per_user),
+            (
+                "server.max_connections_per_user",
+                s.max_connections_per_user,
+            ),
             ("server.max_frame_bytes", s.max_frame_bytes),
             ("server.queue_max_messages", s.queue_max_messages),
             ("server.queue_max_bytes", s.queue_max_bytes),
@@ -540,7 +578,10 @@ impl Settings {
             return Err(invalid("heartbeat.interval", "must be positive"));
         }
         if self.heartbeat.timeout <= self.heartbeat.interval {
-            return Err(invalid("heartbeat.timeout", "must be longer than heartbeat.interval"));
+            return Err(invalid(
+                "heartbeat.timeout",
+                "must be longer than heartbeat.interval",
+            ));
         }
         if self.recovery.max_messages == 0 {
             return Err(invalid("recovery.max_messages", "must be positive"));
@@ -551,10 +592,7 @@ impl Settings {
     /// The configuration as TOML with every secret replaced by `***`.
     pub fn to_masked_toml(&self) -> String {
         let mut masked = self.clone();
-        for secret in [
-            &mut masked.auth.jwt_secret,
-            &mut masked.auth.admin_token,
-        ] {
+        for secret in [&mut masked.auth.jwt_secret, &mut masked.auth.admin_token] {
             if !secret.is_empty() {
                 *secret = "***".to_owned();
             }
@@ -634,7 +672,8 @@ mod tests {
 
     #[test]
     fn durations_are_human_strings() {
-        let s = from_toml("[auth]\njwt_secret='s'\n[heartbeat]\ninterval='2s'\ntimeout='1m'").unwrap();
+        let s =
+            from_toml("[auth]\njwt_secret='s'\n[heartbeat]\ninterval='2s'\ntimeout='1m'").unwrap();
         assert_eq!(s.heartbeat.interval, Duration::from_secs(2));
         assert_eq!(s.heartbeat.timeout, Duration::from_secs(60));
     }
@@ -643,7 +682,8 @@ mod tests {
     fn errors_name_the_key() {
         let err = from_toml("[auth]\njwt_secret='s'\n[server]\nmax_connections=0").unwrap_err();
         assert!(err.to_string().contains("server.max_connections"), "{err}");
-        let err = from_toml("[auth]\njwt_secret='s'\n[server]\nmax_connections='lots'").unwrap_err();
+        let err =
+            from_toml("[auth]\njwt_secret='s'\n[server]\nmax_connections='lots'").unwrap_err();
         assert!(err.to_string().contains("max_connections"), "{err}");
         let err = from_toml("[auth]\nmode='jwt'").unwrap_err();
         assert!(err.to_string().contains("auth.jwt_secret"), "{err}");

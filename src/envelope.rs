@@ -77,7 +77,12 @@ impl TryFrom<TargetRepr> for Target {
     type Error = &'static str;
 
     fn try_from(r: TargetRepr) -> Result<Self, Self::Error> {
-        let selectors = [r.user.is_some(), r.users.is_some(), r.conn.is_some(), r.all.is_some()];
+        let selectors = [
+            r.user.is_some(),
+            r.users.is_some(),
+            r.conn.is_some(),
+            r.all.is_some(),
+        ];
         if selectors.iter().filter(|s| **s).count() != 1 {
             return Err("`to` needs exactly one of user, users, conn, all");
         }
@@ -113,7 +118,11 @@ impl TryFrom<TargetRepr> for Target {
 impl From<&Target> for TargetRepr {
     fn from(t: &Target) -> Self {
         match t {
-            Target::User { user, platform, tab } => TargetRepr {
+            Target::User {
+                user,
+                platform,
+                tab,
+            } => TargetRepr {
                 user: Some(user.clone()),
                 platform: *platform,
                 tab: tab.clone(),
@@ -243,7 +252,10 @@ pub fn decode(value: Option<&[u8]>, max_bytes: usize) -> Result<Envelope, Reject
             Reject::NotJson(e.to_string())
         }
     })?;
-    let msg_type = raw.msg_type.filter(|t| !t.is_empty()).ok_or(Reject::NoType)?;
+    let msg_type = raw
+        .msg_type
+        .filter(|t| !t.is_empty())
+        .ok_or(Reject::NoType)?;
     let to_raw = raw.to.ok_or_else(|| Reject::BadTarget("missing".into()))?;
     let to: Target =
         serde_json::from_str(to_raw.get()).map_err(|e| Reject::BadTarget(e.to_string()))?;
@@ -298,13 +310,27 @@ mod tests {
         let e = ok(r#"{"type":"robot.reply","to":{"user":"alice"},"data":{"text":"hi"}}"#);
         assert_eq!(e.msg_type, "robot.reply");
         assert_eq!(e.data.get(), r#"{"text":"hi"}"#);
-        assert!(matches!(e.to, Target::User { ref user, platform: None, tab: None } if user == "alice"));
+        assert!(
+            matches!(e.to, Target::User { ref user, platform: None, tab: None } if user == "alice")
+        );
         let e = ok(r#"{"type":"x","to":{"user":"a","platform":"ios"}}"#);
-        assert!(matches!(e.to, Target::User { platform: Some(Platform::Ios), .. }));
+        assert!(matches!(
+            e.to,
+            Target::User {
+                platform: Some(Platform::Ios),
+                ..
+            }
+        ));
         let e = ok(r#"{"type":"x","to":{"user":"a","tab":"t-1"}}"#);
         assert!(matches!(e.to, Target::User { tab: Some(ref t), .. } if t == "t-1"));
-        assert_eq!(ok(r#"{"type":"x","to":{"users":["a","b"]}}"#).to, Target::Users(vec!["a".into(), "b".into()]));
-        assert_eq!(ok(r#"{"type":"x","to":{"conn":"c-1"}}"#).to, Target::Conn("c-1".into()));
+        assert_eq!(
+            ok(r#"{"type":"x","to":{"users":["a","b"]}}"#).to,
+            Target::Users(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(
+            ok(r#"{"type":"x","to":{"conn":"c-1"}}"#).to,
+            Target::Conn("c-1".into())
+        );
         assert_eq!(ok(r#"{"type":"x","to":{"all":true}}"#).to, Target::All);
     }
 
@@ -328,18 +354,31 @@ mod tests {
         assert_eq!(reason(r#"{"type":"","to":{"all":true}}"#), "no_type");
         assert_eq!(reason(r#"{"type":"x"}"#), "bad_target");
         assert_eq!(reason(r#"{"type":"x","to":{}}"#), "bad_target");
-        assert_eq!(reason(r#"{"type":"x","to":{"user":"a","all":true}}"#), "bad_target");
+        assert_eq!(
+            reason(r#"{"type":"x","to":{"user":"a","all":true}}"#),
+            "bad_target"
+        );
         assert_eq!(reason(r#"{"type":"x","to":{"all":false}}"#), "bad_target");
         assert_eq!(reason(r#"{"type":"x","to":{"users":[]}}"#), "bad_target");
-        assert_eq!(reason(r#"{"type":"x","to":{"conn":"c","tab":"t"}}"#), "bad_target");
-        assert_eq!(reason(r#"{"type":"x","to":{"user":"a","platform":"desktop"}}"#), "bad_target");
+        assert_eq!(
+            reason(r#"{"type":"x","to":{"conn":"c","tab":"t"}}"#),
+            "bad_target"
+        );
+        assert_eq!(
+            reason(r#"{"type":"x","to":{"user":"a","platform":"desktop"}}"#),
+            "bad_target"
+        );
         assert_eq!(reason(r#"{"type":"x","to":{"usr":"a"}}"#), "bad_target");
     }
 
     #[test]
     fn target_round_trips_through_json() {
         for t in [
-            Target::User { user: "a".into(), platform: Some(Platform::H5), tab: Some("t".into()) },
+            Target::User {
+                user: "a".into(),
+                platform: Some(Platform::H5),
+                tab: Some("t".into()),
+            },
             Target::Users(vec!["a".into()]),
             Target::Conn("c-9".into()),
             Target::All,

@@ -33,10 +33,18 @@ pub struct IngestContext {
 impl ClientContext for IngestContext {}
 
 impl ConsumerContext for IngestContext {
-    fn post_rebalance(&self, consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
         match rebalance {
-            Rebalance::Assign(tpl) => tracing::info!(partitions = ?partitions(tpl), "partitions assigned"),
-            Rebalance::Revoke(tpl) => tracing::info!(partitions = ?partitions(tpl), "partitions revoked"),
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = ?partitions(tpl), "partitions assigned")
+            }
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(partitions = ?partitions(tpl), "partitions revoked")
+            }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
         let owned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
@@ -45,7 +53,10 @@ impl ConsumerContext for IngestContext {
 }
 
 fn partitions(tpl: &TopicPartitionList) -> Vec<String> {
-    tpl.elements().iter().map(|e| format!("{}/{}", e.topic(), e.partition())).collect()
+    tpl.elements()
+        .iter()
+        .map(|e| format!("{}/{}", e.topic(), e.partition()))
+        .collect()
 }
 
 /// The consumer type ingest uses.
@@ -63,8 +74,14 @@ pub fn consumer(cfg: &KafkaConfig, metrics: Arc<Metrics>) -> Result<IngestConsum
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", reset)
-        .set("session.timeout.ms", cfg.session_timeout.as_millis().to_string())
-        .set("heartbeat.interval.ms", (cfg.session_timeout.as_millis() / 4).max(100).to_string())
+        .set(
+            "session.timeout.ms",
+            cfg.session_timeout.as_millis().to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (cfg.session_timeout.as_millis() / 4).max(100).to_string(),
+        )
         .create_with_context(IngestContext { metrics })?;
     let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
@@ -79,13 +96,19 @@ struct RateLimitedLog {
 
 impl RateLimitedLog {
     fn new() -> Self {
-        Self { last: None, suppressed: 0 }
+        Self {
+            last: None,
+            suppressed: 0,
+        }
     }
 
     /// Returns how many were suppressed since the last log, or `None` to stay quiet.
     fn allow(&mut self) -> Option<u64> {
         let now = Instant::now();
-        if self.last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
             self.suppressed += 1;
             return None;
         }
@@ -113,7 +136,9 @@ enum Outcome {
 /// A stable, unique message id from the record's coordinates: a redelivery of the same
 /// record carries the same id. `topic_tag` distinguishes topics.
 fn message_id(topic: &str, partition: i32, offset: i64) -> String {
-    let tag = topic.bytes().fold(0x811c9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193));
+    let tag = topic.bytes().fold(0x811c9dc5u32, |h, b| {
+        (h ^ b as u32).wrapping_mul(0x0100_0193)
+    });
     format!("{tag:08x}-{partition}-{offset}")
 }
 
@@ -130,14 +155,25 @@ impl Ingest {
         let ts = record.timestamp().to_millis().unwrap_or_else(now_ms);
         let frame = envelope::render_msg_frame(&id, &env.msg_type, ts, &env.data);
         Outcome::Publish(BusMessage {
-            header: Header { id, msg_type: env.msg_type, to: env.to, ts, ttl_ms: env.ttl_ms },
+            header: Header {
+                id,
+                msg_type: env.msg_type,
+                to: env.to,
+                ts,
+                ttl_ms: env.ttl_ms,
+            },
             frame: frame.into(),
         })
     }
 
     /// Consumes until `shutdown`, then commits what was published and leaves the group.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let known: HashSet<&str> = self.types.registry.iter().map(|t| t.name.as_str()).collect();
+        let known: HashSet<&str> = self
+            .types
+            .registry
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
         let mut reject_log = RateLimitedLog::new();
         loop {
             let record = tokio::select! {
@@ -152,7 +188,11 @@ impl Ingest {
                 }
             };
             self.metrics.ingest_records.inc();
-            let (topic, partition, offset) = (record.topic().to_owned(), record.partition(), record.offset());
+            let (topic, partition, offset) = (
+                record.topic().to_owned(),
+                record.partition(),
+                record.offset(),
+            );
             match self.decide(&record, &known) {
                 Outcome::Publish(msg) => {
                     drop(record);
@@ -161,7 +201,10 @@ impl Ingest {
                     }
                 }
                 Outcome::Reject(reject) => {
-                    self.metrics.ingest_rejected.with_label_values(&[reject.as_str()]).inc();
+                    self.metrics
+                        .ingest_rejected
+                        .with_label_values(&[reject.as_str()])
+                        .inc();
                     if let Some(suppressed) = reject_log.allow() {
                         tracing::warn!(%topic, partition, offset, reason = reject.as_str(), error = %reject, suppressed, "record rejected");
                     }

@@ -48,7 +48,10 @@ impl Producer {
     ) -> Result<(), KafkaError> {
         let mut owned = OwnedHeaders::new_with_capacity(headers.len());
         for (name, value) in headers {
-            owned = owned.insert(Header { key: name, value: Some(*value) });
+            owned = owned.insert(Header {
+                key: name,
+                value: Some(*value),
+            });
         }
         let mut record = FutureRecord::to(topic).payload(payload).headers(owned);
         if let Some(key) = key {
@@ -64,7 +67,10 @@ impl Producer {
     /// True if the cluster answers a metadata request for `topic` within `timeout`.
     /// Blocks: call it from `spawn_blocking`.
     pub fn probe(&self, topic: &str, timeout: Duration) -> bool {
-        self.inner.client().fetch_metadata(Some(topic), timeout).is_ok()
+        self.inner
+            .client()
+            .fetch_metadata(Some(topic), timeout)
+            .is_ok()
     }
 
     /// Waits for records still in flight (at shutdown).

@@ -11,7 +11,11 @@ use fanout::{app, gateway::auth, shutdown};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "fanout", version, about = "Kafka → WebSocket push, filtered per user")]
+#[command(
+    name = "fanout",
+    version,
+    about = "Kafka → WebSocket push, filtered per user"
+)]
 struct Cli {
     /// Configuration file (TOML), layered over config/default.toml.
     #[arg(long, global = true, env = "FANOUT_CONFIG")]
@@ -46,7 +50,9 @@ fn parse_platform(s: &str) -> Result<Platform, String> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FANOUT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("FANOUT_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();
     } else {
@@ -68,7 +74,11 @@ fn main() -> ExitCode {
             print!("{}", settings.to_masked_toml());
             ExitCode::SUCCESS
         }
-        Command::Token { user, ttl, platform } => match auth::mint(&settings.auth, &user, ttl, platform) {
+        Command::Token {
+            user,
+            ttl,
+            platform,
+        } => match auth::mint(&settings.auth, &user, ttl, platform) {
             Ok(token) => {
                 println!("{token}");
                 ExitCode::SUCCESS

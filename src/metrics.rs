@@ -57,19 +57,25 @@ pub struct Metrics {
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("valid metric");
-    registry.register(Box::new(c.clone())).expect("metric registered once");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
     c
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
-    registry.register(Box::new(c.clone())).expect("metric registered once");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
     c
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid metric");
-    registry.register(Box::new(g.clone())).expect("metric registered once");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
     g
 }
 
@@ -87,29 +93,112 @@ impl Metrics {
             ]),
         )
         .expect("valid metric");
-        r.register(Box::new(latency.clone())).expect("metric registered once");
+        r.register(Box::new(latency.clone()))
+            .expect("metric registered once");
         let m = Self {
             connections: gauge(&r, "fanout_connections", "Open WebSocket connections"),
-            users: gauge(&r, "fanout_users", "Users with at least one open connection"),
-            connections_opened: counter(&r, "fanout_connections_opened_total", "WebSocket connections accepted"),
-            connections_closed: counter_vec(&r, "fanout_connections_closed_total", "Connections closed, by close code", "code"),
-            upgrades_refused: counter_vec(&r, "fanout_upgrades_refused_total", "Upgrades refused before the handshake, by HTTP status", "status"),
+            users: gauge(
+                &r,
+                "fanout_users",
+                "Users with at least one open connection",
+            ),
+            connections_opened: counter(
+                &r,
+                "fanout_connections_opened_total",
+                "WebSocket connections accepted",
+            ),
+            connections_closed: counter_vec(
+                &r,
+                "fanout_connections_closed_total",
+                "Connections closed, by close code",
+                "code",
+            ),
+            upgrades_refused: counter_vec(
+                &r,
+                "fanout_upgrades_refused_total",
+                "Upgrades refused before the handshake, by HTTP status",
+                "status",
+            ),
             ingest_records: counter(&r, "fanout_ingest_records_total", "Kafka records consumed"),
-            ingest_rejected: counter_vec(&r, "fanout_ingest_rejected_total", "Kafka records rejected, by reason", "reason"),
-            ingest_dead_lettered: counter(&r, "fanout_ingest_dead_lettered_total", "Rejected records copied to the dead-letter topic"),
-            kafka_partitions: gauge(&r, "fanout_kafka_assigned_partitions", "Partitions owned by this node"),
-            bus_published: counter_vec(&r, "fanout_bus_published_total", "Payloads published on the bus", "channel"),
-            bus_publish_errors: counter(&r, "fanout_bus_publish_errors_total", "Failed bus publish attempts"),
-            bus_received: counter_vec(&r, "fanout_bus_received_total", "Payloads received from the bus", "channel"),
-            bus_gaps: counter_vec(&r, "fanout_bus_gaps_total", "Bus subscription interruptions", "reason"),
-            bus_bad_payloads: counter(&r, "fanout_bus_bad_payloads_total", "Bus payloads that could not be decoded"),
-            delivered: counter_vec(&r, "fanout_delivered_total", "Frames queued to connections, by message type", "type"),
-            deliveries: counter(&r, "fanout_deliveries_total", "Frames queued to connections"),
-            dropped: counter_vec(&r, "fanout_dropped_total", "Deliveries not made, by reason", "reason"),
+            ingest_rejected: counter_vec(
+                &r,
+                "fanout_ingest_rejected_total",
+                "Kafka records rejected, by reason",
+                "reason",
+            ),
+            ingest_dead_lettered: counter(
+                &r,
+                "fanout_ingest_dead_lettered_total",
+                "Rejected records copied to the dead-letter topic",
+            ),
+            kafka_partitions: gauge(
+                &r,
+                "fanout_kafka_assigned_partitions",
+                "Partitions owned by this node",
+            ),
+            bus_published: counter_vec(
+                &r,
+                "fanout_bus_published_total",
+                "Payloads published on the bus",
+                "channel",
+            ),
+            bus_publish_errors: counter(
+                &r,
+                "fanout_bus_publish_errors_total",
+                "Failed bus publish attempts",
+            ),
+            bus_received: counter_vec(
+                &r,
+                "fanout_bus_received_total",
+                "Payloads received from the bus",
+                "channel",
+            ),
+            bus_gaps: counter_vec(
+                &r,
+                "fanout_bus_gaps_total",
+                "Bus subscription interruptions",
+                "reason",
+            ),
+            bus_bad_payloads: counter(
+                &r,
+                "fanout_bus_bad_payloads_total",
+                "Bus payloads that could not be decoded",
+            ),
+            delivered: counter_vec(
+                &r,
+                "fanout_delivered_total",
+                "Frames queued to connections, by message type",
+                "type",
+            ),
+            deliveries: counter(
+                &r,
+                "fanout_deliveries_total",
+                "Frames queued to connections",
+            ),
+            dropped: counter_vec(
+                &r,
+                "fanout_dropped_total",
+                "Deliveries not made, by reason",
+                "reason",
+            ),
             delivery_latency: latency,
-            acked: counter(&r, "fanout_acked_total", "Message ids acknowledged by clients"),
-            asks: counter_vec(&r, "fanout_asks_total", "Client ask frames, by result", "result"),
-            client_errors: counter_vec(&r, "fanout_client_errors_total", "Client frames answered with error, by code", "code"),
+            acked: counter(
+                &r,
+                "fanout_acked_total",
+                "Message ids acknowledged by clients",
+            ),
+            asks: counter_vec(
+                &r,
+                "fanout_asks_total",
+                "Client ask frames, by result",
+                "result",
+            ),
+            client_errors: counter_vec(
+                &r,
+                "fanout_client_errors_total",
+                "Client frames answered with error, by code",
+                "code",
+            ),
             registry: r,
         };
         for reason in Reject::ALL {

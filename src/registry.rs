@@ -244,7 +244,11 @@ impl Registry {
     pub fn for_each_target(&self, target: &Target, mut f: impl FnMut(&Arc<ConnHandle>)) {
         let index = self.index.read();
         match target {
-            Target::User { user, platform, tab } => {
+            Target::User {
+                user,
+                platform,
+                tab,
+            } => {
                 for conn in index.by_user.get(user.as_str()).into_iter().flatten() {
                     if conn.matches(*platform, tab.as_deref()) {
                         f(conn);
@@ -253,7 +257,12 @@ impl Registry {
             }
             Target::Users(users) => {
                 for user in users {
-                    index.by_user.get(user.as_str()).into_iter().flatten().for_each(&mut f);
+                    index
+                        .by_user
+                        .get(user.as_str())
+                        .into_iter()
+                        .flatten()
+                        .for_each(&mut f);
                 }
             }
             Target::Conn(id) => index.by_conn.get(id.as_str()).into_iter().for_each(f),
@@ -285,7 +294,9 @@ mod tests {
 
     fn ids(reg: &Registry, target: &Target) -> Vec<String> {
         let mut out = Vec::new();
-        reg.for_each_target(target, |c| out.push(format!("{}/{}", c.user, c.tab.as_deref().unwrap_or("-"))));
+        reg.for_each_target(target, |c| {
+            out.push(format!("{}/{}", c.user, c.tab.as_deref().unwrap_or("-")))
+        });
         out.sort();
         out
     }
@@ -293,16 +304,36 @@ mod tests {
     #[test]
     fn targets_select_the_right_connections() {
         let reg = registry(5, 8, 1024);
-        let (_a1, a1, _r1) = reg.register("alice", Some(Platform::Ios), Some("t1".into())).unwrap();
-        let (_a2, _, _r2) = reg.register("alice", Some(Platform::H5), Some("t2".into())).unwrap();
+        let (_a1, a1, _r1) = reg
+            .register("alice", Some(Platform::Ios), Some("t1".into()))
+            .unwrap();
+        let (_a2, _, _r2) = reg
+            .register("alice", Some(Platform::H5), Some("t2".into()))
+            .unwrap();
         let (_b, _, _r3) = reg.register("bob", None, None).unwrap();
-        let user = |u: &str, p, t: Option<&str>| Target::User { user: u.into(), platform: p, tab: t.map(Into::into) };
-        assert_eq!(ids(&reg, &user("alice", None, None)), ["alice/t1", "alice/t2"]);
-        assert_eq!(ids(&reg, &user("alice", Some(Platform::H5), None)), ["alice/t2"]);
+        let user = |u: &str, p, t: Option<&str>| Target::User {
+            user: u.into(),
+            platform: p,
+            tab: t.map(Into::into),
+        };
+        assert_eq!(
+            ids(&reg, &user("alice", None, None)),
+            ["alice/t1", "alice/t2"]
+        );
+        assert_eq!(
+            ids(&reg, &user("alice", Some(Platform::H5), None)),
+            ["alice/t2"]
+        );
         assert_eq!(ids(&reg, &user("alice", None, Some("t1"))), ["alice/t1"]);
-        assert_eq!(ids(&reg, &user("alice", Some(Platform::Android), None)), Vec::<String>::new());
+        assert_eq!(
+            ids(&reg, &user("alice", Some(Platform::Android), None)),
+            Vec::<String>::new()
+        );
         assert_eq!(ids(&reg, &user("carol", None, None)), Vec::<String>::new());
-        assert_eq!(ids(&reg, &Target::Users(vec!["bob".into(), "carol".into()])), ["bob/-"]);
+        assert_eq!(
+            ids(&reg, &Target::Users(vec!["bob".into(), "carol".into()])),
+            ["bob/-"]
+        );
         assert_eq!(ids(&reg, &Target::Conn(a1.id.to_string())), ["alice/t1"]);
         assert_eq!(ids(&reg, &Target::All).len(), 3);
     }
@@ -321,9 +352,15 @@ mod tests {
         let reg = registry(2, 8, 1024);
         let _a = reg.register("alice", None, None).unwrap();
         let _b = reg.register("alice", None, None).unwrap();
-        assert_eq!(reg.register("alice", None, None).err(), Some(RegisterError::UserFull));
+        assert_eq!(
+            reg.register("alice", None, None).err(),
+            Some(RegisterError::UserFull)
+        );
         let _c = reg.register("bob", None, None).unwrap();
-        assert_eq!(reg.register("carol", None, None).err(), Some(RegisterError::NodeFull));
+        assert_eq!(
+            reg.register("carol", None, None).err(),
+            Some(RegisterError::NodeFull)
+        );
     }
 
     #[tokio::test]

@@ -64,7 +64,11 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, known_types: HashSet<String>) -> Self {
+    pub fn new(
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        known_types: HashSet<String>,
+    ) -> Self {
         Self {
             registry,
             metrics,
@@ -77,7 +81,7 @@ impl Router {
     pub fn route(&mut self, msg: &BusMessage) {
         let h = &msg.header;
         if let Some(ttl) = h.ttl_ms {
-            if now_ms() > h.ts.saturating_add(ttl as i64) {
+            if now_ms() > h.ts.saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX)) {
                 self.metrics.dropped.with_label_values(&["expired"]).inc();
                 return;
             }
@@ -94,16 +98,29 @@ impl Router {
                 Err(PushError::Closed) => closed += 1,
             }
         });
-        let label = if self.known_types.contains(&h.msg_type) { h.msg_type.as_str() } else { "other" };
+        let label = if self.known_types.contains(&h.msg_type) {
+            h.msg_type.as_str()
+        } else {
+            "other"
+        };
         if queued > 0 {
-            self.metrics.delivered.with_label_values(&[label]).inc_by(queued);
+            self.metrics
+                .delivered
+                .with_label_values(&[label])
+                .inc_by(queued);
             self.metrics.deliveries.inc_by(queued);
         }
         if full > 0 {
-            self.metrics.dropped.with_label_values(&["queue_full"]).inc_by(full);
+            self.metrics
+                .dropped
+                .with_label_values(&["queue_full"])
+                .inc_by(full);
         }
         if closed > 0 {
-            self.metrics.dropped.with_label_values(&["closed"]).inc_by(closed);
+            self.metrics
+                .dropped
+                .with_label_values(&["closed"])
+                .inc_by(closed);
         }
     }
 }
@@ -111,18 +128,27 @@ impl Router {
 impl BusHandler for Router {
     fn on_event(&mut self, event: BusEvent) {
         match event {
-            BusEvent::Message { channel: Channel::Bus, payload } => match BusMessage::decode(payload) {
+            BusEvent::Message {
+                channel: Channel::Bus,
+                payload,
+            } => match BusMessage::decode(payload) {
                 Ok(msg) => self.route(&msg),
                 Err(e) => {
                     self.metrics.bus_bad_payloads.inc();
                     tracing::warn!(error = %e, "undecodable bus payload dropped");
                 }
             },
-            BusEvent::Message { channel: Channel::Control, .. } => {
+            BusEvent::Message {
+                channel: Channel::Control,
+                ..
+            } => {
                 // Preference changes arrive here once preferences exist (DESIGN §4).
             }
             BusEvent::Gap { reason } => {
-                tracing::warn!(reason, "bus gap: messages published meanwhile may be missing");
+                tracing::warn!(
+                    reason,
+                    "bus gap: messages published meanwhile may be missing"
+                );
             }
         }
     }
@@ -144,12 +170,21 @@ mod tests {
             queue_max_bytes: 1 << 20,
         };
         let registry = Registry::new(limits, metrics.clone());
-        (Router::new(registry.clone(), metrics, HashSet::new()), registry)
+        (
+            Router::new(registry.clone(), metrics, HashSet::new()),
+            registry,
+        )
     }
 
     fn msg(id: &str, to: Target, ts: i64, ttl_ms: Option<u64>) -> BusMessage {
         BusMessage {
-            header: Header { id: id.into(), msg_type: "t".into(), to, ts, ttl_ms },
+            header: Header {
+                id: id.into(),
+                msg_type: "t".into(),
+                to,
+                ts,
+                ttl_ms,
+            },
             frame: format!("frame-{id}").into(),
         }
     }
@@ -158,7 +193,11 @@ mod tests {
     fn duplicates_and_expired_messages_are_dropped() {
         let (mut router, registry) = setup();
         let (_g, _c, mut rx) = registry.register("alice", None, None).unwrap();
-        let alice = Target::User { user: "alice".into(), platform: None, tab: None };
+        let alice = Target::User {
+            user: "alice".into(),
+            platform: None,
+            tab: None,
+        };
         router.route(&msg("1", alice.clone(), now_ms(), None));
         router.route(&msg("1", alice.clone(), now_ms(), None));
         router.route(&msg("2", alice.clone(), now_ms() - 10_000, Some(1_000)));

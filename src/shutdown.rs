@@ -35,7 +35,10 @@ pub async fn close_sessions(gateway: &Gateway, drain: &CancellationToken, limit:
     let open = gateway.registry.connection_count();
     drain.cancel();
     gateway.sessions.close();
-    if tokio::time::timeout(limit, gateway.sessions.wait()).await.is_err() {
+    if tokio::time::timeout(limit, gateway.sessions.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(open, "sessions still open after shutdown.drain");
     } else {
         tracing::info!(closed = open, "sessions closed");

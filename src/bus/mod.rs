@@ -132,7 +132,8 @@ impl BusMessage {
             .position(|b| *b == b'\n')
             .ok_or(DecodeError::NoHeader)?;
         let header: Header = serde_json::from_slice(&payload[..split])?;
-        let frame = Utf8Bytes::try_from(payload.slice(split + 1..)).map_err(|_| DecodeError::NotUtf8)?;
+        let frame =
+            Utf8Bytes::try_from(payload.slice(split + 1..)).map_err(|_| DecodeError::NotUtf8)?;
         Ok(Self { header, frame })
     }
 }
@@ -157,14 +158,25 @@ mod tests {
         let back = BusMessage::decode(wire.clone()).unwrap();
         assert_eq!(back.header, msg.header);
         assert_eq!(back.frame, msg.frame);
-        assert_eq!(back.frame.as_bytes().as_ptr(), wire[wire.len() - msg.frame.len()..].as_ptr());
+        assert_eq!(
+            back.frame.as_bytes().as_ptr(),
+            wire[wire.len() - msg.frame.len()..].as_ptr()
+        );
     }
 
     #[test]
     fn garbage_payloads_are_errors() {
-        assert!(matches!(BusMessage::decode(Bytes::from_static(b"no newline")), Err(DecodeError::NoHeader)));
-        assert!(matches!(BusMessage::decode(Bytes::from_static(b"{}\n{}")), Err(DecodeError::Header(_))));
-        let bad = Bytes::from_static(b"{\"id\":\"1\",\"type\":\"x\",\"to\":{\"all\":true},\"ts\":1}\n\xff");
+        assert!(matches!(
+            BusMessage::decode(Bytes::from_static(b"no newline")),
+            Err(DecodeError::NoHeader)
+        ));
+        assert!(matches!(
+            BusMessage::decode(Bytes::from_static(b"{}\n{}")),
+            Err(DecodeError::Header(_))
+        ));
+        let bad = Bytes::from_static(
+            b"{\"id\":\"1\",\"type\":\"x\",\"to\":{\"all\":true},\"ts\":1}\n\xff",
+        );
         assert!(matches!(BusMessage::decode(bad), Err(DecodeError::NotUtf8)));
     }
 }

@@ -82,7 +82,10 @@ impl Bus for RedisBus {
         let result: Result<i64, _> = self.publisher.publish(name, payload).await;
         match result {
             Ok(_) => {
-                self.metrics.bus_published.with_label_values(&[channel.as_str()]).inc();
+                self.metrics
+                    .bus_published
+                    .with_label_values(&[channel.as_str()])
+                    .inc();
                 Ok(())
             }
             Err(e) => {

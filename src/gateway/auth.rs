@@ -82,14 +82,19 @@ impl Authenticator {
     pub fn new(cfg: &AuthConfig) -> Result<Self, String> {
         let mut keys = Vec::new();
         if !cfg.jwt_secret.is_empty() {
-            keys.push((Algorithm::HS256, DecodingKey::from_secret(cfg.jwt_secret.as_bytes())));
+            keys.push((
+                Algorithm::HS256,
+                DecodingKey::from_secret(cfg.jwt_secret.as_bytes()),
+            ));
         }
         if !cfg.jwt_public_key.is_empty() {
             let pem = cfg.jwt_public_key.as_bytes();
             let key = DecodingKey::from_rsa_pem(pem)
                 .map(|k| (Algorithm::RS256, k))
                 .or_else(|_| DecodingKey::from_ec_pem(pem).map(|k| (Algorithm::ES256, k)))
-                .map_err(|e| format!("auth.jwt_public_key is neither an RSA nor an EC public key: {e}"))?;
+                .map_err(|e| {
+                    format!("auth.jwt_public_key is neither an RSA nor an EC public key: {e}")
+                })?;
             keys.push(key);
         }
         Ok(Self {
@@ -115,8 +120,16 @@ impl Authenticator {
         query: &HashMap<String, String>,
     ) -> Result<Identity, AuthError> {
         if self.mode == AuthMode::Insecure {
-            let user = query.get("user").filter(|u| !u.is_empty()).ok_or(AuthError::NoUser)?;
-            return Ok(Identity { user: user.clone(), platform: None, device: None, exp: None });
+            let user = query
+                .get("user")
+                .filter(|u| !u.is_empty())
+                .ok_or(AuthError::NoUser)?;
+            return Ok(Identity {
+                user: user.clone(),
+                platform: None,
+                device: None,
+                exp: None,
+            });
         }
         let token = bearer_header(headers)
             .or_else(|| bearer_subprotocol(headers))
@@ -131,13 +144,16 @@ impl Authenticator {
 
     /// Verifies one token.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
         let key = self
             .keys
             .iter()
             .find(|(alg, _)| *alg == header.alg)
             .map(|(_, k)| k)
-            .ok_or_else(|| AuthError::Invalid(format!("algorithm {:?} is not accepted", header.alg)))?;
+            .ok_or_else(|| {
+                AuthError::Invalid(format!("algorithm {:?} is not accepted", header.alg))
+            })?;
         let mut validation = Validation::new(header.alg);
         validation.leeway = 0;
         let mut required = vec!["exp", "sub"];
@@ -152,7 +168,9 @@ impl Authenticator {
             required.push("aud");
         }
         validation.set_required_spec_claims(&required);
-        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e.kind() {
+        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e
+            .kind()
+        {
             jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
             _ => AuthError::Invalid(e.to_string()),
         })?;
@@ -162,9 +180,17 @@ impl Authenticator {
         }
         let platform = match claims.platform.as_deref() {
             None => None,
-            Some(p) => Some(Platform::parse(p).ok_or_else(|| AuthError::Invalid(format!("unknown platform claim `{p}`")))?),
+            Some(p) => Some(
+                Platform::parse(p)
+                    .ok_or_else(|| AuthError::Invalid(format!("unknown platform claim `{p}`")))?,
+            ),
         };
-        Ok(Identity { user: claims.sub, platform, device: claims.device, exp: Some(claims.exp) })
+        Ok(Identity {
+            user: claims.sub,
+            platform,
+            device: claims.device,
+            exp: Some(claims.exp),
+        })
     }
 
     /// True if `headers` carry `auth.admin_token` (always true in insecure mode).
@@ -172,18 +198,25 @@ impl Authenticator {
         if self.mode == AuthMode::Insecure {
             return true;
         }
-        !self.admin_token.is_empty() && bearer_header(headers).is_some_and(|t| constant_time_eq(&t, &self.admin_token))
+        !self.admin_token.is_empty()
+            && bearer_header(headers).is_some_and(|t| constant_time_eq(&t, &self.admin_token))
     }
 }
 
 fn constant_time_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 fn bearer_header(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
 }
 
 /// The protocols listed in every `Sec-WebSocket-Protocol` header.
@@ -203,11 +236,19 @@ fn bearer_subprotocol(headers: &HeaderMap) -> Option<String> {
 }
 
 /// Mints an HS256 token (for `fanout token`, tests and ops).
-pub fn mint(cfg: &AuthConfig, user: &str, ttl: Duration, platform: Option<Platform>) -> Result<String, String> {
+pub fn mint(
+    cfg: &AuthConfig,
+    user: &str,
+    ttl: Duration,
+    platform: Option<Platform>,
+) -> Result<String, String> {
     if cfg.jwt_secret.is_empty() {
         return Err("auth.jwt_secret is not set: cannot mint an HS256 token".into());
     }
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
     let claims = Claims {
         sub: user.to_owned(),
         exp: now + ttl.as_secs(),
@@ -230,7 +271,10 @@ mod tests {
     use axum::http::HeaderValue;
 
     fn cfg() -> AuthConfig {
-        AuthConfig { jwt_secret: "s3cret".into(), ..Default::default() }
+        AuthConfig {
+            jwt_secret: "s3cret".into(),
+            ..Default::default()
+        }
     }
 
     fn with_header(name: header::HeaderName, value: &str) -> HeaderMap {
@@ -242,29 +286,75 @@ mod tests {
     #[test]
     fn token_is_found_in_header_subprotocol_and_allowed_query() {
         let auth = Authenticator::new(&cfg()).unwrap();
-        let token = mint(&cfg(), "alice", Duration::from_secs(60), Some(Platform::Ios)).unwrap();
+        let token = mint(
+            &cfg(),
+            "alice",
+            Duration::from_secs(60),
+            Some(Platform::Ios),
+        )
+        .unwrap();
         let none = HashMap::new();
         let id = auth
-            .authenticate_upgrade(&with_header(header::AUTHORIZATION, &format!("Bearer {token}")), &none)
+            .authenticate_upgrade(
+                &with_header(header::AUTHORIZATION, &format!("Bearer {token}")),
+                &none,
+            )
             .unwrap();
-        assert_eq!((id.user.as_str(), id.platform), ("alice", Some(Platform::Ios)));
-        let proto = with_header(header::SEC_WEBSOCKET_PROTOCOL, &format!("fanout.v1, bearer.{token}"));
-        assert_eq!(auth.authenticate_upgrade(&proto, &none).unwrap().user, "alice");
+        assert_eq!(
+            (id.user.as_str(), id.platform),
+            ("alice", Some(Platform::Ios))
+        );
+        let proto = with_header(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            &format!("fanout.v1, bearer.{token}"),
+        );
+        assert_eq!(
+            auth.authenticate_upgrade(&proto, &none).unwrap().user,
+            "alice"
+        );
         let query = HashMap::from([("access_token".to_owned(), token.clone())]);
-        assert_eq!(auth.authenticate_upgrade(&HeaderMap::new(), &query), Err(AuthError::Missing));
-        let open = Authenticator::new(&AuthConfig { allow_query_token: true, ..cfg() }).unwrap();
-        assert_eq!(open.authenticate_upgrade(&HeaderMap::new(), &query).unwrap().user, "alice");
+        assert_eq!(
+            auth.authenticate_upgrade(&HeaderMap::new(), &query),
+            Err(AuthError::Missing)
+        );
+        let open = Authenticator::new(&AuthConfig {
+            allow_query_token: true,
+            ..cfg()
+        })
+        .unwrap();
+        assert_eq!(
+            open.authenticate_upgrade(&HeaderMap::new(), &query)
+                .unwrap()
+                .user,
+            "alice"
+        );
     }
 
     #[test]
     fn bad_tokens_are_refused() {
         let auth = Authenticator::new(&cfg()).unwrap();
         assert!(matches!(auth.verify("garbage"), Err(AuthError::Invalid(_))));
-        let other = mint(&AuthConfig { jwt_secret: "other".into(), ..cfg() }, "a", Duration::from_secs(60), None).unwrap();
+        let other = mint(
+            &AuthConfig {
+                jwt_secret: "other".into(),
+                ..cfg()
+            },
+            "a",
+            Duration::from_secs(60),
+            None,
+        )
+        .unwrap();
         assert!(matches!(auth.verify(&other), Err(AuthError::Invalid(_))));
         let expired = jsonwebtoken::encode(
             &jsonwebtoken::Header::default(),
-            &Claims { sub: "a".into(), exp: 1, platform: None, device: None, iss: None, aud: None },
+            &Claims {
+                sub: "a".into(),
+                exp: 1,
+                platform: None,
+                device: None,
+                iss: None,
+                aud: None,
+            },
             &EncodingKey::from_secret(b"s3cret"),
         )
         .unwrap();
@@ -273,15 +363,27 @@ mod tests {
 
     #[test]
     fn issuer_and_audience_are_checked_when_configured() {
-        let strict = AuthConfig { issuer: "me".into(), audience: "app".into(), ..cfg() };
+        let strict = AuthConfig {
+            issuer: "me".into(),
+            audience: "app".into(),
+            ..cfg()
+        };
         let auth = Authenticator::new(&strict).unwrap();
-        assert!(auth.verify(&mint(&strict, "a", Duration::from_secs(60), None).unwrap()).is_ok());
-        assert!(auth.verify(&mint(&cfg(), "a", Duration::from_secs(60), None).unwrap()).is_err());
+        assert!(auth
+            .verify(&mint(&strict, "a", Duration::from_secs(60), None).unwrap())
+            .is_ok());
+        assert!(auth
+            .verify(&mint(&cfg(), "a", Duration::from_secs(60), None).unwrap())
+            .is_err());
     }
 
     #[test]
     fn admin_token_is_compared_exactly() {
-        let auth = Authenticator::new(&AuthConfig { admin_token: "adm".into(), ..cfg() }).unwrap();
+        let auth = Authenticator::new(&AuthConfig {
+            admin_token: "adm".into(),
+            ..cfg()
+        })
+        .unwrap();
         assert!(auth.is_admin(&with_header(header::AUTHORIZATION, "Bearer adm")));
         assert!(!auth.is_admin(&with_header(header::AUTHORIZATION, "Bearer adx")));
         assert!(!auth.is_admin(&HeaderMap::new()));

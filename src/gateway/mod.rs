@@ -53,7 +53,10 @@ pub struct Gateway {
 }
 
 fn refuse(metrics: &Metrics, status: StatusCode, code: &str, message: &str) -> Response {
-    metrics.upgrades_refused.with_label_values(&[status.as_str()]).inc();
+    metrics
+        .upgrades_refused
+        .with_label_values(&[status.as_str()])
+        .inc();
     json_error(status, code, message)
 }
 
@@ -68,7 +71,9 @@ fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
     };
     has_token(header::CONNECTION, "upgrade")
         && has_token(header::UPGRADE, "websocket")
-        && headers.get(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v == "13")
+        && headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .is_some_and(|v| v == "13")
         && headers.contains_key(header::SEC_WEBSOCKET_KEY)
 }
 
@@ -80,33 +85,70 @@ pub async fn upgrade(
 ) -> Response {
     let headers = req.headers();
     if !is_websocket_upgrade(headers) {
-        return refuse(&gw.metrics, StatusCode::BAD_REQUEST, "not_websocket", "GET /ws needs a WebSocket upgrade (version 13)");
+        return refuse(
+            &gw.metrics,
+            StatusCode::BAD_REQUEST,
+            "not_websocket",
+            "GET /ws needs a WebSocket upgrade (version 13)",
+        );
     }
     if gw.drain.is_cancelled() {
-        return refuse(&gw.metrics, StatusCode::SERVICE_UNAVAILABLE, "draining", "this node is shutting down");
+        return refuse(
+            &gw.metrics,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "this node is shutting down",
+        );
     }
     let origins = &gw.settings.server.allowed_origins;
     if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
         if !origins.is_empty() && !origins.iter().any(|o| o == origin) {
-            return refuse(&gw.metrics, StatusCode::FORBIDDEN, "origin_not_allowed", "this Origin is not in server.allowed_origins");
+            return refuse(
+                &gw.metrics,
+                StatusCode::FORBIDDEN,
+                "origin_not_allowed",
+                "this Origin is not in server.allowed_origins",
+            );
         }
     }
     if gw.registry.is_full() {
-        return refuse(&gw.metrics, StatusCode::SERVICE_UNAVAILABLE, "overloaded", "this node is at its connection limit");
+        return refuse(
+            &gw.metrics,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "this node is at its connection limit",
+        );
     }
     let identity = match gw.auth.authenticate_upgrade(headers, &query) {
         Ok(identity) => identity,
-        Err(e) => return refuse(&gw.metrics, StatusCode::UNAUTHORIZED, e.code(), &e.to_string()),
+        Err(e) => {
+            return refuse(
+                &gw.metrics,
+                StatusCode::UNAUTHORIZED,
+                e.code(),
+                &e.to_string(),
+            )
+        }
     };
     let platform = match (identity.platform, query.get("platform")) {
         (Some(p), _) => Some(p),
         (None, None) => None,
         (None, Some(p)) => match Platform::parse(p) {
             Some(p) => Some(p),
-            None => return refuse(&gw.metrics, StatusCode::BAD_REQUEST, "bad_platform", "platform must be h5, ios or android"),
+            None => {
+                return refuse(
+                    &gw.metrics,
+                    StatusCode::BAD_REQUEST,
+                    "bad_platform",
+                    "platform must be h5, ios or android",
+                )
+            }
         },
     };
-    let key = headers.get(header::SEC_WEBSOCKET_KEY).expect("checked above").as_bytes();
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .expect("checked above")
+        .as_bytes();
     let accept = derive_accept_key(key);
     let offered_v1 = auth::offered_protocols(headers).any(|p| p == auth::SUBPROTOCOL);
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -129,9 +171,15 @@ pub async fn upgrade(
         .header(header::UPGRADE, "websocket")
         .header(header::SEC_WEBSOCKET_ACCEPT, accept);
     if offered_v1 {
-        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(auth::SUBPROTOCOL));
+        response = response.header(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(auth::SUBPROTOCOL),
+        );
     }
-    response.body(Body::empty()).expect("valid response").into_response()
+    response
+        .body(Body::empty())
+        .expect("valid response")
+        .into_response()
 }
 
 /// What the client asked for when it connected.
@@ -165,9 +213,17 @@ impl Gateway {
                     RegisterError::NodeFull => "node at its connection limit",
                     RegisterError::UserFull => "too many connections for this user",
                 };
-                let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame { code: code.into(), reason: reason.into() };
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), ws.close(Some(frame))).await;
-                self.metrics.connections_closed.with_label_values(&["1013"]).inc();
+                let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                    code: code.into(),
+                    reason: reason.into(),
+                };
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(1), ws.close(Some(frame)))
+                        .await;
+                self.metrics
+                    .connections_closed
+                    .with_label_values(&["1013"])
+                    .inc();
                 return;
             }
         };
@@ -180,7 +236,10 @@ impl Gateway {
             prefs: &self.default_prefs,
             // Resume arrives with the recovery history; until then a `since` is honestly
             // answered "not recovered" (never a silent partial replay).
-            resume: connect.since.as_ref().map(|_| Resume { recovered: false, replayed: 0 }),
+            resume: connect.since.as_ref().map(|_| Resume {
+                recovered: false,
+                replayed: 0,
+            }),
         }
         .render();
         let session = Session {
@@ -199,17 +258,42 @@ impl Gateway {
         tracing::debug!(conn = %conn.id, user = %conn.user, ?end, "session ended");
     }
 
-    fn ask(&self, conn: &Arc<ConnHandle>, reference: Option<String>, data: &serde_json::value::RawValue) -> Option<Utf8Bytes> {
+    fn ask(
+        &self,
+        conn: &Arc<ConnHandle>,
+        reference: Option<String>,
+        data: &serde_json::value::RawValue,
+    ) -> Option<Utf8Bytes> {
         let topic = &self.settings.kafka.upstream_topic;
         let Some(producer) = self.upstream.clone().filter(|_| !topic.is_empty()) else {
             self.metrics.asks.with_label_values(&["disabled"]).inc();
-            return Some(protocol::error("ask_disabled", "this server has no kafka.upstream_topic", reference.as_deref()));
+            self.metrics
+                .client_errors
+                .with_label_values(&["ask_disabled"])
+                .inc();
+            return Some(protocol::error(
+                "ask_disabled",
+                "this server has no kafka.upstream_topic",
+                reference.as_deref(),
+            ));
         };
-        let (topic, payload, conn, metrics) = (topic.clone(), data.get().to_owned(), conn.clone(), self.metrics.clone());
+        let (topic, payload, conn, metrics) = (
+            topic.clone(),
+            data.get().to_owned(),
+            conn.clone(),
+            self.metrics.clone(),
+        );
         tokio::spawn(async move {
             let platform = conn.platform.map(Platform::as_str).unwrap_or("");
-            let headers = [("fanout-user", &*conn.user), ("fanout-conn", &*conn.id), ("fanout-platform", platform)];
-            let reply = match producer.send(&topic, Some(&conn.user), payload.as_bytes(), &headers).await {
+            let headers = [
+                ("fanout-user", &*conn.user),
+                ("fanout-conn", &*conn.id),
+                ("fanout-platform", platform),
+            ];
+            let reply = match producer
+                .send(&topic, Some(&conn.user), payload.as_bytes(), &headers)
+                .await
+            {
                 Ok(()) => {
                     metrics.asks.with_label_values(&["ok"]).inc();
                     protocol::ask_ok(reference.as_deref())
@@ -217,7 +301,15 @@ impl Gateway {
                 Err(e) => {
                     tracing::warn!(conn = %conn.id, error = %e, "ask could not be produced");
                     metrics.asks.with_label_values(&["error"]).inc();
-                    protocol::error("ask_failed", "the message could not be delivered upstream; retry", reference.as_deref())
+                    metrics
+                        .client_errors
+                        .with_label_values(&["ask_failed"])
+                        .inc();
+                    protocol::error(
+                        "ask_failed",
+                        "the message could not be delivered upstream; retry",
+                        reference.as_deref(),
+                    )
                 }
             };
             let _ = conn.push(reply, None);

@@ -11,11 +11,18 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 #[derive(Debug)]
 pub enum ClientFrame<'a> {
     Ping,
-    Ack { ids: Vec<String> },
+    Ack {
+        ids: Vec<String>,
+    },
     PrefsGet,
-    PrefsSet { prefs: BTreeMap<String, bool> },
+    PrefsSet {
+        prefs: BTreeMap<String, bool>,
+    },
     /// `data` is kept verbatim, to be produced upstream byte for byte.
-    Ask { reference: Option<String>, data: &'a RawValue },
+    Ask {
+        reference: Option<String>,
+        data: &'a RawValue,
+    },
 }
 
 /// A client frame that cannot be understood: answered with `error` code `bad_frame`.
@@ -42,13 +49,21 @@ pub fn parse(text: &str) -> Result<ClientFrame<'_>, BadFrame> {
         message: format!("not a protocol frame: {e}"),
         reference: None,
     })?;
-    let bad = |message: &str| BadFrame { message: message.to_owned(), reference: raw.reference.clone() };
+    let bad = |message: &str| BadFrame {
+        message: message.to_owned(),
+        reference: raw.reference.clone(),
+    };
     match raw.t.as_deref() {
         Some("ping") => Ok(ClientFrame::Ping),
-        Some("ack") => Ok(ClientFrame::Ack { ids: raw.ids.ok_or_else(|| bad("ack needs ids"))? }),
+        Some("ack") => Ok(ClientFrame::Ack {
+            ids: raw.ids.ok_or_else(|| bad("ack needs ids"))?,
+        }),
         Some("prefs.get") => Ok(ClientFrame::PrefsGet),
         Some("prefs.set") => Ok(ClientFrame::PrefsSet {
-            prefs: raw.prefs.clone().ok_or_else(|| bad("prefs.set needs prefs"))?,
+            prefs: raw
+                .prefs
+                .clone()
+                .ok_or_else(|| bad("prefs.set needs prefs"))?,
         }),
         Some("ask") => Ok(ClientFrame::Ask {
             data: raw.data.ok_or_else(|| bad("ask needs data"))?,
@@ -85,7 +100,9 @@ fn tagged<T: Serialize>(t: &'static str, body: &T) -> Utf8Bytes {
     if let serde_json::Value::Object(fields) = &mut value {
         out.append(fields);
     }
-    serde_json::to_string(&out).expect("frame serializes").into()
+    serde_json::to_string(&out)
+        .expect("frame serializes")
+        .into()
 }
 
 impl Hello<'_> {
@@ -106,7 +123,10 @@ pub fn prefs(prefs: &BTreeMap<String, bool>) -> Utf8Bytes {
 
 /// `{"t":"ask.ok","ref":…}`
 pub fn ask_ok(reference: Option<&str>) -> Utf8Bytes {
-    tagged("ask.ok", &serde_json::json!({ "ref": reference }))
+    match reference {
+        Some(r) => tagged("ask.ok", &serde_json::json!({ "ref": r })),
+        None => Utf8Bytes::from_static(r#"{"t":"ask.ok"}"#),
+    }
 }
 
 /// `{"t":"error","code":…,"message":…,"ref":…}` (`ref` only when the client gave one).
@@ -125,8 +145,13 @@ mod tests {
     #[test]
     fn parses_every_client_frame() {
         assert!(matches!(parse(r#"{"t":"ping"}"#), Ok(ClientFrame::Ping)));
-        assert!(matches!(parse(r#"{"t":"ack","ids":["a","b"]}"#), Ok(ClientFrame::Ack { ids }) if ids == ["a", "b"]));
-        assert!(matches!(parse(r#"{"t":"prefs.get"}"#), Ok(ClientFrame::PrefsGet)));
+        assert!(
+            matches!(parse(r#"{"t":"ack","ids":["a","b"]}"#), Ok(ClientFrame::Ack { ids }) if ids == ["a", "b"])
+        );
+        assert!(matches!(
+            parse(r#"{"t":"prefs.get"}"#),
+            Ok(ClientFrame::PrefsGet)
+        ));
         assert!(matches!(
             parse(r#"{"t":"prefs.set","prefs":{"marketing":false}}"#),
             Ok(ClientFrame::PrefsSet { prefs }) if prefs == BTreeMap::from([("marketing".to_owned(), false)])
@@ -144,17 +169,40 @@ mod tests {
     fn bad_frames_say_why_and_keep_the_ref() {
         assert!(parse("garbage").is_err());
         assert!(parse("[]").is_err());
-        assert_eq!(parse(r#"{"t":"nope","ref":"r"}"#).unwrap_err().reference.as_deref(), Some("r"));
-        assert!(parse(r#"{"t":"ask","ref":"r"}"#).unwrap_err().message.contains("data"));
+        assert_eq!(
+            parse(r#"{"t":"nope","ref":"r"}"#)
+                .unwrap_err()
+                .reference
+                .as_deref(),
+            Some("r")
+        );
+        assert!(parse(r#"{"t":"ask","ref":"r"}"#)
+            .unwrap_err()
+            .message
+            .contains("data"));
         assert!(parse(r#"{"ref":"r"}"#).unwrap_err().message.contains("`t`"));
     }
 
     #[test]
     fn server_frames_have_t_first() {
-        assert_eq!(error("bad_frame", "x", Some("q")).as_str(), r#"{"t":"error","code":"bad_frame","message":"x","ref":"q"}"#);
+        assert_eq!(
+            error("bad_frame", "x", Some("q")).as_str(),
+            r#"{"t":"error","code":"bad_frame","message":"x","ref":"q"}"#
+        );
         assert_eq!(ask_ok(Some("q")).as_str(), r#"{"t":"ask.ok","ref":"q"}"#);
         let prefs = BTreeMap::from([("a".to_owned(), true)]);
-        let hello = Hello { conn: "c", user: "u", node: "n", heartbeat_ms: 5, prefs: &prefs, resume: None }.render();
-        assert_eq!(hello.as_str(), r#"{"t":"hello","conn":"c","user":"u","node":"n","heartbeat_ms":5,"prefs":{"a":true}}"#);
+        let hello = Hello {
+            conn: "c",
+            user: "u",
+            node: "n",
+            heartbeat_ms: 5,
+            prefs: &prefs,
+            resume: None,
+        }
+        .render();
+        assert_eq!(
+            hello.as_str(),
+            r#"{"t":"hello","conn":"c","user":"u","node":"n","heartbeat_ms":5,"prefs":{"a":true}}"#
+        );
     }
 }

@@ -26,6 +26,8 @@ use crate::router::now_ms;
 
 /// Most queued frames written before one flush.
 const BATCH: usize = 64;
+/// How long a server-initiated close waits for the client's Close reply.
+const CLOSE_HANDSHAKE: Duration = Duration::from_secs(3);
 /// Consecutive unparseable frames tolerated before closing with 1008.
 const MAX_BAD_FRAMES: u32 = 20;
 
@@ -89,7 +91,10 @@ pub struct Session {
 fn expiry_instant(exp: Option<u64>) -> Instant {
     let far = Instant::now() + Duration::from_secs(10 * 365 * 24 * 3600);
     let Some(exp) = exp else { return far };
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     Instant::now() + Duration::from_secs(exp.saturating_sub(now))
 }
 
@@ -104,11 +109,30 @@ impl Session {
             Err(_) => End::ClientGone,
         };
         if let End::Close(code, reason) = &end {
-            let frame = CloseFrame { code: CloseCode::from(*code), reason: reason.as_str().into() };
-            let _ = tokio::time::timeout(Duration::from_secs(1), ws.send(Message::Close(Some(frame)))).await;
+            let frame = CloseFrame {
+                code: CloseCode::from(*code),
+                reason: reason.as_str().into(),
+            };
+            let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
+                ws.send(Message::Close(Some(frame))).await?;
+                // Wait for the client's Close (or its end) before dropping TCP: dropping at
+                // once can reset the connection before the client has read our close code.
+                while let Some(Ok(message)) = ws.next().await {
+                    if matches!(message, Message::Close(_)) {
+                        break;
+                    }
+                }
+                Ok::<_, WsError>(())
+            })
+            .await;
         }
-        let label = end.close_code().map_or_else(|| "client".to_owned(), |c| c.to_string());
-        self.metrics.connections_closed.with_label_values(&[&label]).inc();
+        let label = end
+            .close_code()
+            .map_or_else(|| "client".to_owned(), |c| c.to_string());
+        self.metrics
+            .connections_closed
+            .with_label_values(&[&label])
+            .inc();
         end
     }
 
@@ -159,6 +183,7 @@ impl Session {
                         Message::Text(text) => self.on_text(&text, &mut bad_frames),
                         Message::Binary(_) => {
                             bad_frames += 1;
+                            self.metrics.client_errors.with_label_values(&["bad_frame"]).inc();
                             Some(protocol::error("bad_frame", "binary frames are not part of the protocol", None))
                         }
                         Message::Close(_) => return End::ClientGone,
@@ -173,10 +198,8 @@ impl Session {
                         }
                     }
                 }
+                _ = sleep_until(last_seen + self.heartbeat.timeout) => return End::close(4000),
                 _ = heartbeat.tick() => {
-                    if last_seen.elapsed() >= self.heartbeat.timeout {
-                        return End::close(4000);
-                    }
                     if ws.send(Message::Ping(Default::default())).await.is_err() {
                         return End::ClientGone;
                     }
@@ -197,8 +220,15 @@ impl Session {
             }
             Err(bad) => {
                 *bad_frames += 1;
-                self.metrics.client_errors.with_label_values(&["bad_frame"]).inc();
-                Some(protocol::error("bad_frame", &bad.message, bad.reference.as_deref()))
+                self.metrics
+                    .client_errors
+                    .with_label_values(&["bad_frame"])
+                    .inc();
+                Some(protocol::error(
+                    "bad_frame",
+                    &bad.message,
+                    bad.reference.as_deref(),
+                ))
             }
         }
     }
@@ -227,7 +257,9 @@ impl Session {
         ws.flush().await?;
         let now = now_ms();
         for ts in &stamps[..stamped] {
-            self.metrics.delivery_latency.observe((now - ts).max(0) as f64 / 1000.0);
+            self.metrics
+                .delivery_latency
+                .observe((now - ts).max(0) as f64 / 1000.0);
         }
         Ok(())
     }
@@ -253,23 +285,35 @@ mod tests {
     }
     impl Sink<Message> for Fake {
         type Error = WsError;
-        fn poll_ready(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), WsError>> {
+        fn poll_ready(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), WsError>> {
             std::task::Poll::Ready(Ok(()))
         }
         fn start_send(self: std::pin::Pin<&mut Self>, item: Message) -> Result<(), WsError> {
             let _ = self.out.unbounded_send(item);
             Ok(())
         }
-        fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), WsError>> {
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), WsError>> {
             std::task::Poll::Ready(Ok(()))
         }
-        fn poll_close(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), WsError>> {
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), WsError>> {
             std::task::Poll::Ready(Ok(()))
         }
     }
     impl Stream for Fake {
         type Item = Result<Message, WsError>;
-        fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
             self.inc.poll_next_unpin(cx)
         }
     }
@@ -284,7 +328,12 @@ mod tests {
 
     fn start(exp: Option<u64>) -> Harness {
         let metrics = Arc::new(Metrics::new());
-        let limits = Limits { max_connections: 10, max_connections_per_user: 10, queue_max_messages: 10, queue_max_bytes: 1 << 20 };
+        let limits = Limits {
+            max_connections: 10,
+            max_connections_per_user: 10,
+            queue_max_messages: 10,
+            queue_max_bytes: 1 << 20,
+        };
         let registry = Registry::new(limits, metrics.clone());
         let (guard, conn, queue) = registry.register("alice", None, None).unwrap();
         let (out_tx, out) = fmpsc::unbounded();
@@ -293,7 +342,10 @@ mod tests {
             conn: conn.clone(),
             queue,
             hello: "hello".into(),
-            heartbeat: HeartbeatConfig { interval: Duration::from_secs(25), timeout: Duration::from_secs(60) },
+            heartbeat: HeartbeatConfig {
+                interval: Duration::from_secs(25),
+                timeout: Duration::from_secs(60),
+            },
             token_exp: exp,
             max_frames_per_sec: 100,
             handler: Arc::new(NoHandler),
@@ -302,7 +354,13 @@ mod tests {
             drain_reason: String::new(),
         };
         let task = tokio::spawn(session.run(Fake { out: out_tx, inc }));
-        Harness { conn, out, send, task, _guard: guard }
+        Harness {
+            conn,
+            out,
+            send,
+            task,
+            _guard: guard,
+        }
     }
 
     fn close_code(m: &Message) -> Option<u16> {
@@ -316,8 +374,14 @@ mod tests {
     async fn silent_client_is_pinged_then_closed_with_4000() {
         let mut h = start(None);
         assert_eq!(h.out.next().await.unwrap(), Message::Text("hello".into()));
-        assert!(matches!(h.out.next().await.unwrap(), Message::Ping(_)), "ping after 25 s");
-        assert!(matches!(h.out.next().await.unwrap(), Message::Ping(_)), "ping after 50 s");
+        assert!(
+            matches!(h.out.next().await.unwrap(), Message::Ping(_)),
+            "ping after 25 s"
+        );
+        assert!(
+            matches!(h.out.next().await.unwrap(), Message::Ping(_)),
+            "ping after 50 s"
+        );
         let close = h.out.next().await.unwrap();
         assert_eq!(close_code(&close), Some(4000));
         assert_eq!(h.task.await.unwrap().close_code(), Some(4000));
@@ -329,14 +393,20 @@ mod tests {
         h.out.next().await.unwrap();
         for _ in 0..5 {
             assert!(matches!(h.out.next().await.unwrap(), Message::Ping(_)));
-            h.send.unbounded_send(Ok(Message::Pong(Default::default()))).unwrap();
+            h.send
+                .unbounded_send(Ok(Message::Pong(Default::default())))
+                .unwrap();
         }
         assert!(!h.task.is_finished());
     }
 
     #[tokio::test(start_paused = true)]
     async fn token_expiry_closes_with_4003() {
-        let exp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 10;
+        let exp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 10;
         let mut h = start(Some(exp));
         h.out.next().await.unwrap();
         assert_eq!(close_code(&h.out.next().await.unwrap()), Some(4003));
@@ -350,10 +420,16 @@ mod tests {
         h.conn.push("two".into(), None).unwrap();
         assert_eq!(h.out.next().await.unwrap(), Message::Text("one".into()));
         assert_eq!(h.out.next().await.unwrap(), Message::Text("two".into()));
-        h.send.unbounded_send(Ok(Message::Text("garbage".into()))).unwrap();
-        let Message::Text(reply) = h.out.next().await.unwrap() else { panic!() };
+        h.send
+            .unbounded_send(Ok(Message::Text("garbage".into())))
+            .unwrap();
+        let Message::Text(reply) = h.out.next().await.unwrap() else {
+            panic!()
+        };
         assert!(reply.as_str().contains("bad_frame"));
-        h.send.unbounded_send(Ok(Message::Text(r#"{"t":"ping"}"#.into()))).unwrap();
+        h.send
+            .unbounded_send(Ok(Message::Text(r#"{"t":"ping"}"#.into())))
+            .unwrap();
         assert_eq!(h.out.next().await.unwrap(), Message::Text(protocol::pong()));
         h.conn.close(4001);
         assert_eq!(close_code(&h.out.next().await.unwrap()), Some(4001));

@@ -1,0 +1,620 @@
+//! A small builder language for end-to-end tests: real `fanout` processes against a real
+//! Kafka-protocol broker (`FANOUT_TEST_KAFKA`, tansu by default via `./scripts/test`) and a
+//! real Redis (`FANOUT_TEST_REDIS`).
+//!
+//! Each test gets its own topics, consumer group and Redis prefix, so tests run in parallel
+//! on one broker and one Redis without seeing each other.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "e2e-secret";
+pub const ADMIN_TOKEN: &str = "e2e-admin";
+pub const PARTITIONS: i32 = 4;
+
+/// The broker every test uses. Fails (never skips) when none is configured.
+pub fn kafka_addr() -> String {
+    std::env::var("FANOUT_TEST_KAFKA").unwrap_or_else(|_| {
+        panic!("FANOUT_TEST_KAFKA is not set: run ./scripts/test (it starts tansu), or point it at a Kafka broker host:port")
+    })
+}
+
+/// The Redis every test uses (default: the local one).
+pub fn redis_url() -> String {
+    std::env::var("FANOUT_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A name no other test run uses.
+pub fn unique(name: &str) -> String {
+    format!("{name}-{:08x}", rand::random::<u32>())
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Mints a token like `fanout token` would.
+pub fn token(user: &str, ttl: Duration) -> String {
+    token_with(SECRET, user, ttl, None)
+}
+
+pub fn token_with(secret: &str, user: &str, ttl: Duration, platform: Option<&str>) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        + ttl;
+    let mut claims = json!({ "sub": user, "exp": exp.as_secs() });
+    if let Some(p) = platform {
+        claims["platform"] = p.into();
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn kafka_config_for(brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    c
+}
+
+fn kafka_config() -> ClientConfig {
+    kafka_config_for(&kafka_addr())
+}
+
+/// Creates a topic through the Kafka protocol.
+pub async fn create_topic(name: &str, partitions: i32) {
+    create_topic_on(&kafka_addr(), name, partitions).await
+}
+
+pub async fn create_topic_on(brokers: &str, name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = kafka_config_for(brokers).create().unwrap();
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let results = admin
+        .create_topics(
+            [&topic],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach the Kafka broker at {brokers}: {e}"));
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+    }
+}
+
+/// Produces records to the test's topic.
+#[derive(Clone)]
+pub struct Producer {
+    inner: FutureProducer,
+    pub topic: String,
+}
+
+impl Producer {
+    pub fn new(brokers: &str, topic: &str) -> Self {
+        let inner = kafka_config_for(brokers)
+            .set("message.timeout.ms", "15000")
+            .create()
+            .unwrap();
+        Self {
+            inner,
+            topic: topic.to_owned(),
+        }
+    }
+
+    /// Produces raw bytes with an optional key and explicit partition.
+    pub async fn send_raw(&self, key: Option<&str>, partition: Option<i32>, value: &[u8]) {
+        let mut record = FutureRecord::to(&self.topic).payload(value);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        self.inner
+            .send(record, Duration::from_secs(15))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("produce");
+    }
+
+    /// Produces an envelope keyed by `key`.
+    pub async fn send(&self, key: &str, envelope: Value) {
+        self.send_raw(Some(key), None, envelope.to_string().as_bytes())
+            .await;
+    }
+
+    /// Produces an envelope to one partition.
+    pub async fn send_to_partition(&self, partition: i32, envelope: Value) {
+        self.send_raw(None, Some(partition), envelope.to_string().as_bytes())
+            .await;
+    }
+}
+
+/// A consumed record, for checking what fanout produced.
+#[derive(Debug)]
+pub struct Record {
+    pub key: Option<String>,
+    pub value: String,
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads one record from `topic` (from the beginning), failing after `timeout`.
+pub async fn consume_one(topic: &str, timeout: Duration) -> Record {
+    let consumer: StreamConsumer = kafka_config()
+        .set("group.id", unique("e2e-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let msg = tokio::time::timeout(timeout, consumer.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no record on {topic} within {timeout:?}"))
+        .unwrap();
+    let mut headers = HashMap::new();
+    if let Some(h) = msg.headers() {
+        for Header { key, value } in h.iter() {
+            headers.insert(
+                key.to_owned(),
+                String::from_utf8_lossy(value.unwrap_or_default()).into_owned(),
+            );
+        }
+    }
+    let _ = OwnedHeaders::new();
+    Record {
+        key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        value: String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned(),
+        headers,
+    }
+}
+
+/// How to run the nodes of a cluster.
+#[derive(Clone)]
+pub struct Options {
+    /// Bootstrap address of the broker (default: `FANOUT_TEST_KAFKA`).
+    pub kafka: String,
+    /// Set when `kafka` is librdkafka's mock cluster, whose topics are created directly.
+    pub mock: Option<
+        std::sync::Arc<
+            rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        >,
+    >,
+    pub redis_url: String,
+    /// Extra `FANOUT__…` variables for every node.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            kafka: kafka_addr(),
+            mock: None,
+            redis_url: redis_url(),
+            env: Vec::new(),
+        }
+    }
+}
+
+impl Options {
+    pub fn with(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+}
+
+/// One `fanout` process.
+pub struct Node {
+    pub id: String,
+    pub public: String,
+    pub admin: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Node {
+    /// `ws://…/ws` with a query string.
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/ws?{query}", self.public)
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{path}", self.public)
+    }
+
+    pub async fn stats(&self) -> Option<Value> {
+        let r = reqwest::get(format!("http://{}/v1/stats", self.admin))
+            .await
+            .ok()?;
+        r.json().await.ok()
+    }
+
+    pub async fn ready(&self) -> bool {
+        matches!(reqwest::get(format!("http://{}/readyz", self.admin)).await, Ok(r) if r.status().is_success())
+    }
+
+    /// The value of one metric sample, e.g. `fanout_ingest_rejected_total{reason="not_json"}`.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(sample)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// SIGKILL: the node dies without leaving the group or committing.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- log of node {} ----\n{}", self.id, self.log_text());
+        }
+    }
+}
+
+/// Several nodes sharing one consumer group, topic and Redis prefix.
+pub struct TestCluster {
+    pub nodes: Vec<Node>,
+    pub topic: String,
+    pub upstream_topic: String,
+    pub dead_letter_topic: String,
+    pub group: String,
+    pub prefix: String,
+    pub options: Options,
+    pub producer: Producer,
+}
+
+impl TestCluster {
+    /// Starts `n` nodes with default options and waits until the group is settled.
+    pub async fn start(n: usize) -> Self {
+        Self::start_with(n, Options::default()).await
+    }
+
+    pub async fn start_with(n: usize, options: Options) -> Self {
+        let topic = unique("fanout-e2e");
+        let upstream_topic = format!("{topic}-upstream");
+        let dead_letter_topic = format!("{topic}-dlq");
+        for (name, partitions) in [
+            (&topic, PARTITIONS),
+            (&upstream_topic, 1),
+            (&dead_letter_topic, 1),
+        ] {
+            match &options.mock {
+                Some(mock) => mock.create_topic(name, partitions, 1).expect("mock topic"),
+                None => create_topic_on(&options.kafka, name, partitions).await,
+            }
+        }
+        let mut cluster = TestCluster {
+            nodes: Vec::new(),
+            producer: Producer::new(&options.kafka, &topic),
+            group: unique("group"),
+            prefix: unique("e2e"),
+            topic,
+            upstream_topic,
+            dead_letter_topic,
+            options,
+        };
+        for _ in 0..n {
+            cluster.add_node();
+        }
+        cluster.wait_settled().await;
+        cluster
+    }
+
+    /// Starts one more node (not waiting for it).
+    pub fn add_node(&mut self) -> &Node {
+        let id = format!("node-{}", self.nodes.len());
+        self.spawn_node(id)
+    }
+
+    /// Starts node `i` again (after [`Node::kill`]) with the same id and ports.
+    pub fn restart_node(&mut self, i: usize) {
+        let old = &self.nodes[i];
+        assert!(old.child.is_none(), "restart_node needs a killed node");
+        let (id, public, admin) = (old.id.clone(), old.public.clone(), old.admin.clone());
+        let fresh = self.spawn_node_at(id, public, admin);
+        self.nodes[i] = fresh;
+    }
+
+    fn spawn_node(&mut self, id: String) -> &Node {
+        let (public, admin) = (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        );
+        let node = self.spawn_node_at(id, public, admin);
+        self.nodes.push(node);
+        self.nodes.last().unwrap()
+    }
+
+    fn spawn_node_at(&self, id: String, public: String, admin: String) -> Node {
+        let log = std::env::temp_dir().join(format!("{}-{id}.log", self.prefix));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fanout"));
+        cmd.arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("FANOUT_LOG", "info,fanout=debug,rdkafka=warn")
+            .env("FANOUT__NODE__ID", &id)
+            .env("FANOUT__SERVER__LISTEN", &public)
+            .env("FANOUT__ADMIN__LISTEN", &admin)
+            .env("FANOUT__KAFKA__BROKERS", &self.options.kafka)
+            .env("FANOUT__KAFKA__TOPICS", &self.topic)
+            .env("FANOUT__KAFKA__GROUP_ID", &self.group)
+            .env("FANOUT__KAFKA__UPSTREAM_TOPIC", &self.upstream_topic)
+            .env("FANOUT__KAFKA__DEAD_LETTER_TOPIC", &self.dead_letter_topic)
+            .env("FANOUT__KAFKA__SESSION_TIMEOUT", "6s")
+            .env("FANOUT__REDIS__URL", &self.options.redis_url)
+            .env("FANOUT__REDIS__PREFIX", &self.prefix)
+            .env("FANOUT__AUTH__JWT_SECRET", SECRET)
+            .env("FANOUT__AUTH__ADMIN_TOKEN", ADMIN_TOKEN)
+            .stdout(Stdio::null())
+            .stderr(file);
+        for (k, v) in &self.options.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn fanout");
+        Node {
+            id,
+            public,
+            admin,
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// Waits until every live node is ready and the live nodes own all partitions between
+    /// them, each at least one (when there are at most as many nodes as partitions).
+    pub async fn wait_settled(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut stable_since: Option<Instant> = None;
+        loop {
+            let mut total = 0;
+            let mut all_ok = true;
+            for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+                let owned = node
+                    .stats()
+                    .await
+                    .and_then(|s| s["kafka_partitions"].as_i64())
+                    .unwrap_or(-1);
+                all_ok &= owned > 0 && node.ready().await;
+                total += owned.max(0);
+            }
+            if all_ok && total == PARTITIONS as i64 {
+                let since = *stable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_millis(1500) {
+                    return;
+                }
+            } else {
+                stable_since = None;
+            }
+            if Instant::now() > deadline {
+                for n in &self.nodes {
+                    eprintln!("---- log of {} ----\n{}", n.id, n.log_text());
+                }
+                panic!("cluster did not settle within 60 s (partitions owned: {total})");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i]
+    }
+
+    /// Connects `user` to node `i` with a valid token in the Authorization header.
+    pub async fn connect(&self, i: usize, user: &str, query: &str) -> Client {
+        Client::connect(
+            &self.nodes[i].ws_url(query),
+            Some(&token(user, Duration::from_secs(600))),
+        )
+        .await
+    }
+}
+
+/// A WebSocket client speaking protocol v1.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub hello: Value,
+}
+
+/// How a connection attempt or session ended, for assertions.
+#[derive(Debug, PartialEq)]
+pub enum Closed {
+    /// The server closed with this code and reason.
+    Code(u16, String),
+    /// The stream ended without a close frame.
+    Eof,
+}
+
+impl Client {
+    /// Connects with `Authorization: Bearer <token>` and reads `hello`.
+    pub async fn connect(url: &str, token: Option<&str>) -> Self {
+        let mut req = url.into_client_request().unwrap();
+        if let Some(t) = token {
+            req.headers_mut().insert(
+                "authorization",
+                HeaderValue::from_str(&format!("Bearer {t}")).unwrap(),
+            );
+        }
+        Self::connect_request(req)
+            .await
+            .unwrap_or_else(|e| panic!("connect {url}: {e:?}"))
+    }
+
+    /// Connects with a prepared request; `Err` carries the HTTP status of a refusal.
+    pub async fn connect_request(
+        req: tokio_tungstenite::tungstenite::handshake::client::Request,
+    ) -> Result<Self, (StatusCode, String)> {
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => {
+                let mut client = Client {
+                    ws,
+                    hello: Value::Null,
+                };
+                let hello = client
+                    .next_frame(Duration::from_secs(10))
+                    .await
+                    .expect("hello frame");
+                assert_eq!(hello["t"], "hello", "first frame must be hello: {hello}");
+                client.hello = hello;
+                Ok(client)
+            }
+            Err(WsError::Http(resp)) => {
+                let body = resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default();
+                Err((resp.status(), body))
+            }
+            Err(e) => panic!("websocket error: {e}"),
+        }
+    }
+
+    pub fn conn_id(&self) -> String {
+        self.hello["conn"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn send_json(&mut self, v: Value) {
+        self.ws
+            .send(WsMessage::Text(v.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_text(&mut self, s: &str) {
+        self.ws.send(WsMessage::Text(s.into())).await.unwrap();
+    }
+
+    /// The next JSON text frame within `timeout`, or `None` (timeout or closed).
+    pub async fn next_frame(&mut self, timeout: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Ok(Some(Ok(WsMessage::Text(t)))) => {
+                    return Some(serde_json::from_str(&t).expect("server frames are JSON"))
+                }
+                Ok(Some(Ok(WsMessage::Close(_)))) | Ok(None) | Ok(Some(Err(_))) | Err(_) => {
+                    return None
+                }
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// The next `msg` frame (other frames are skipped), failing after `timeout`.
+    pub async fn expect_msg(&mut self, timeout: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_frame(left).await {
+                Some(f) if f["t"] == "msg" => return f,
+                Some(_) => continue,
+                None => panic!("no msg within {timeout:?}"),
+            }
+        }
+    }
+
+    /// Collects `msg` frames for `window`.
+    pub async fn msgs_during(&mut self, window: Duration) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + window;
+        let mut out = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return out;
+            }
+            match self.next_frame(left).await {
+                Some(f) if f["t"] == "msg" => out.push(f),
+                Some(_) => {}
+                None => return out,
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns the close code and reason.
+    pub async fn expect_close(&mut self, timeout: Duration) -> Closed {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Ok(Some(Ok(WsMessage::Close(Some(frame))))) => {
+                    return Closed::Code(u16::from(frame.code), frame.reason.to_string())
+                }
+                Ok(Some(Ok(WsMessage::Close(None)))) => {
+                    return Closed::Code(u16::from(CloseCode::Status), String::new())
+                }
+                Ok(None) | Ok(Some(Err(_))) => return Closed::Eof,
+                Ok(Some(Ok(_))) => continue,
+                Err(_) => panic!("connection not closed within {timeout:?}"),
+            }
+        }
+    }
+}
+
+/// An envelope for `user`.
+pub fn for_user(user: &str, msg_type: &str, text: &str) -> Value {
+    json!({ "type": msg_type, "to": { "user": user }, "data": { "text": text } })
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
