@@ -48,7 +48,7 @@ fn failover_broker() -> Options {
             let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
             Options {
                 kafka: mock.bootstrap_servers(),
-                mock: Some(std::sync::Arc::new(mock)),
+                mock: Some(std::rc::Rc::new(mock)),
                 ..base
             }
         }

@@ -32,6 +32,10 @@ pub const SECRET: &str = "e2e-secret";
 pub const ADMIN_TOKEN: &str = "e2e-admin";
 pub const PARTITIONS: i32 = 4;
 
+/// librdkafka's mock cluster, used as a broker over TCP by the failover test.
+pub type MockBroker =
+    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
+
 /// The broker every test uses. Fails (never skips) when none is configured.
 pub fn kafka_addr() -> String {
     std::env::var("FANOUT_TEST_KAFKA").unwrap_or_else(|_| {
@@ -202,11 +206,7 @@ pub struct Options {
     /// Bootstrap address of the broker (default: `FANOUT_TEST_KAFKA`).
     pub kafka: String,
     /// Set when `kafka` is librdkafka's mock cluster, whose topics are created directly.
-    pub mock: Option<
-        std::sync::Arc<
-            rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-        >,
-    >,
+    pub mock: Option<std::rc::Rc<MockBroker>>,
     pub redis_url: String,
     /// Extra `FANOUT__…` variables for every node.
     pub env: Vec<(String, String)>,
