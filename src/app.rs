@@ -65,11 +65,26 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let embedded = settings.is_embedded();
     let embedded_kafka = if settings.kafka.brokers.is_empty() {
         Some(start_embedded_kafka(&mut settings)?)
     } else {
         None
     };
+    if embedded {
+        print_embedded_banner(&settings, &listeners);
+    }
+    let result = run_node(settings, listeners, shutdown).await;
+    // Every Kafka client is gone by now, so none of them logs the broker's disappearance.
+    drop(embedded_kafka);
+    result
+}
+
+async fn run_node(
+    settings: Settings,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
     let metrics = Arc::new(Metrics::new());
     let bus: Arc<dyn Bus> = if settings.redis.url.is_empty() {
@@ -195,11 +210,32 @@ pub async fn run(
         tracing::warn!("tasks did not stop within 15 s; exiting anyway");
     }
     producer.flush(Duration::from_secs(2));
-    drop(embedded_kafka);
     if failed.is_cancelled() {
         anyhow::bail!("stopped after a task failed (see the log above)");
     }
     Ok(())
+}
+
+/// Tells a new user how to use the embedded default.
+fn print_embedded_banner(settings: &Settings, listeners: &Listeners) {
+    let public = listeners
+        .public
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let admin = listeners
+        .admin
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    eprintln!(
+        "\nfanout embedded default: one process, in-process Kafka broker and bus, insecure auth\n\
+         \x20 WebSocket   ws://{public}/ws?user=alice\n\
+         \x20 Kafka       bootstrap {} topic {}\n\
+         \x20 Metrics     http://{admin}/metrics\n\
+         \x20 Publish     curl -XPOST http://{public}/v1/publish -d '{{\"type\":\"robot.reply\",\"to\":{{\"user\":\"alice\"}},\"data\":{{\"text\":\"hi\"}}}}'\n",
+        settings.kafka.brokers, settings.kafka.topics[0]
+    );
 }
 
 fn limits(settings: &Settings) -> Limits {
