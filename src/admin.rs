@@ -21,6 +21,8 @@ use crate::registry::Registry;
 pub struct Health {
     /// Last Kafka probe succeeded.
     pub kafka: AtomicBool,
+    /// Last database probe succeeded.
+    pub database: AtomicBool,
     /// The node is shutting down.
     pub draining: AtomicBool,
     pub bus: Arc<dyn Bus>,
@@ -30,6 +32,7 @@ impl Health {
     pub fn new(bus: Arc<dyn Bus>) -> Self {
         Self {
             kafka: AtomicBool::new(false),
+            database: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             bus,
         }
@@ -43,6 +46,9 @@ impl Health {
         }
         if !self.kafka.load(Ordering::Relaxed) {
             out.push("kafka unreachable");
+        }
+        if !self.database.load(Ordering::Relaxed) {
+            out.push("database unreachable");
         }
         if !self.bus.is_connected() {
             out.push("redis unreachable");

@@ -4,19 +4,23 @@
 
 use std::sync::Arc;
 
+use std::collections::BTreeMap;
+
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::config::Settings;
 use crate::envelope;
-use crate::gateway::auth::Authenticator;
+use crate::gateway::auth::{Authenticator, Denied};
 use crate::gateway::{self, Gateway};
 use crate::kafka::Producer;
+use crate::prefs::{Prefs, PrefsError};
 
 /// A JSON error response.
 pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
@@ -28,9 +32,10 @@ pub struct Api {
     pub settings: Arc<Settings>,
     pub auth: Arc<Authenticator>,
     pub producer: Producer,
+    pub prefs: Arc<Prefs>,
 }
 
-/// The public router: `/ws`, `/v1/types`, `/v1/publish`.
+/// The public router: `/ws`, `/v1/types`, `/v1/publish`, `/v1/users/{user}/preferences`.
 pub fn router(gateway: Arc<Gateway>, api: Arc<Api>) -> Router {
     let ws = Router::new()
         .route("/ws", get(gateway::upgrade))
@@ -38,13 +43,110 @@ pub fn router(gateway: Arc<Gateway>, api: Arc<Api>) -> Router {
     let http = Router::new()
         .route("/v1/types", get(types))
         .route("/v1/publish", post(publish))
+        .route(
+            "/v1/users/{user}/preferences",
+            get(get_prefs).put(put_prefs),
+        )
+        .route("/v1/users/{user}/preferences/reload", post(reload_prefs))
         .with_state(api);
     ws.merge(http)
         .fallback(|| async { json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
 }
 
+fn denied(d: Denied) -> Response {
+    match d {
+        Denied::Unauthenticated(e) => {
+            json_error(StatusCode::UNAUTHORIZED, e.code(), &e.to_string())
+        }
+        Denied::Forbidden => json_error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this token may not act for that user",
+        ),
+    }
+}
+
+fn prefs_error(e: PrefsError) -> Response {
+    let status = match e {
+        PrefsError::UnknownType(_) => StatusCode::BAD_REQUEST,
+        PrefsError::Store(_) | PrefsError::Announce(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    json_error(status, e.code(), &e.to_string())
+}
+
+fn prefs_body(user: &str, prefs: &BTreeMap<String, bool>) -> Response {
+    Json(json!({ "user": user, "prefs": prefs })).into_response()
+}
+
+/// `GET /v1/users/{user}/preferences`: every registered type, on or off.
+async fn get_prefs(
+    State(api): State<Arc<Api>>,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(d) = api.auth.may_act_for(&headers, &user) {
+        return denied(d);
+    }
+    match api.prefs.load(&user).await {
+        Ok(prefs) => prefs_body(&user, &prefs),
+        Err(e) => prefs_error(e.into()),
+    }
+}
+
+#[derive(Deserialize)]
+struct PrefsBody {
+    prefs: BTreeMap<String, bool>,
+}
+
+/// `PUT /v1/users/{user}/preferences` with `{"prefs":{…}}`: changes the listed types.
+async fn put_prefs(
+    State(api): State<Arc<Api>>,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(d) = api.auth.may_act_for(&headers, &user) {
+        return denied(d);
+    }
+    let body: PrefsBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("expected {{\"prefs\":{{\"<type>\":true|false}}}}: {e}"),
+            )
+        }
+    };
+    match api.prefs.set(&user, &body.prefs).await {
+        Ok(prefs) => prefs_body(&user, &prefs),
+        Err(e) => prefs_error(e),
+    }
+}
+
+/// `POST /v1/users/{user}/preferences/reload` (admin): after a backend wrote
+/// `fanout_preferences` directly, re-reads the user's rows and applies them on every node.
+async fn reload_prefs(
+    State(api): State<Arc<Api>>,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !api.auth.is_admin(&headers) {
+        return json_error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "reload needs Authorization: Bearer <auth.admin_token>",
+        );
+    }
+    match api.prefs.announce(&user).await {
+        Ok(prefs) => prefs_body(&user, &prefs),
+        Err(e) => prefs_error(e),
+    }
+}
+
 /// `GET /v1/types`: the type registry.
 async fn types(State(api): State<Arc<Api>>) -> Json<serde_json::Value> {
+    // The configured registry, as written (names with their defaults).
     let types = &api.settings.types;
     Json(json!({ "types": types.registry, "unknown": types.unknown }))
 }
@@ -70,6 +172,14 @@ async fn publish(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -
             )
         }
     };
+    let types = &api.prefs.types;
+    if types.unknown == crate::config::UnknownTypes::Reject && !types.contains(&env.msg_type) {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "unknown_type",
+            "this type is not registered and types.unknown = \"reject\"",
+        );
+    }
     let topic = &kafka.topics[0];
     match api
         .producer

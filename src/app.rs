@@ -5,7 +5,6 @@
 //! ingest commits and leaves the group → the bus subscriber stops → exit. If any task ends
 //! on its own, that is a failure: the others are stopped the same way and `run` errors.
 
-use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -25,9 +24,42 @@ use crate::gateway::{auth::Authenticator, Gateway};
 use crate::ingest::{self, Ingest};
 use crate::kafka::Producer;
 use crate::metrics::Metrics;
+use crate::prefs::{Prefs, Store};
 use crate::registry::{Limits, Registry};
 use crate::router::Router;
+use crate::types::TypeRegistry;
 use crate::{api, shutdown};
+
+/// The database of the embedded default, in the working directory.
+pub const EMBEDDED_DATABASE: &str = "sqlite://fanout.db";
+
+/// Opens the store (`database.url`, or the embedded SQLite file).
+pub fn open_store(settings: &Settings) -> anyhow::Result<Store> {
+    let url = if settings.database.url.is_empty() {
+        EMBEDDED_DATABASE
+    } else {
+        &settings.database.url
+    };
+    Store::open(url).with_context(|| format!("opening database.url {url}"))
+}
+
+/// Applies migrations, waiting up to 30 s for the database to come up.
+pub async fn migrate(store: &Store) -> anyhow::Result<()> {
+    let mut attempt = 0;
+    loop {
+        match store.migrate().await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < 30 => {
+                if attempt == 0 {
+                    tracing::warn!(error = %e, "database not ready for migrations; retrying for 30 s");
+                }
+                attempt += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e).context("applying database migrations"),
+        }
+    }
+}
 
 /// Partitions of each topic in the embedded in-process broker.
 const EMBEDDED_PARTITIONS: i32 = 4;
@@ -106,18 +138,10 @@ async fn run_node(
     );
     let registry = Registry::new(limits(&settings), metrics.clone());
     let health = Arc::new(Health::new(bus.clone()));
-    let known_types: HashSet<String> = settings
-        .types
-        .registry
-        .iter()
-        .map(|t| t.name.clone())
-        .collect();
-    let default_prefs: BTreeMap<String, bool> = settings
-        .types
-        .registry
-        .iter()
-        .map(|t| (t.name.clone(), t.default))
-        .collect();
+    let types = Arc::new(TypeRegistry::new(&settings.types));
+    let store = open_store(&settings)?;
+    migrate(&store).await?;
+    let prefs = Arc::new(Prefs::new(store.clone(), types.clone(), bus.clone()));
 
     let tasks = TaskTracker::new();
     let failed = CancellationToken::new();
@@ -136,7 +160,7 @@ async fn run_node(
     };
     spawn(&tasks, &failed, "ingest", ingest.run(stop_ingest.clone()));
 
-    let router = Router::new(registry.clone(), metrics.clone(), known_types);
+    let router = Router::new(registry.clone(), metrics.clone(), types.clone());
     let sub_bus = bus.clone();
     let sub_stop = stop_bus.clone();
     spawn(&tasks, &failed, "bus subscriber", async move {
@@ -146,6 +170,12 @@ async fn run_node(
             .map_err(anyhow::Error::from)
     });
 
+    spawn(
+        &tasks,
+        &failed,
+        "database probe",
+        probe_database(store, health.clone(), stop_bus.clone()),
+    );
     spawn(
         &tasks,
         &failed,
@@ -166,12 +196,13 @@ async fn run_node(
         upstream: (!settings.kafka.upstream_topic.is_empty()).then(|| producer.clone()),
         sessions: TaskTracker::new(),
         drain: drain.clone(),
-        default_prefs,
+        prefs: prefs.clone(),
     });
     let public_api = Arc::new(api::Api {
         settings: settings.clone(),
         auth: gateway.auth.clone(),
         producer: producer.clone(),
+        prefs,
     });
     let public = api::router(gateway.clone(), public_api);
     spawn(
@@ -274,6 +305,26 @@ async fn serve(
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
         .context("http server")
+}
+
+/// Keeps `health.database` current with a `SELECT 1` every few seconds.
+async fn probe_database(
+    store: Store,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        let ok = tokio::time::timeout(Duration::from_secs(3), store.ping())
+            .await
+            .unwrap_or(false);
+        if health.database.swap(ok, Ordering::Relaxed) != ok {
+            tracing::info!(reachable = ok, "database reachability changed");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(if ok { 5 } else { 1 })) => {}
+        }
+    }
 }
 
 /// Keeps `health.kafka` current with a metadata request every few seconds.

@@ -516,6 +516,21 @@ impl Settings {
         }
         self.validate_auth()?;
         self.validate_limits()?;
+        if self.types.registry.len() > crate::types::MAX_TYPES {
+            return Err(invalid(
+                "types",
+                format!(
+                    "at most {} types can be registered",
+                    crate::types::MAX_TYPES
+                ),
+            ));
+        }
+        if !self.redis.url.is_empty() && self.database.url.is_empty() {
+            return Err(invalid(
+                "database.url",
+                "a cluster (redis.url set) needs a shared database: set database.url to postgres://…",
+            ));
+        }
         let mut seen = std::collections::HashSet::new();
         for t in &self.types.registry {
             if t.name.is_empty() {

@@ -9,7 +9,9 @@
 //! * [`ingest`] — consumer group; publishes each record on the bus, then stores its offset.
 //! * [`kafka`] — shared librdkafka configuration and the producer (ask, dead letters).
 //! * [`bus`] — the pub/sub every node shares: trait, wire format, Redis and local versions.
-//! * [`router`] — bus message → the local connections it targets.
+//! * [`router`] — bus message → the local connections it targets, filtered by preferences.
+//! * [`prefs`] — per-user preferences: the SQL store and the change protocol.
+//! * [`types`] — the message type registry and preference bitsets.
 //! * [`registry`] — the index of this node's connections and their bounded queues.
 //! * [`gateway`] — `/ws`: authentication, handshake, one session per connection.
 //! * [`api`] — the public HTTP API.
@@ -29,6 +31,8 @@ pub mod gateway;
 pub mod ingest;
 pub mod kafka;
 pub mod metrics;
+pub mod prefs;
 pub mod registry;
 pub mod router;
 pub mod shutdown;
+pub mod types;

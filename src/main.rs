@@ -30,6 +30,8 @@ enum Command {
     Serve,
     /// Load, validate and print the effective configuration (secrets masked).
     CheckConfig,
+    /// Apply the database migrations and exit.
+    Migrate,
     /// Mint an HS256 JWT with auth.jwt_secret.
     Token {
         #[arg(long)]
@@ -88,6 +90,24 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Migrate => {
+            init_logging();
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            let result = runtime.block_on(async {
+                let store = app::open_store(&settings)?;
+                app::migrate(&store).await
+            });
+            match result {
+                Ok(()) => {
+                    println!("migrations applied");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("fanout: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Serve => {
             init_logging();
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");

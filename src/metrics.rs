@@ -43,6 +43,12 @@ pub struct Metrics {
     pub delivered: IntCounterVec,
     /// Frames queued to connections, all types together.
     pub deliveries: IntCounter,
+    /// Deliveries skipped because the user switched the type off, by message type.
+    pub filtered: IntCounterVec,
+    /// Users whose preferences this node holds (one entry per connected user).
+    pub prefs_cache_users: IntGauge,
+    /// Time from a preference change's commit to its application on this node.
+    pub prefs_change_latency: Histogram,
     /// Deliveries not made, by reason (`queue_full`, `expired`, `duplicate`, `closed`).
     pub dropped: IntCounterVec,
     /// Time from the Kafka record timestamp to the frame written to the socket.
@@ -94,6 +100,18 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(latency.clone()))
+            .expect("metric registered once");
+        let prefs_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "fanout_prefs_change_latency_seconds",
+                "Preference change commit to applied on this node",
+            )
+            .buckets(vec![
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+            ]),
+        )
+        .expect("valid metric");
+        r.register(Box::new(prefs_latency.clone()))
             .expect("metric registered once");
         let m = Self {
             connections: gauge(&r, "fanout_connections", "Open WebSocket connections"),
@@ -175,6 +193,18 @@ impl Metrics {
                 "fanout_deliveries_total",
                 "Frames queued to connections",
             ),
+            filtered: counter_vec(
+                &r,
+                "fanout_filtered_total",
+                "Deliveries skipped by user preference, by type",
+                "type",
+            ),
+            prefs_cache_users: gauge(
+                &r,
+                "fanout_prefs_cache_users",
+                "Users whose preferences this node caches",
+            ),
+            prefs_change_latency: prefs_latency,
             dropped: counter_vec(
                 &r,
                 "fanout_dropped_total",

@@ -5,6 +5,8 @@
 //!   never held across an `.await`; pushing to a connection is `try_send`, never a wait.
 //! * A connection is registered by [`Registry::register`] and removed when its
 //!   [`Registration`] guard drops, whatever way its session ended.
+//! * A user's preferences live in their entry, shared by their connections, loaded before
+//!   their first connection and dropped with their last: the per-node preference cache.
 //! * A connection's queue is bounded by messages and bytes; overflowing it asks that one
 //!   connection to close with 4001 and never slows anyone else.
 
@@ -36,10 +38,35 @@ pub enum PushError {
     Closed,
 }
 
+/// One user's preference bits on this node (see [`crate::types`]).
+#[derive(Debug)]
+pub struct UserPrefs {
+    bits: AtomicU64,
+}
+
+impl UserPrefs {
+    pub fn new(bits: u64) -> Self {
+        Self {
+            bits: AtomicU64::new(bits),
+        }
+    }
+
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.bits.load(Ordering::Relaxed)
+    }
+
+    pub fn set(&self, bits: u64) {
+        self.bits.store(bits, Ordering::Relaxed);
+    }
+}
+
 /// The router's and other tasks' handle on one connection.
 pub struct ConnHandle {
     pub id: Arc<str>,
     pub user: Arc<str>,
+    /// Shared with every connection of the same user on this node.
+    pub prefs: Arc<UserPrefs>,
     pub platform: Option<Platform>,
     pub tab: Option<Box<str>>,
     queue: mpsc::Sender<Queued>,
@@ -127,10 +154,22 @@ pub struct Limits {
     pub queue_max_bytes: usize,
 }
 
+struct UserEntry {
+    conns: Vec<Arc<ConnHandle>>,
+    prefs: Arc<UserPrefs>,
+}
+
+/// Changes seen for users not (yet) registered here are kept this long, so a connection
+/// whose preferences were read from the database just before a change still gets it.
+const PENDING_MS: i64 = 60_000;
+const PENDING_MAX: usize = 10_000;
+
 #[derive(Default)]
 struct Index {
-    by_user: HashMap<Arc<str>, Vec<Arc<ConnHandle>>>,
+    by_user: HashMap<Arc<str>, UserEntry>,
     by_conn: HashMap<Arc<str>, Arc<ConnHandle>>,
+    /// user → (change time, bits) of recent changes for users without an entry.
+    pending: HashMap<Box<str>, (i64, u64)>,
 }
 
 /// The connections of this node.
@@ -181,12 +220,46 @@ impl Registry {
         self.connection_count() >= self.limits.max_connections
     }
 
+    /// The preferences of `user` if they have a connection here.
+    pub fn user_prefs(&self, user: &str) -> Option<Arc<UserPrefs>> {
+        self.index.read().by_user.get(user).map(|e| e.prefs.clone())
+    }
+
+    /// Applies a preference change to `user`'s connections here and queues `frame` (the
+    /// `prefs` frame) on each; for an unknown user, remembers it briefly. Returns how many
+    /// connections were told.
+    pub fn apply_prefs(&self, user: &str, bits: u64, ts_ms: i64, frame: &Utf8Bytes) -> usize {
+        let mut index = self.index.write();
+        if let Some(entry) = index.by_user.get(user) {
+            entry.prefs.set(bits);
+            entry
+                .conns
+                .iter()
+                .filter(|c| c.push(frame.clone(), None).is_ok())
+                .count()
+        } else {
+            if index.pending.len() >= PENDING_MAX {
+                let horizon = ts_ms - PENDING_MS;
+                index.pending.retain(|_, (ts, _)| *ts > horizon);
+                if index.pending.len() >= PENDING_MAX {
+                    index.pending.clear();
+                }
+            }
+            index.pending.insert(user.into(), (ts_ms, bits));
+            0
+        }
+    }
+
     /// Adds a connection; returns its guard, handle and the receiving end of its queue.
+    /// `bits` are the user's preferences as read at `loaded_at_ms`; they are used only
+    /// when the user has no connection here yet (and no newer change arrived meanwhile).
     pub fn register(
         self: &Arc<Self>,
         user: &str,
         platform: Option<Platform>,
         tab: Option<String>,
+        bits: u64,
+        loaded_at_ms: i64,
     ) -> Result<(Registration, Arc<ConnHandle>, mpsc::Receiver<Queued>), RegisterError> {
         let (tx, rx) = mpsc::channel(self.limits.queue_max_messages);
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -194,18 +267,25 @@ impl Registry {
         if index.by_conn.len() >= self.limits.max_connections {
             return Err(RegisterError::NodeFull);
         }
-        let user: Arc<str> = match index.by_user.get_key_value(user) {
-            Some((existing, conns)) => {
-                if conns.len() >= self.limits.max_connections_per_user {
+        let (user, prefs) = match index.by_user.get_key_value(user) {
+            Some((existing, entry)) => {
+                if entry.conns.len() >= self.limits.max_connections_per_user {
                     return Err(RegisterError::UserFull);
                 }
-                existing.clone()
+                (existing.clone(), entry.prefs.clone())
             }
-            None => Arc::from(user),
+            None => {
+                let bits = match index.pending.remove(user) {
+                    Some((changed_at, newer)) if changed_at >= loaded_at_ms => newer,
+                    _ => bits,
+                };
+                (Arc::from(user), Arc::new(UserPrefs::new(bits)))
+            }
         };
         let conn = Arc::new(ConnHandle {
             id: Arc::from(format!("{}-{n:x}", self.id_prefix)),
             user: user.clone(),
+            prefs: prefs.clone(),
             platform,
             tab: tab.map(String::into_boxed_str),
             queue: tx,
@@ -214,10 +294,21 @@ impl Registry {
             close_code: AtomicU16::new(0),
             close_notify: Notify::new(),
         });
-        index.by_user.entry(user).or_default().push(conn.clone());
+        index
+            .by_user
+            .entry(user)
+            .or_insert_with(|| UserEntry {
+                conns: Vec::new(),
+                prefs,
+            })
+            .conns
+            .push(conn.clone());
         index.by_conn.insert(conn.id.clone(), conn.clone());
         self.metrics.connections.set(index.by_conn.len() as i64);
         self.metrics.users.set(index.by_user.len() as i64);
+        self.metrics
+            .prefs_cache_users
+            .set(index.by_user.len() as i64);
         drop(index);
         let guard = Registration {
             registry: self.clone(),
@@ -229,14 +320,17 @@ impl Registry {
     fn remove(&self, conn: &Arc<ConnHandle>) {
         let mut index = self.index.write();
         index.by_conn.remove(&conn.id);
-        if let Some(conns) = index.by_user.get_mut(&conn.user) {
-            conns.retain(|c| !Arc::ptr_eq(c, conn));
-            if conns.is_empty() {
+        if let Some(entry) = index.by_user.get_mut(&conn.user) {
+            entry.conns.retain(|c| !Arc::ptr_eq(c, conn));
+            if entry.conns.is_empty() {
                 index.by_user.remove(&conn.user);
             }
         }
         self.metrics.connections.set(index.by_conn.len() as i64);
         self.metrics.users.set(index.by_user.len() as i64);
+        self.metrics
+            .prefs_cache_users
+            .set(index.by_user.len() as i64);
     }
 
     /// Calls `f` for every local connection `target` selects. Holds the read lock
@@ -249,7 +343,12 @@ impl Registry {
                 platform,
                 tab,
             } => {
-                for conn in index.by_user.get(user.as_str()).into_iter().flatten() {
+                for conn in index
+                    .by_user
+                    .get(user.as_str())
+                    .into_iter()
+                    .flat_map(|e| &e.conns)
+                {
                     if conn.matches(*platform, tab.as_deref()) {
                         f(conn);
                     }
@@ -261,7 +360,7 @@ impl Registry {
                         .by_user
                         .get(user.as_str())
                         .into_iter()
-                        .flatten()
+                        .flat_map(|e| &e.conns)
                         .for_each(&mut f);
                 }
             }
@@ -283,7 +382,7 @@ mod tests {
     fn registry(per_user: usize, queue: usize, bytes: usize) -> Arc<Registry> {
         Registry::new(
             Limits {
-                max_connections: 3,
+                max_connections: per_user + 1,
                 max_connections_per_user: per_user,
                 queue_max_messages: queue,
                 queue_max_bytes: bytes,
@@ -305,12 +404,12 @@ mod tests {
     fn targets_select_the_right_connections() {
         let reg = registry(5, 8, 1024);
         let (_a1, a1, _r1) = reg
-            .register("alice", Some(Platform::Ios), Some("t1".into()))
+            .register("alice", Some(Platform::Ios), Some("t1".into()), 0, 0)
             .unwrap();
         let (_a2, _, _r2) = reg
-            .register("alice", Some(Platform::H5), Some("t2".into()))
+            .register("alice", Some(Platform::H5), Some("t2".into()), 0, 0)
             .unwrap();
-        let (_b, _, _r3) = reg.register("bob", None, None).unwrap();
+        let (_b, _, _r3) = reg.register("bob", None, None, 0, 0).unwrap();
         let user = |u: &str, p, t: Option<&str>| Target::User {
             user: u.into(),
             platform: p,
@@ -341,7 +440,7 @@ mod tests {
     #[test]
     fn dropping_the_guard_unregisters() {
         let reg = registry(5, 8, 1024);
-        let (guard, _, _rx) = reg.register("alice", None, None).unwrap();
+        let (guard, _, _rx) = reg.register("alice", None, None, 0, 0).unwrap();
         assert_eq!((reg.connection_count(), reg.user_count()), (1, 1));
         drop(guard);
         assert_eq!((reg.connection_count(), reg.user_count()), (0, 0));
@@ -350,23 +449,51 @@ mod tests {
     #[test]
     fn limits_refuse_registration() {
         let reg = registry(2, 8, 1024);
-        let _a = reg.register("alice", None, None).unwrap();
-        let _b = reg.register("alice", None, None).unwrap();
+        let _a = reg.register("alice", None, None, 0, 0).unwrap();
+        let _b = reg.register("alice", None, None, 0, 0).unwrap();
         assert_eq!(
-            reg.register("alice", None, None).err(),
+            reg.register("alice", None, None, 0, 0).err(),
             Some(RegisterError::UserFull)
         );
-        let _c = reg.register("bob", None, None).unwrap();
+        let _c = reg.register("bob", None, None, 0, 0).unwrap();
         assert_eq!(
-            reg.register("carol", None, None).err(),
+            reg.register("carol", None, None, 0, 0).err(),
             Some(RegisterError::NodeFull)
         );
+    }
+
+    #[test]
+    fn a_change_reaches_the_user_entry_or_waits_for_their_first_connection() {
+        let reg = registry(5, 8, 1024);
+        let (_a, a, mut rx) = reg.register("alice", None, None, 0b01, 100).unwrap();
+        let (_b, b, _rb) = reg.register("alice", None, None, 0b11, 100).unwrap();
+        assert_eq!(
+            (a.prefs.get(), b.prefs.get()),
+            (0b01, 0b01),
+            "one entry per user"
+        );
+        assert_eq!(reg.apply_prefs("alice", 0b10, 200, &"prefs".into()), 2);
+        assert_eq!(b.prefs.get(), 0b10);
+        assert_eq!(rx.try_recv().unwrap().frame.as_str(), "prefs");
+
+        // bob's change lands while his preferences are being read (loaded_at 150 < 200)...
+        assert_eq!(reg.apply_prefs("bob", 0b100, 200, &"prefs".into()), 0);
+        let (_c, c, _) = reg.register("bob", None, None, 0b001, 150).unwrap();
+        assert_eq!(
+            c.prefs.get(),
+            0b100,
+            "the newer change wins over the stale read"
+        );
+        // ...but an older change does not override a fresher read.
+        reg.apply_prefs("carol", 0b100, 200, &"prefs".into());
+        let (_d, d, _) = reg.register("carol", None, None, 0b001, 300).unwrap();
+        assert_eq!(d.prefs.get(), 0b001);
     }
 
     #[tokio::test]
     async fn overflow_by_count_or_bytes_asks_for_4001() {
         let reg = registry(5, 2, 1024);
-        let (_g, conn, mut rx) = reg.register("alice", None, None).unwrap();
+        let (_g, conn, mut rx) = reg.register("alice", None, None, 0, 0).unwrap();
         conn.push("a".into(), None).unwrap();
         conn.push("b".into(), None).unwrap();
         assert_eq!(conn.push("c".into(), None), Err(PushError::Overflow));
@@ -375,7 +502,7 @@ mod tests {
         assert_eq!(rx.recv().await.unwrap().frame.as_str(), "a");
 
         let reg = registry(5, 100, 10);
-        let (_g, conn, _rx) = reg.register("bob", None, None).unwrap();
+        let (_g, conn, _rx) = reg.register("bob", None, None, 0, 0).unwrap();
         conn.push("12345".into(), None).unwrap();
         conn.push("12345".into(), None).unwrap();
         assert_eq!(conn.push("1".into(), None), Err(PushError::Overflow));

@@ -203,6 +203,31 @@ impl Authenticator {
     }
 }
 
+/// Why an HTTP caller may not act for a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denied {
+    /// No usable credentials (401).
+    Unauthenticated(AuthError),
+    /// Valid credentials for someone else (403).
+    Forbidden,
+}
+
+impl Authenticator {
+    /// Allows the admin token, or a valid JWT whose `sub` is `user` (anyone in insecure mode).
+    pub fn may_act_for(&self, headers: &HeaderMap, user: &str) -> Result<(), Denied> {
+        if self.is_admin(headers) {
+            return Ok(());
+        }
+        let token = bearer_header(headers).ok_or(Denied::Unauthenticated(AuthError::Missing))?;
+        let identity = self.verify(&token).map_err(Denied::Unauthenticated)?;
+        if identity.user == user {
+            Ok(())
+        } else {
+            Err(Denied::Forbidden)
+        }
+    }
+}
+
 fn constant_time_eq(a: &str, b: &str) -> bool {
     a.len() == b.len()
         && a.bytes()

@@ -28,7 +28,9 @@ use crate::config::Settings;
 use crate::envelope::Platform;
 use crate::kafka::Producer;
 use crate::metrics::Metrics;
+use crate::prefs::Prefs;
 use crate::registry::{ConnHandle, RegisterError, Registry};
+use crate::router::now_ms;
 use auth::{Authenticator, Identity};
 use protocol::{ClientFrame, Hello, Resume};
 use session::{FrameHandler, Session};
@@ -48,8 +50,8 @@ pub struct Gateway {
     pub sessions: TaskTracker,
     /// Cancelled to close every session with 1012.
     pub drain: CancellationToken,
-    /// Default preferences of the type registry (until per-user preferences exist).
-    pub default_prefs: BTreeMap<String, bool>,
+    /// Preferences: loaded for a user's first connection here, changed by `prefs.set`.
+    pub prefs: Arc<Prefs>,
 }
 
 fn refuse(metrics: &Metrics, status: StatusCode, code: &str, message: &str) -> Response {
@@ -145,6 +147,27 @@ pub async fn upgrade(
             }
         },
     };
+    // A user's first connection here needs their preferences: without them we would
+    // deliver what they switched off, so refuse rather than guess.
+    let (bits, loaded_at) = match gw.registry.user_prefs(&identity.user) {
+        Some(prefs) => (prefs.get(), now_ms()),
+        None => {
+            let loaded_at = now_ms();
+            match gw.prefs.load_bits(&identity.user).await {
+                Ok(bits) => (bits, loaded_at),
+                Err(e) => {
+                    tracing::warn!(user = %identity.user, error = %e, "preferences unavailable; connection refused");
+                    return refuse(
+                        &gw.metrics,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "preferences_unavailable",
+                        "preferences cannot be loaded now; retry with backoff",
+                    );
+                }
+            }
+        }
+    };
+    let headers = req.headers();
     let key = headers
         .get(header::SEC_WEBSOCKET_KEY)
         .expect("checked above")
@@ -154,6 +177,8 @@ pub async fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let connect = Connect {
         identity,
+        bits,
+        loaded_at,
         platform,
         tab: query.get("tab").cloned(),
         since: query.get("since").cloned(),
@@ -185,6 +210,9 @@ pub async fn upgrade(
 /// What the client asked for when it connected.
 struct Connect {
     identity: Identity,
+    /// The user's preferences and when they were read.
+    bits: u64,
+    loaded_at: i64,
     platform: Option<Platform>,
     tab: Option<String>,
     since: Option<String>,
@@ -203,7 +231,13 @@ impl Gateway {
             .max_frame_size(Some(limit));
         let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
         let user = connect.identity.user.clone();
-        let registered = self.registry.register(&user, connect.platform, connect.tab);
+        let registered = self.registry.register(
+            &user,
+            connect.platform,
+            connect.tab,
+            connect.bits,
+            connect.loaded_at,
+        );
         let (_registration, conn, queue) = match registered {
             Ok(r) => r,
             Err(e) => {
@@ -228,12 +262,13 @@ impl Gateway {
             }
         };
         self.metrics.connections_opened.inc();
+        let prefs = self.prefs.types.to_map(conn.prefs.get());
         let hello = Hello {
             conn: &conn.id,
             user: &conn.user,
             node: &self.settings.node.id,
             heartbeat_ms: self.settings.heartbeat.interval.as_millis() as u64,
-            prefs: &self.default_prefs,
+            prefs: &prefs,
             // Resume arrives with the recovery history; until then a `since` is honestly
             // answered "not recovered" (never a silent partial replay).
             resume: connect.since.as_ref().map(|_| Resume {
@@ -318,6 +353,41 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// Validates at once (an unknown type changes nothing); the write runs on its own task.
+    /// Success is answered by the `prefs` frame every connection of the user receives.
+    fn set_prefs(
+        &self,
+        conn: &Arc<ConnHandle>,
+        choices: BTreeMap<String, bool>,
+        reference: Option<String>,
+    ) -> Option<Utf8Bytes> {
+        if let Some(unknown) = self.prefs.types.first_unknown(choices.keys()) {
+            self.metrics
+                .client_errors
+                .with_label_values(&["unknown_type"])
+                .inc();
+            return Some(protocol::error(
+                "unknown_type",
+                &format!("unknown message type `{unknown}`"),
+                reference.as_deref(),
+            ));
+        }
+        let (prefs, conn, metrics) = (self.prefs.clone(), conn.clone(), self.metrics.clone());
+        tokio::spawn(async move {
+            if let Err(e) = prefs.set(&conn.user, &choices).await {
+                tracing::warn!(user = %conn.user, error = %e, "prefs.set failed");
+                metrics.client_errors.with_label_values(&[e.code()]).inc();
+                let _ = conn.push(
+                    protocol::error(e.code(), &e.to_string(), reference.as_deref()),
+                    None,
+                );
+            }
+        });
+        None
+    }
+}
+
 impl FrameHandler for Gateway {
     fn handle(&self, conn: &Arc<ConnHandle>, frame: ClientFrame<'_>) -> Option<Utf8Bytes> {
         match frame {
@@ -326,12 +396,10 @@ impl FrameHandler for Gateway {
                 self.metrics.acked.inc_by(ids.len() as u64);
                 None
             }
-            ClientFrame::PrefsGet => Some(protocol::prefs(&self.default_prefs)),
-            ClientFrame::PrefsSet { .. } => Some(protocol::error(
-                "unavailable",
-                "preferences cannot be changed on this server yet",
-                None,
-            )),
+            ClientFrame::PrefsGet => {
+                Some(protocol::prefs(&self.prefs.types.to_map(conn.prefs.get())))
+            }
+            ClientFrame::PrefsSet { prefs, reference } => self.set_prefs(conn, prefs, reference),
             ClientFrame::Ask { reference, data } => self.ask(conn, reference, data),
         }
     }

@@ -17,6 +17,7 @@ pub enum ClientFrame<'a> {
     PrefsGet,
     PrefsSet {
         prefs: BTreeMap<String, bool>,
+        reference: Option<String>,
     },
     /// `data` is kept verbatim, to be produced upstream byte for byte.
     Ask {
@@ -64,6 +65,7 @@ pub fn parse(text: &str) -> Result<ClientFrame<'_>, BadFrame> {
                 .prefs
                 .clone()
                 .ok_or_else(|| bad("prefs.set needs prefs"))?,
+            reference: raw.reference,
         }),
         Some("ask") => Ok(ClientFrame::Ask {
             data: raw.data.ok_or_else(|| bad("ask needs data"))?,
@@ -154,7 +156,7 @@ mod tests {
         ));
         assert!(matches!(
             parse(r#"{"t":"prefs.set","prefs":{"marketing":false}}"#),
-            Ok(ClientFrame::PrefsSet { prefs }) if prefs == BTreeMap::from([("marketing".to_owned(), false)])
+            Ok(ClientFrame::PrefsSet { prefs, .. }) if prefs == BTreeMap::from([("marketing".to_owned(), false)])
         ));
         match parse(r#"{"t":"ask","ref":"q1","data":{"b":1,  "a":[2]}}"#).unwrap() {
             ClientFrame::Ask { reference, data } => {

@@ -335,7 +335,7 @@ mod tests {
             queue_max_bytes: 1 << 20,
         };
         let registry = Registry::new(limits, metrics.clone());
-        let (guard, conn, queue) = registry.register("alice", None, None).unwrap();
+        let (guard, conn, queue) = registry.register("alice", None, None, 0, 0).unwrap();
         let (out_tx, out) = fmpsc::unbounded();
         let (send, inc) = fmpsc::unbounded();
         let session = Session {

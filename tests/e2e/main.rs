@@ -4,4 +4,5 @@
 mod clients;
 mod delivery;
 mod failures;
+mod preferences;
 mod support;

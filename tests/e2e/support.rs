@@ -43,6 +43,87 @@ pub fn kafka_addr() -> String {
     })
 }
 
+/// The PostgreSQL server tests create their databases on (`FANOUT_TEST_DATABASE_URL`).
+pub fn database_url() -> String {
+    std::env::var("FANOUT_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// `url` with its database name replaced by `name`.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let server = base.rsplit_once('/').map_or(base, |(s, _)| s);
+    match query {
+        Some(q) => format!("{server}/{name}?{q}"),
+        None => format!("{server}/{name}"),
+    }
+}
+
+/// A fresh PostgreSQL database for one test; dropped with it.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Self {
+        use sqlx::Connection;
+        let admin = database_url();
+        let mut conn = sqlx::PgConnection::connect(&admin)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("PostgreSQL at {admin} is needed (./scripts/test starts it): {e}")
+            });
+        let name = unique("fanout_e2e").replace('-', "_");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        Self {
+            url: with_database(&admin, &name),
+            name,
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let (admin, name) = (database_url(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                use sqlx::Connection;
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut conn)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The type registry every test cluster uses.
+pub const TYPES_TOML: &str = r#"
+[[types]]
+name = "robot.reply"
+default = true
+[[types]]
+name = "order.status"
+default = true
+[[types]]
+name = "marketing"
+default = false
+"#;
+
 /// The Redis every test uses (default: the local one).
 pub fn redis_url() -> String {
     std::env::var("FANOUT_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -208,6 +289,8 @@ pub struct Options {
     /// Set when `kafka` is librdkafka's mock cluster, whose topics are created directly.
     pub mock: Option<std::rc::Rc<MockBroker>>,
     pub redis_url: String,
+    /// The database every node shares (default: a fresh one per cluster).
+    pub database_url: Option<String>,
     /// Extra `FANOUT__…` variables for every node.
     pub env: Vec<(String, String)>,
 }
@@ -217,6 +300,7 @@ impl Default for Options {
         Self {
             kafka: kafka_addr(),
             mock: None,
+            database_url: None,
             redis_url: redis_url(),
             env: Vec::new(),
         }
@@ -308,6 +392,19 @@ pub struct TestCluster {
     pub prefix: String,
     pub options: Options,
     pub producer: Producer,
+    /// The shared database (dropped after the nodes).
+    pub database: Option<TestDatabase>,
+    pub database_url: String,
+    config_file: PathBuf,
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        // Nodes first, then the database they use.
+        self.nodes.clear();
+        self.database.take();
+        let _ = std::fs::remove_file(&self.config_file);
+    }
 }
 
 impl TestCluster {
@@ -330,11 +427,25 @@ impl TestCluster {
                 None => create_topic_on(&options.kafka, name, partitions).await,
             }
         }
+        let (database, database_url) = match options.database_url.clone() {
+            Some(url) => (None, url),
+            None => {
+                let db = TestDatabase::create().await;
+                let url = db.url.clone();
+                (Some(db), url)
+            }
+        };
+        let prefix = unique("e2e");
+        let config_file = std::env::temp_dir().join(format!("{prefix}.toml"));
+        std::fs::write(&config_file, TYPES_TOML).unwrap();
         let mut cluster = TestCluster {
+            database,
+            database_url,
+            config_file,
             nodes: Vec::new(),
             producer: Producer::new(&options.kafka, &topic),
             group: unique("group"),
-            prefix: unique("e2e"),
+            prefix,
             topic,
             upstream_topic,
             dead_letter_topic,
@@ -380,7 +491,9 @@ impl TestCluster {
             .open(&log)
             .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fanout"));
-        cmd.arg("serve")
+        cmd.arg("--config")
+            .arg(&self.config_file)
+            .arg("serve")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("FANOUT_LOG", "info,fanout=debug,rdkafka=warn")
@@ -394,6 +507,7 @@ impl TestCluster {
             .env("FANOUT__KAFKA__DEAD_LETTER_TOPIC", &self.dead_letter_topic)
             .env("FANOUT__KAFKA__SESSION_TIMEOUT", "6s")
             .env("FANOUT__REDIS__URL", &self.options.redis_url)
+            .env("FANOUT__DATABASE__URL", &self.database_url)
             .env("FANOUT__REDIS__PREFIX", &self.prefix)
             .env("FANOUT__AUTH__JWT_SECRET", SECRET)
             .env("FANOUT__AUTH__ADMIN_TOKEN", ADMIN_TOKEN)
@@ -617,4 +731,74 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A TCP proxy the test can cut and restore, to make a server unreachable on demand.
+pub struct TcpProxy {
+    pub port: u16,
+    state: std::sync::Arc<std::sync::Mutex<ProxyState>>,
+}
+
+struct ProxyState {
+    up: bool,
+    cut: tokio_util::sync::CancellationToken,
+}
+
+impl TcpProxy {
+    /// Forwards 127.0.0.1:<port> to `target` (`host:port`).
+    pub async fn start(target: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = std::sync::Arc::new(std::sync::Mutex::new(ProxyState {
+            up: true,
+            cut: tokio_util::sync::CancellationToken::new(),
+        }));
+        let shared = state.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let (up, cut) = {
+                    let s = shared.lock().unwrap();
+                    (s.up, s.cut.clone())
+                };
+                if !up {
+                    continue; // dropped: the client sees the connection closed
+                }
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Self { port, state }
+    }
+
+    /// Drops every open connection and refuses new ones.
+    pub fn cut(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.up = false;
+        s.cut.cancel();
+        s.cut = tokio_util::sync::CancellationToken::new();
+    }
+
+    pub fn restore(&self) {
+        self.state.lock().unwrap().up = true;
+    }
+}
+
+/// `host:port` of a `scheme://user@host:port/db` URL.
+pub fn url_host_port(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    rest.split(['/', '?']).next().unwrap().to_owned()
+}
+
+/// `url` with its `host:port` replaced.
+pub fn url_with_host_port(url: &str, host_port: &str) -> String {
+    url.replacen(&url_host_port(url), host_port, 1)
 }
