@@ -47,7 +47,7 @@ pub enum Target {
         platform: Option<Platform>,
         tab: Option<String>,
     },
-    /// Every connection of each listed user.
+    /// Every connection of each listed user (decoded sorted, without duplicates).
     Users(Vec<String>),
     /// One connection, by the id the server gave it.
     Conn(String),
@@ -99,10 +99,13 @@ impl TryFrom<TargetRepr> for Target {
                 tab: r.tab,
             });
         }
-        if let Some(users) = r.users {
+        if let Some(mut users) = r.users {
             if users.is_empty() || users.iter().any(String::is_empty) {
                 return Err("`to.users` must list non-empty user ids");
             }
+            // A user listed twice still gets the message once.
+            users.sort_unstable();
+            users.dedup();
             return Ok(Target::Users(users));
         }
         if let Some(conn) = r.conn {
@@ -369,6 +372,12 @@ mod tests {
             "bad_target"
         );
         assert_eq!(reason(r#"{"type":"x","to":{"usr":"a"}}"#), "bad_target");
+    }
+
+    #[test]
+    fn a_user_listed_twice_is_one_recipient() {
+        let e = ok(r#"{"type":"x","to":{"users":["b","a","b"]}}"#);
+        assert_eq!(e.to, Target::Users(vec!["a".into(), "b".into()]));
     }
 
     #[test]

@@ -1,0 +1,140 @@
+//! The preference store, the same scenarios on PostgreSQL (`FANOUT_TEST_DATABASE_URL`) and
+//! on SQLite (a temporary file).
+
+use fanout::prefs::Store;
+
+fn admin_url() -> String {
+    std::env::var("FANOUT_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A store on a fresh PostgreSQL database, and the database's name.
+async fn postgres() -> (Store, String) {
+    use sqlx::Connection;
+    let admin = std::env::var("FANOUT_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("PostgreSQL at {admin} is needed (./scripts/test starts it): {e}")
+        });
+    let name = format!("fanout_store_{:08x}", rand::random::<u32>());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let server = admin.rsplit_once('/').map(|(s, _)| s).unwrap();
+    (Store::open(&format!("{server}/{name}")).unwrap(), name)
+}
+
+async fn drop_database(name: &str) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE {name} WITH (FORCE)"
+    )))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+}
+
+fn sqlite() -> (Store, tempfile_path::TempPath) {
+    let path = tempfile_path::TempPath::new();
+    let store = Store::open(&format!("sqlite://{}", path.0.display())).unwrap();
+    (store, path)
+}
+
+mod tempfile_path {
+    /// A file path in the temp dir, removed on drop.
+    pub struct TempPath(pub std::path::PathBuf);
+    impl TempPath {
+        pub fn new() -> Self {
+            Self(
+                std::env::temp_dir().join(format!("fanout-store-{:08x}.db", rand::random::<u32>())),
+            )
+        }
+    }
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+async fn behaves_like_a_preference_store(store: Store) {
+    store.migrate().await.unwrap();
+    store.migrate().await.expect("migrations are idempotent");
+    assert!(store.ping().await);
+    assert!(
+        store.load("alice").await.unwrap().is_empty(),
+        "no row means defaults"
+    );
+
+    store
+        .save(
+            "alice",
+            &[("marketing".into(), true), ("robot.reply".into(), false)],
+        )
+        .await
+        .unwrap();
+    store
+        .save("bob", &[("marketing".into(), false)])
+        .await
+        .unwrap();
+    let mut alice = store.load("alice").await.unwrap();
+    alice.sort();
+    assert_eq!(
+        alice,
+        [
+            ("marketing".to_owned(), true),
+            ("robot.reply".to_owned(), false)
+        ]
+    );
+
+    store
+        .save("alice", &[("marketing".into(), false)])
+        .await
+        .expect("upsert");
+    let mut alice = store.load("alice").await.unwrap();
+    alice.sort();
+    assert_eq!(
+        alice,
+        [
+            ("marketing".to_owned(), false),
+            ("robot.reply".to_owned(), false)
+        ]
+    );
+    assert_eq!(
+        store.load("bob").await.unwrap(),
+        [("marketing".to_owned(), false)]
+    );
+    assert!(
+        store.load("al%").await.unwrap().is_empty(),
+        "user ids are matched exactly"
+    );
+}
+
+#[tokio::test]
+async fn postgres_store_keeps_one_row_per_choice() {
+    let (store, name) = postgres().await;
+    behaves_like_a_preference_store(store.clone()).await;
+    if let Store::Postgres(pool) = store {
+        pool.close().await;
+    }
+    drop_database(&name).await;
+}
+
+#[tokio::test]
+async fn sqlite_store_keeps_one_row_per_choice() {
+    let (store, _path) = sqlite();
+    behaves_like_a_preference_store(store).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_an_error_not_a_hang() {
+    let store = Store::open("postgres://postgres@127.0.0.1:1/none").unwrap();
+    // acquire_timeout bounds every call; 60 s here only stops a broken build from hanging.
+    let load = tokio::time::timeout(std::time::Duration::from_secs(60), store.load("alice")).await;
+    assert!(load.expect("load returns").is_err());
+    assert!(!store.ping().await);
+}
