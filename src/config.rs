@@ -385,6 +385,9 @@ mod types_section {
     }
 }
 
+/// The environment variable for `types.unknown`.
+const TYPES_UNKNOWN_ENV: &str = "FANOUT__TYPES__UNKNOWN";
+
 /// Keys whose values are lists; in environment variables they are comma-separated.
 const LIST_KEYS: &[&str] = &["kafka.topics", "server.allowed_origins"];
 
@@ -399,11 +402,18 @@ impl Settings {
         if let Some(file) = file {
             builder = builder.add_source(config::File::from(file).required(true));
         }
+        // `FANOUT__TYPES__UNKNOWN` would turn the `[[types]]` array into a table and lose
+        // the registry, so it is read here and applied as `types_unknown`.
+        let mut vars: config::Map<String, String> = std::env::vars().collect();
+        if let Some(unknown) = vars.remove(TYPES_UNKNOWN_ENV) {
+            builder = builder.set_override("types_unknown", unknown)?;
+        }
         let mut env = config::Environment::with_prefix("FANOUT")
             .prefix_separator("__")
             .separator("__")
             .list_separator(",")
-            .try_parsing(true);
+            .try_parsing(true)
+            .source(Some(vars));
         for key in LIST_KEYS {
             env = env.with_list_parse_key(key);
         }

@@ -62,13 +62,17 @@ fn check_config_prints_the_effective_config_with_secrets_masked() {
     let env = [
         ("FANOUT__REDIS__URL", "redis://user:hunter2@127.0.0.1:6379"),
         ("FANOUT__AUTH__JWT_SECRET", "very-secret"),
+        (
+            "FANOUT__DATABASE__URL",
+            "postgres://fanout:pg-pass@db:5432/fanout",
+        ),
         ("FANOUT__KAFKA__TOPICS", "a, b"),
     ];
     let out = fanout(&["check-config"], &env);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
-        !text.contains("very-secret") && !text.contains("hunter2"),
+        !text.contains("very-secret") && !text.contains("hunter2") && !text.contains("pg-pass"),
         "{text}"
     );
     assert!(text.contains("redis://user:***@127.0.0.1:6379"), "{text}");
@@ -126,4 +130,27 @@ fn token_mints_a_jwt_the_server_accepts() {
         ],
     );
     assert!(!out.status.success());
+}
+
+#[test]
+fn types_unknown_from_the_environment_keeps_the_registry() {
+    let dir = std::env::temp_dir().join(format!("fanout-cli-types-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("types.toml");
+    std::fs::write(
+        &file,
+        "[[types]]\nname = \"robot.reply\"\n[[types]]\nname = \"marketing\"\ndefault = false\n",
+    )
+    .unwrap();
+    let out = fanout(
+        &["--config", file.to_str().unwrap(), "check-config"],
+        &[("FANOUT__TYPES__UNKNOWN", "reject")],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("unknown = \"reject\""), "{text}");
+    assert!(
+        text.contains("name = \"marketing\"") && text.contains("name = \"robot.reply\""),
+        "registry kept: {text}"
+    );
 }
