@@ -6,7 +6,7 @@
 //! on its own, that is a failure: the others are stopped the same way and `run` errors.
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -170,23 +170,15 @@ async fn run_node(
             .map_err(anyhow::Error::from)
     });
 
-    spawn(
-        &tasks,
-        &failed,
-        "database probe",
-        probe_database(store, health.clone(), stop_bus.clone()),
-    );
-    spawn(
-        &tasks,
-        &failed,
-        "kafka probe",
-        probe_kafka(
-            producer.clone(),
-            settings.kafka.topics[0].clone(),
-            health.clone(),
-            stop_bus.clone(),
-        ),
-    );
+    let (h, stop) = (health.clone(), stop_bus.clone());
+    spawn(&tasks, &failed, "database probe", async move {
+        probe("database", &h.database, database_check(store), stop).await
+    });
+    let (h, stop) = (health.clone(), stop_bus.clone());
+    let check = kafka_check(producer.clone(), settings.kafka.topics[0].clone());
+    spawn(&tasks, &failed, "kafka probe", async move {
+        probe("kafka", &h.kafka, check, stop).await
+    });
 
     let gateway = Arc::new(Gateway {
         settings: settings.clone(),
@@ -307,18 +299,24 @@ async fn serve(
         .context("http server")
 }
 
-/// Keeps `health.database` current with a `SELECT 1` every few seconds.
-async fn probe_database(
-    store: Store,
-    health: Arc<Health>,
+/// Keeps one readiness flag current: runs `check` every 5 s (every second while failing)
+/// and logs each change.
+async fn probe<F, Fut>(
+    what: &'static str,
+    flag: &AtomicBool,
+    mut check: F,
     stop: CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
     loop {
-        let ok = tokio::time::timeout(Duration::from_secs(3), store.ping())
+        let ok = tokio::time::timeout(Duration::from_secs(4), check())
             .await
             .unwrap_or(false);
-        if health.database.swap(ok, Ordering::Relaxed) != ok {
-            tracing::info!(reachable = ok, "database reachability changed");
+        if flag.swap(ok, Ordering::Relaxed) != ok {
+            tracing::info!(what, reachable = ok, "reachability changed");
         }
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -327,24 +325,27 @@ async fn probe_database(
     }
 }
 
-/// Keeps `health.kafka` current with a metadata request every few seconds.
-async fn probe_kafka(
+/// `SELECT 1` on the store.
+fn database_check(
+    store: Store,
+) -> impl FnMut() -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>> {
+    move || {
+        let store = store.clone();
+        Box::pin(async move { store.ping().await })
+    }
+}
+
+/// A metadata request for `topic` (blocking in librdkafka, so off the runtime).
+fn kafka_check(
     producer: Producer,
     topic: String,
-    health: Arc<Health>,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
-    loop {
+) -> impl FnMut() -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>> {
+    move || {
         let (p, t) = (producer.clone(), topic.clone());
-        let ok = tokio::task::spawn_blocking(move || p.probe(&t, Duration::from_secs(3)))
-            .await
-            .unwrap_or(false);
-        if health.kafka.swap(ok, Ordering::Relaxed) != ok {
-            tracing::info!(reachable = ok, "kafka reachability changed");
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(Duration::from_secs(if ok { 5 } else { 1 })) => {}
-        }
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || p.probe(&t, Duration::from_secs(3)))
+                .await
+                .unwrap_or(false)
+        })
     }
 }

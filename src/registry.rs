@@ -154,6 +154,19 @@ pub struct Limits {
     pub queue_max_bytes: usize,
 }
 
+#[cfg(test)]
+impl Limits {
+    /// Room for a handful of connections, for unit tests.
+    pub fn small() -> Self {
+        Self {
+            max_connections: 10,
+            max_connections_per_user: 10,
+            queue_max_messages: 10,
+            queue_max_bytes: 1 << 20,
+        }
+    }
+}
+
 struct UserEntry {
     conns: Vec<Arc<ConnHandle>>,
     prefs: Arc<UserPrefs>,

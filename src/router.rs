@@ -200,13 +200,7 @@ mod tests {
 
     fn setup() -> (Router, Arc<Registry>) {
         let metrics = Arc::new(Metrics::new());
-        let limits = Limits {
-            max_connections: 10,
-            max_connections_per_user: 10,
-            queue_max_messages: 10,
-            queue_max_bytes: 1 << 20,
-        };
-        let registry = Registry::new(limits, metrics.clone());
+        let registry = Registry::new(Limits::small(), metrics.clone());
         let types = TypeRegistry::new(&TypesConfig {
             registry: vec![
                 TypeConfig {

@@ -328,13 +328,7 @@ mod tests {
 
     fn start(exp: Option<u64>) -> Harness {
         let metrics = Arc::new(Metrics::new());
-        let limits = Limits {
-            max_connections: 10,
-            max_connections_per_user: 10,
-            queue_max_messages: 10,
-            queue_max_bytes: 1 << 20,
-        };
-        let registry = Registry::new(limits, metrics.clone());
+        let registry = Registry::new(Limits::small(), metrics.clone());
         let (guard, conn, queue) = registry.register("alice", None, None, 0, 0).unwrap();
         let (out_tx, out) = fmpsc::unbounded();
         let (send, inc) = fmpsc::unbounded();
