@@ -3,6 +3,7 @@
 
 mod clients;
 mod delivery;
+mod embedded;
 mod failures;
 mod preferences;
 mod support;
