@@ -43,17 +43,17 @@ pub fn open_store(settings: &Settings) -> anyhow::Result<Store> {
     Store::open(url).with_context(|| format!("opening database.url {url}"))
 }
 
-/// Applies migrations, waiting up to 30 s for the database to come up.
+/// Applies migrations, waiting up to 30 s in all for the database to come up.
 pub async fn migrate(store: &Store) -> anyhow::Result<()> {
-    let mut attempt = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut warned = false;
     loop {
         match store.migrate().await {
             Ok(()) => return Ok(()),
-            Err(e) if attempt < 30 => {
-                if attempt == 0 {
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                if !std::mem::replace(&mut warned, true) {
                     tracing::warn!(error = %e, "database not ready for migrations; retrying for 30 s");
                 }
-                attempt += 1;
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             Err(e) => return Err(e).context("applying database migrations"),

@@ -441,7 +441,16 @@ impl Settings {
         .into_iter()
         .filter(|key| raw.get::<config::Value>(key).is_ok())
         .collect();
-        let unknown: Option<UnknownTypes> = raw.get("types_unknown").ok();
+        let unknown: Option<UnknownTypes> = match raw.get("types_unknown") {
+            Ok(value) => Some(value),
+            Err(config::ConfigError::NotFound(_)) => None,
+            Err(_) => {
+                return Err(invalid(
+                    "types.unknown",
+                    "must be \"deliver\" or \"reject\"",
+                ));
+            }
+        };
         let mut table = raw.cache.into_table()?;
         table.remove("types_unknown");
         let mut settings: Settings =
@@ -693,6 +702,12 @@ mod tests {
         assert_eq!(s.server.listen.to_string(), "0.0.0.0:8080");
         let err = from_toml("[auth]\nmode='insecure'\n[redis]\nurl='redis://x'").unwrap_err();
         assert!(err.to_string().contains("auth.mode"), "{err}");
+    }
+
+    #[test]
+    fn a_misspelt_types_unknown_is_an_error() {
+        let err = from_toml("types_unknown = \"rejct\"").unwrap_err();
+        assert!(err.to_string().contains("types.unknown"), "{err}");
     }
 
     #[test]

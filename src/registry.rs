@@ -11,7 +11,7 @@
 //!   connection to close with 4001 and never slows anyone else.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -42,12 +42,16 @@ pub enum PushError {
 #[derive(Debug)]
 pub struct UserPrefs {
     bits: AtomicU64,
+    /// Version of `bits` (see [`crate::prefs::Change::version`]); written only under the
+    /// registry's write lock.
+    version: AtomicI64,
 }
 
 impl UserPrefs {
-    pub fn new(bits: u64) -> Self {
+    pub fn new(bits: u64, version: i64) -> Self {
         Self {
             bits: AtomicU64::new(bits),
+            version: AtomicI64::new(version),
         }
     }
 
@@ -56,8 +60,18 @@ impl UserPrefs {
         self.bits.load(Ordering::Relaxed)
     }
 
-    pub fn set(&self, bits: u64) {
+    pub fn version(&self) -> i64 {
+        self.version.load(Ordering::Relaxed)
+    }
+
+    /// Takes `bits` unless they are older than what is held; true if taken.
+    fn update(&self, bits: u64, version: i64) -> bool {
+        if version < self.version() {
+            return false;
+        }
+        self.version.store(version, Ordering::Relaxed);
         self.bits.store(bits, Ordering::Relaxed);
+        true
     }
 }
 
@@ -181,8 +195,15 @@ const PENDING_MAX: usize = 10_000;
 struct Index {
     by_user: HashMap<Arc<str>, UserEntry>,
     by_conn: HashMap<Arc<str>, Arc<ConnHandle>>,
-    /// user → (change time, bits) of recent changes for users without an entry.
-    pending: HashMap<Box<str>, (i64, u64)>,
+    /// Recent changes for users without an entry.
+    pending: HashMap<Box<str>, Pending>,
+}
+
+/// A change for a user not (yet) registered here.
+struct Pending {
+    received_ms: i64,
+    version: i64,
+    bits: u64,
 }
 
 /// The connections of this node.
@@ -241,38 +262,52 @@ impl Registry {
     /// Applies a preference change to `user`'s connections here and queues `frame` (the
     /// `prefs` frame) on each; for an unknown user, remembers it briefly. Returns how many
     /// connections were told.
-    pub fn apply_prefs(&self, user: &str, bits: u64, ts_ms: i64, frame: &Utf8Bytes) -> usize {
+    pub fn apply_prefs(&self, user: &str, bits: u64, version: i64, frame: &Utf8Bytes) -> usize {
         let mut index = self.index.write();
         if let Some(entry) = index.by_user.get(user) {
-            entry.prefs.set(bits);
+            if !entry.prefs.update(bits, version) {
+                return 0; // an older announcement overtaken by a newer one
+            }
             entry
                 .conns
                 .iter()
                 .filter(|c| c.push(frame.clone(), None).is_ok())
                 .count()
         } else {
+            let now = crate::router::now_ms();
             if index.pending.len() >= PENDING_MAX {
-                let horizon = ts_ms - PENDING_MS;
-                index.pending.retain(|_, (ts, _)| *ts > horizon);
+                index
+                    .pending
+                    .retain(|_, p| p.received_ms > now - PENDING_MS);
                 if index.pending.len() >= PENDING_MAX {
                     index.pending.clear();
                 }
             }
-            index.pending.insert(user.into(), (ts_ms, bits));
+            let newer = index.pending.get(user).is_none_or(|p| p.version <= version);
+            if newer {
+                index.pending.insert(
+                    user.into(),
+                    Pending {
+                        received_ms: now,
+                        version,
+                        bits,
+                    },
+                );
+            }
             0
         }
     }
 
     /// Adds a connection; returns its guard, handle and the receiving end of its queue.
-    /// `bits` are the user's preferences as read at `loaded_at_ms`; they are used only
-    /// when the user has no connection here yet (and no newer change arrived meanwhile).
+    /// `bits` are the user's preferences as read, at `version`; they are used only when the
+    /// user has no connection here yet (and no newer change arrived meanwhile).
     pub fn register(
         self: &Arc<Self>,
         user: &str,
         platform: Option<Platform>,
         tab: Option<String>,
         bits: u64,
-        loaded_at_ms: i64,
+        version: i64,
     ) -> Result<(Registration, Arc<ConnHandle>, mpsc::Receiver<Queued>), RegisterError> {
         let (tx, rx) = mpsc::channel(self.limits.queue_max_messages);
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -288,11 +323,11 @@ impl Registry {
                 (existing.clone(), entry.prefs.clone())
             }
             None => {
-                let bits = match index.pending.remove(user) {
-                    Some((changed_at, newer)) if changed_at >= loaded_at_ms => newer,
-                    _ => bits,
+                let prefs = match index.pending.remove(user) {
+                    Some(p) if p.version >= version => UserPrefs::new(p.bits, p.version),
+                    _ => UserPrefs::new(bits, version),
                 };
-                (Arc::from(user), Arc::new(UserPrefs::new(bits)))
+                (Arc::from(user), Arc::new(prefs))
             }
         };
         let conn = Arc::new(ConnHandle {
@@ -487,9 +522,17 @@ mod tests {
         );
         assert_eq!(reg.apply_prefs("alice", 0b10, 200, &"prefs".into()), 2);
         assert_eq!(b.prefs.get(), 0b10);
+        rx.try_recv().unwrap();
+        assert_eq!(
+            reg.apply_prefs("alice", 0b11, 150, &"stale".into()),
+            0,
+            "older than held"
+        );
+        assert_eq!(b.prefs.get(), 0b10);
+        reg.apply_prefs("alice", 0b10, 200, &"prefs".into());
         assert_eq!(rx.try_recv().unwrap().frame.as_str(), "prefs");
 
-        // bob's change lands while his preferences are being read (loaded_at 150 < 200)...
+        // bob's change lands while his preferences are being read (version 150 < 200)...
         assert_eq!(reg.apply_prefs("bob", 0b100, 200, &"prefs".into()), 0);
         let (_c, c, _) = reg.register("bob", None, None, 0b001, 150).unwrap();
         assert_eq!(

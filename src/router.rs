@@ -149,7 +149,7 @@ impl Router {
         let frame = protocol::prefs(&self.types.to_map(bits));
         let told = self
             .registry
-            .apply_prefs(&change.user, bits, change.ts, &frame);
+            .apply_prefs(&change.user, bits, change.version, &frame);
         if told > 0 {
             let latency = (now_ms() - change.ts).max(0) as f64 / 1000.0;
             self.metrics.prefs_change_latency.observe(latency);
@@ -230,6 +230,7 @@ mod tests {
             user: user.into(),
             prefs: prefs.iter().map(|(t, e)| (t.to_string(), *e)).collect(),
             ts: now_ms(),
+            version: now_ms() * 1000,
         };
         BusEvent::Message {
             channel: Channel::Control,

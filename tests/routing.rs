@@ -126,6 +126,7 @@ proptest! {
                         user: format!("user{u}"),
                         prefs: (0..TYPES).map(|t| (type_name(t), prefs[*u][t])).collect::<BTreeMap<_, _>>(),
                         ts: now_ms(),
+                        version: i as i64,
                     };
                     router.on_event(BusEvent::Message { channel: Channel::Control, payload: change.encode() });
                 }

@@ -66,7 +66,7 @@ async fn behaves_like_a_preference_store(store: Store) {
     store.migrate().await.expect("migrations are idempotent");
     assert!(store.ping().await);
     assert!(
-        store.load("alice").await.unwrap().is_empty(),
+        store.load("alice").await.unwrap().0.is_empty(),
         "no row means defaults"
     );
 
@@ -81,7 +81,7 @@ async fn behaves_like_a_preference_store(store: Store) {
         .save("bob", &[("marketing".into(), false)])
         .await
         .unwrap();
-    let mut alice = store.load("alice").await.unwrap();
+    let (mut alice, first) = store.load("alice").await.unwrap();
     alice.sort();
     assert_eq!(
         alice,
@@ -95,7 +95,7 @@ async fn behaves_like_a_preference_store(store: Store) {
         .save("alice", &[("marketing".into(), false)])
         .await
         .expect("upsert");
-    let mut alice = store.load("alice").await.unwrap();
+    let (mut alice, second) = store.load("alice").await.unwrap();
     alice.sort();
     assert_eq!(
         alice,
@@ -105,11 +105,13 @@ async fn behaves_like_a_preference_store(store: Store) {
         ]
     );
     assert_eq!(
-        store.load("bob").await.unwrap(),
+        store.load("bob").await.unwrap().0,
         [("marketing".to_owned(), false)]
     );
+    assert!(first > 0, "a stored set has a version");
+    assert!(second >= first, "versions never go back");
     assert!(
-        store.load("al%").await.unwrap().is_empty(),
+        store.load("al%").await.unwrap().0.is_empty(),
         "user ids are matched exactly"
     );
 }

@@ -30,7 +30,6 @@ use crate::kafka::Producer;
 use crate::metrics::Metrics;
 use crate::prefs::Prefs;
 use crate::registry::{ConnHandle, RegisterError, Registry};
-use crate::router::now_ms;
 use auth::{Authenticator, Identity};
 use protocol::{ClientFrame, Hello, Resume};
 use session::{FrameHandler, Session};
@@ -149,23 +148,20 @@ pub async fn upgrade(
     };
     // A user's first connection here needs their preferences: without them we would
     // deliver what they switched off, so refuse rather than guess.
-    let (bits, loaded_at) = match gw.registry.user_prefs(&identity.user) {
-        Some(prefs) => (prefs.get(), now_ms()),
-        None => {
-            let loaded_at = now_ms();
-            match gw.prefs.load_bits(&identity.user).await {
-                Ok(bits) => (bits, loaded_at),
-                Err(e) => {
-                    tracing::warn!(user = %identity.user, error = %e, "preferences unavailable; connection refused");
-                    return refuse(
-                        &gw.metrics,
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "preferences_unavailable",
-                        "preferences cannot be loaded now; retry with backoff",
-                    );
-                }
+    let (bits, version) = match gw.registry.user_prefs(&identity.user) {
+        Some(prefs) => (prefs.get(), prefs.version()),
+        None => match gw.prefs.load_bits(&identity.user).await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                tracing::warn!(user = %identity.user, error = %e, "preferences unavailable; connection refused");
+                return refuse(
+                    &gw.metrics,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "preferences_unavailable",
+                    "preferences cannot be loaded now; retry with backoff",
+                );
             }
-        }
+        },
     };
     let headers = req.headers();
     let key = headers
@@ -178,7 +174,7 @@ pub async fn upgrade(
     let connect = Connect {
         identity,
         bits,
-        loaded_at,
+        version,
         platform,
         tab: query.get("tab").cloned(),
         since: query.get("since").cloned(),
@@ -210,9 +206,9 @@ pub async fn upgrade(
 /// What the client asked for when it connected.
 struct Connect {
     identity: Identity,
-    /// The user's preferences and when they were read.
+    /// The user's preferences as read, and their version.
     bits: u64,
-    loaded_at: i64,
+    version: i64,
     platform: Option<Platform>,
     tab: Option<String>,
     since: Option<String>,
@@ -236,7 +232,7 @@ impl Gateway {
             connect.platform,
             connect.tab,
             connect.bits,
-            connect.loaded_at,
+            connect.version,
         );
         let (_registration, conn, queue) = match registered {
             Ok(r) => r,

@@ -26,8 +26,13 @@ pub struct Change {
     pub user: String,
     /// Every registered type of the announcing node, with its effective state.
     pub prefs: BTreeMap<String, bool>,
-    /// When the write committed, ms since the epoch (for the change-latency metric).
+    /// When the change was announced, ms since the epoch (for the change-latency metric).
     pub ts: i64,
+    /// The database's latest `updated_at` of the user's rows, in µs: a node applies a change
+    /// only if it is not older than what it holds, so announcements racing each other
+    /// cannot leave it stale.
+    #[serde(default)]
+    pub version: i64,
 }
 
 impl Change {
@@ -73,18 +78,17 @@ impl Prefs {
         Self { store, types, bus }
     }
 
-    /// The user's effective preference bits: defaults overlaid with their stored choices.
-    pub async fn load_bits(&self, user: &str) -> Result<u64, StoreError> {
-        let rows = self.store.load(user).await?;
-        Ok(self.types.apply(
-            self.types.defaults(),
-            rows.iter().map(|(t, e)| (t.as_str(), *e)),
-        ))
+    /// The user's effective preference bits (defaults overlaid with their stored choices)
+    /// and their version.
+    pub async fn load_bits(&self, user: &str) -> Result<(u64, i64), StoreError> {
+        let (rows, version) = self.store.load(user).await?;
+        let choices = rows.iter().map(|(t, e)| (t.as_str(), *e));
+        Ok((self.types.apply(self.types.defaults(), choices), version))
     }
 
     /// The user's effective preferences by name.
     pub async fn load(&self, user: &str) -> Result<BTreeMap<String, bool>, StoreError> {
-        Ok(self.types.to_map(self.load_bits(user).await?))
+        Ok(self.types.to_map(self.load_bits(user).await?.0))
     }
 
     /// Validates, saves and announces `choices`; returns the new effective preferences.
@@ -104,12 +108,14 @@ impl Prefs {
     /// Reads the user's preferences from the database and announces them to every node:
     /// for changes written to the database by someone else (the reload endpoint).
     pub async fn announce(&self, user: &str) -> Result<BTreeMap<String, bool>, PrefsError> {
-        let prefs = self.load(user).await?;
+        let (bits, version) = self.load_bits(user).await?;
+        let prefs = self.types.to_map(bits);
         let change = Change {
             kind: "prefs".into(),
             user: user.to_owned(),
             prefs: prefs.clone(),
             ts: now_ms(),
+            version,
         };
         let payload = change.encode();
         let mut attempt = 0;

@@ -11,7 +11,13 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-const LOAD: &str = "SELECT msg_type, enabled FROM fanout_preferences WHERE user_id = $1";
+/// Each row with its `updated_at` in µs since the epoch (the database's clock orders changes).
+const LOAD_POSTGRES: &str =
+    "SELECT msg_type, enabled, (EXTRACT(EPOCH FROM updated_at) * 1000000)::BIGINT \
+     FROM fanout_preferences WHERE user_id = $1";
+const LOAD_SQLITE: &str =
+    "SELECT msg_type, enabled, CAST(strftime('%s', updated_at) AS INTEGER) * 1000000 \
+     FROM fanout_preferences WHERE user_id = $1";
 const UPSERT: &str = "INSERT INTO fanout_preferences (user_id, msg_type, enabled, updated_at) \
      VALUES ($1, $2, $3, CURRENT_TIMESTAMP) \
      ON CONFLICT (user_id, msg_type) DO UPDATE SET enabled = excluded.enabled, updated_at = excluded.updated_at";
@@ -78,10 +84,25 @@ impl Store {
         on_pool!(self, pool => sqlx::query("SELECT 1").execute(pool).await.is_ok())
     }
 
-    /// Every choice `user` made: `(type, enabled)`.
-    pub async fn load(&self, user: &str) -> Result<Vec<(String, bool)>, StoreError> {
-        let rows = on_pool!(self, pool => sqlx::query_as::<_, (String, bool)>(LOAD).bind(user).fetch_all(pool).await?);
-        Ok(rows)
+    /// Every choice `user` made, `(type, enabled)`, and the version of that set: the latest
+    /// `updated_at` in µs (0 when there is none).
+    pub async fn load(&self, user: &str) -> Result<(Vec<(String, bool)>, i64), StoreError> {
+        let rows: Vec<(String, bool, i64)> = match self {
+            Store::Postgres(pool) => {
+                sqlx::query_as(LOAD_POSTGRES)
+                    .bind(user)
+                    .fetch_all(pool)
+                    .await?
+            }
+            Store::Sqlite(pool) => {
+                sqlx::query_as(LOAD_SQLITE)
+                    .bind(user)
+                    .fetch_all(pool)
+                    .await?
+            }
+        };
+        let version = rows.iter().map(|r| r.2).max().unwrap_or(0);
+        Ok((rows.into_iter().map(|(t, e, _)| (t, e)).collect(), version))
     }
 
     /// Writes `choices` for `user` in one transaction.
