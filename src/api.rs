@@ -35,8 +35,10 @@ pub struct Api {
     pub prefs: Arc<Prefs>,
 }
 
-/// The public router: `/ws`, `/v1/types`, `/v1/publish`, `/v1/users/{user}/preferences`.
+/// The public router: `/ws`, `/v1/types`, `/v1/publish`, `/v1/users/{user}/preferences`,
+/// and the demo page at `/` when `server.demo_page` is on.
 pub fn router(gateway: Arc<Gateway>, api: Arc<Api>) -> Router {
+    let demo = api.settings.server.demo_page;
     let ws = Router::new()
         .route("/ws", get(gateway::upgrade))
         .with_state(gateway);
@@ -49,8 +51,13 @@ pub fn router(gateway: Arc<Gateway>, api: Arc<Api>) -> Router {
         )
         .route("/v1/users/{user}/preferences/reload", post(reload_prefs))
         .with_state(api);
-    ws.merge(http)
-        .fallback(|| async { json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+    let routes = ws.merge(http);
+    let routes = if demo {
+        routes.merge(crate::demo::router())
+    } else {
+        routes
+    };
+    routes.fallback(|| async { json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
 }
 
 fn denied(d: Denied) -> Response {

@@ -253,6 +253,7 @@ fn print_embedded_banner(settings: &Settings, listeners: &Listeners) {
         .unwrap_or_default();
     eprintln!(
         "\nfanout embedded default: one process, in-process Kafka broker and bus, insecure auth\n\
+         \x20 Demo page   http://{public}/\n\
          \x20 WebSocket   ws://{public}/ws?user=alice\n\
          \x20 Kafka       bootstrap {} topic {}\n\
          \x20 Metrics     http://{admin}/metrics\n\

@@ -15,6 +15,7 @@
 //! * [`registry`] — the index of this node's connections and their bounded queues.
 //! * [`gateway`] — `/ws`: authentication, handshake, one session per connection.
 //! * [`api`] — the public HTTP API.
+//! * [`demo`] — the demo page at `/`.
 //! * [`admin`] — metrics, health, readiness, stats.
 //! * [`metrics`] — every Prometheus metric, registered once.
 //! * [`shutdown`] — signals and closing sessions.
@@ -26,6 +27,7 @@ pub mod api;
 pub mod app;
 pub mod bus;
 pub mod config;
+pub mod demo;
 pub mod envelope;
 pub mod gateway;
 pub mod ingest;
