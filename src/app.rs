@@ -6,6 +6,7 @@
 //! on its own, that is a failure: the others are stopped the same way and `run` errors.
 
 use std::future::Future;
+use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -251,7 +252,9 @@ fn print_embedded_banner(settings: &Settings, listeners: &Listeners) {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    eprintln!(
+    // Best effort: a closed stderr must not stop the node.
+    let _ = writeln!(
+        std::io::stderr(),
         "\nfanout embedded default: one process, in-process Kafka broker and bus, insecure auth\n\
          \x20 Demo page   http://{public}/\n\
          \x20 WebSocket   ws://{public}/ws?user=alice\n\

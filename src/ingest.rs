@@ -133,13 +133,14 @@ enum Outcome {
     Reject(Reject),
 }
 
-/// A stable, unique message id from the record's coordinates: a redelivery of the same
-/// record carries the same id. `topic_tag` distinguishes topics.
-fn message_id(topic: &str, partition: i32, offset: i64) -> String {
+/// A stable, unique message id from the record's coordinates and timestamp: a redelivery
+/// of the same record carries the same id, and a topic that starts its offsets again (the
+/// embedded broker after a restart, a recreated topic) cannot repeat an old id.
+fn message_id(topic: &str, partition: i32, offset: i64, ts_ms: i64) -> String {
     let tag = topic.bytes().fold(0x811c9dc5u32, |h, b| {
         (h ^ b as u32).wrapping_mul(0x0100_0193)
     });
-    format!("{tag:08x}-{partition}-{offset}")
+    format!("{tag:08x}-{partition}-{offset}-{ts_ms:x}")
 }
 
 impl Ingest {
@@ -151,8 +152,8 @@ impl Ingest {
         if self.types.unknown == UnknownTypes::Reject && !known.contains(env.msg_type.as_str()) {
             return Outcome::Reject(Reject::UnknownType(env.msg_type));
         }
-        let id = message_id(record.topic(), record.partition(), record.offset());
         let ts = record.timestamp().to_millis().unwrap_or_else(now_ms);
+        let id = message_id(record.topic(), record.partition(), record.offset(), ts);
         let frame = envelope::render_msg_frame(&id, &env.msg_type, ts, &env.data);
         Outcome::Publish(BusMessage {
             header: Header {
@@ -298,10 +299,15 @@ mod tests {
 
     #[test]
     fn message_ids_are_stable_and_distinct() {
-        assert_eq!(message_id("a", 1, 5), message_id("a", 1, 5));
-        assert_ne!(message_id("a", 1, 5), message_id("b", 1, 5));
-        assert_ne!(message_id("a", 1, 5), message_id("a", 2, 5));
-        assert_ne!(message_id("a", 1, 5), message_id("a", 1, 6));
+        assert_eq!(message_id("a", 1, 5, 9), message_id("a", 1, 5, 9));
+        assert_ne!(message_id("a", 1, 5, 9), message_id("b", 1, 5, 9));
+        assert_ne!(message_id("a", 1, 5, 9), message_id("a", 2, 5, 9));
+        assert_ne!(message_id("a", 1, 5, 9), message_id("a", 1, 6, 9));
+        assert_ne!(
+            message_id("a", 1, 5, 9),
+            message_id("a", 1, 5, 10),
+            "offsets reused later"
+        );
     }
 
     #[test]

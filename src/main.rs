@@ -52,9 +52,11 @@ fn parse_platform(s: &str) -> Result<Platform, String> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FANOUT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    // A closed stderr (its reader gone) must not turn logging into panics.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     if std::env::var("FANOUT_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();
     } else {

@@ -13,8 +13,10 @@ use crate::gateway::Gateway;
 pub fn on_signal(token: CancellationToken) {
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("signal received: draining (a second signal exits at once)");
+        // Cancel first: nothing (not even a failing log write) may stand between the
+        // signal and the drain.
         token.cancel();
+        tracing::info!("signal received: draining (a second signal exits at once)");
         wait_for_signal().await;
         tracing::warn!("second signal: exiting now");
         std::process::exit(130);
