@@ -5,5 +5,6 @@ mod clients;
 mod delivery;
 mod embedded;
 mod failures;
+mod limits;
 mod preferences;
 mod support;

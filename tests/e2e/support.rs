@@ -565,6 +565,18 @@ impl TestCluster {
         &self.nodes[i]
     }
 
+    /// Connects `user` to node `i` without waiting for `hello` (the server may close at once).
+    pub async fn connect_raw(&self, i: usize, user: &str) -> RawClient {
+        let mut req = self.nodes[i].ws_url("").into_client_request().unwrap();
+        let header = format!("Bearer {}", token(user, Duration::from_secs(600)));
+        req.headers_mut()
+            .insert("authorization", HeaderValue::from_str(&header).unwrap());
+        let (ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("upgrade");
+        RawClient { ws }
+    }
+
     /// Connects `user` to node `i` with a valid token in the Authorization header.
     pub async fn connect(&self, i: usize, user: &str, query: &str) -> Client {
         Client::connect(
@@ -579,6 +591,38 @@ impl TestCluster {
 pub struct Client {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     pub hello: Value,
+}
+
+/// A connection that has not read its `hello` (for refusals after the upgrade).
+pub struct RawClient {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl RawClient {
+    /// Reads until the server closes; returns the close code and reason.
+    pub async fn expect_close(&mut self, timeout: Duration) -> Closed {
+        read_until_close(&mut self.ws, timeout).await
+    }
+}
+
+async fn read_until_close(
+    ws: &mut WebSocketStream<MaybeTlsStream<TcpStream>>,
+    timeout: Duration,
+) -> Closed {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(WsMessage::Close(Some(frame))))) => {
+                return Closed::Code(u16::from(frame.code), frame.reason.to_string())
+            }
+            Ok(Some(Ok(WsMessage::Close(None)))) => {
+                return Closed::Code(u16::from(CloseCode::Status), String::new())
+            }
+            Ok(None) | Ok(Some(Err(_))) => return Closed::Eof,
+            Ok(Some(Ok(_))) => continue,
+            Err(_) => panic!("connection not closed within {timeout:?}"),
+        }
+    }
 }
 
 /// How a connection attempt or session ended, for assertions.
@@ -698,20 +742,7 @@ impl Client {
 
     /// Reads until the server closes; returns the close code and reason.
     pub async fn expect_close(&mut self, timeout: Duration) -> Closed {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            match tokio::time::timeout_at(deadline, self.ws.next()).await {
-                Ok(Some(Ok(WsMessage::Close(Some(frame))))) => {
-                    return Closed::Code(u16::from(frame.code), frame.reason.to_string())
-                }
-                Ok(Some(Ok(WsMessage::Close(None)))) => {
-                    return Closed::Code(u16::from(CloseCode::Status), String::new())
-                }
-                Ok(None) | Ok(Some(Err(_))) => return Closed::Eof,
-                Ok(Some(Ok(_))) => continue,
-                Err(_) => panic!("connection not closed within {timeout:?}"),
-            }
-        }
+        read_until_close(&mut self.ws, timeout).await
     }
 }
 
