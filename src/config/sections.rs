@@ -1,0 +1,344 @@
+//! The configuration sections: one struct per `[section]`, each field's `///` comment
+//! being its reference documentation (`docs/configuration.md`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// `[node]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Name of this node, shown to clients in `hello.node` and in logs/metrics.
+    /// Defaults to the host name (the pod name on Kubernetes).
+    pub id: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        let id = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "fanout-0".to_owned());
+        Self { id }
+    }
+}
+
+/// `[server]`: the public port (WebSocket and HTTP API).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the public listener (`/ws`, `/v1/...`).
+    pub listen: SocketAddr,
+    /// Serve the demo page at `/`.
+    pub demo_page: bool,
+    /// Browser origins allowed to open `/ws` (`https://app.example.com`). Empty: any.
+    pub allowed_origins: Vec<String>,
+    /// Most open WebSocket connections on this node; further upgrades get HTTP 503.
+    pub max_connections: usize,
+    /// Most connections of one user on this node; the newest beyond it is closed with 1013.
+    pub max_connections_per_user: usize,
+    /// Largest client frame accepted, in bytes; larger closes with 1009.
+    pub max_frame_bytes: usize,
+    /// Most client frames per second per connection; more closes with 1008.
+    pub max_frames_per_sec: u32,
+    /// Most messages waiting in one connection's outbound queue; more closes it with 4001.
+    pub queue_max_messages: usize,
+    /// Most bytes waiting in one connection's outbound queue; more closes it with 4001.
+    pub queue_max_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".parse().expect("literal address"),
+            demo_page: false,
+            allowed_origins: Vec::new(),
+            max_connections: 100_000,
+            max_connections_per_user: 32,
+            max_frame_bytes: 64 * 1024,
+            max_frames_per_sec: 50,
+            queue_max_messages: 1024,
+            queue_max_bytes: 1 << 20,
+        }
+    }
+}
+
+/// `[admin]`: the operator port (metrics, probes, stats).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`, `/v1/stats`).
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:9090".parse().expect("literal address"),
+        }
+    }
+}
+
+/// Where a new consumer group starts reading a partition that has no committed offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffsetReset {
+    Earliest,
+    Latest,
+}
+
+/// `[kafka]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` list (librdkafka `bootstrap.servers`).
+    /// Empty: the embedded default's in-process broker.
+    pub brokers: String,
+    /// Topics whose records are pushed to clients.
+    pub topics: Vec<String>,
+    /// Consumer group shared by all fanout nodes of one cluster.
+    pub group_id: String,
+    /// Topic that client `ask` frames are produced to. Empty: `ask` answers `error`.
+    pub upstream_topic: String,
+    /// Topic that rejected records are copied to. Empty: rejected records are only counted.
+    pub dead_letter_topic: String,
+    /// Where the group starts on a partition with no committed offset. `earliest` never
+    /// skips a record produced while the group was forming; `ttl_ms` keeps old ones away.
+    pub auto_offset_reset: OffsetReset,
+    /// How long the group waits for a silent node before moving its partitions away.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// Largest record value accepted; a larger one is rejected with reason `too_large`.
+    pub max_record_bytes: usize,
+    /// Extra librdkafka properties (e.g. `"security.protocol" = "SASL_SSL"`), TOML only.
+    pub options: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: String::new(),
+            topics: vec!["fanout.messages".to_owned()],
+            group_id: "fanout".to_owned(),
+            upstream_topic: String::new(),
+            dead_letter_topic: String::new(),
+            auto_offset_reset: OffsetReset::Earliest,
+            session_timeout: Duration::from_secs(10),
+            max_record_bytes: 256 * 1024,
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[redis]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`. Empty: the embedded default's in-process bus (one node).
+    pub url: String,
+    /// Prefix of every channel and key, so several clusters can share one Redis.
+    pub prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            prefix: "fanout".to_owned(),
+        }
+    }
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `postgres://…` or `sqlite://…`. Empty: the embedded default's `sqlite://fanout.db`.
+    pub url: String,
+}
+
+/// How clients prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Verify a JWT (production).
+    Jwt,
+    /// Trust `?user=` and ask for no token anywhere (embedded default / demos only).
+    Insecure,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `jwt` or `insecure`.
+    pub mode: AuthMode,
+    /// HS256 shared secret.
+    pub jwt_secret: String,
+    /// PEM public key for RS256 or ES256 tokens.
+    pub jwt_public_key: String,
+    /// Required `iss` claim, when set.
+    pub issuer: String,
+    /// Required `aud` claim, when set.
+    pub audience: String,
+    /// Accept `?access_token=` on `/ws` (tokens in URLs end up in logs: off by default).
+    pub allow_query_token: bool,
+    /// Bearer token for the admin parts of the HTTP API.
+    pub admin_token: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::Jwt,
+            jwt_secret: String::new(),
+            jwt_public_key: String::new(),
+            issuer: String::new(),
+            audience: String::new(),
+            allow_query_token: false,
+            admin_token: String::new(),
+        }
+    }
+}
+
+/// `[heartbeat]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeartbeatConfig {
+    /// How often the server sends a WebSocket Ping.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// A connection silent for this long is closed with 4000.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(25),
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `[recovery]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RecoveryConfig {
+    /// How far back a reconnecting client can resume with `since`.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Most messages kept per user for resume.
+    pub max_messages: usize,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(600),
+            max_messages: 200,
+        }
+    }
+}
+
+/// `[shutdown]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Time over which connections are closed with 1012 when the node stops.
+    #[serde(with = "humantime_serde")]
+    pub drain: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What happens to a record whose type is not in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownTypes {
+    /// Deliver it to every target (it cannot be switched off).
+    #[default]
+    Deliver,
+    /// Reject it at ingest with reason `unknown_type`.
+    Reject,
+}
+
+/// One registered message type.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TypeConfig {
+    /// The `type` of the envelope.
+    pub name: String,
+    /// Enabled for users who never chose.
+    #[serde(default = "yes")]
+    pub default: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The type registry: `[[types]]` entries plus `types.unknown`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TypesConfig {
+    pub registry: Vec<TypeConfig>,
+    pub unknown: UnknownTypes,
+}
+
+/// `types` is an array of tables in TOML (`[[types]]`) but also carries `types.unknown`;
+/// this accepts the array, or a table `{unknown = …, list = […]}` (what env vars give).
+pub(super) mod types_section {
+    use super::{TypeConfig, TypesConfig, UnknownTypes};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        List(Vec<TypeConfig>),
+        Table {
+            #[serde(default)]
+            unknown: UnknownTypes,
+            #[serde(default)]
+            list: Vec<TypeConfig>,
+        },
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TypesConfig, D::Error> {
+        Ok(match Repr::deserialize(d)? {
+            Repr::List(registry) => TypesConfig {
+                registry,
+                unknown: UnknownTypes::Deliver,
+            },
+            Repr::Table { unknown, list } => TypesConfig {
+                registry: list,
+                unknown,
+            },
+        })
+    }
+
+    pub fn serialize<S: Serializer>(t: &TypesConfig, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            unknown: UnknownTypes,
+            list: &'a [TypeConfig],
+        }
+        Out {
+            unknown: t.unknown,
+            list: &t.registry,
+        }
+        .serialize(s)
+    }
+}

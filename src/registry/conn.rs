@@ -1,0 +1,163 @@
+//! One connection as the rest of the node sees it: its identity, its user's shared
+//! preference bits, and its bounded outbound queue with a close signal.
+
+use std::sync::atomic::{AtomicI64, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, Notify};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::envelope::Platform;
+
+/// A frame waiting in a connection's queue.
+#[derive(Debug)]
+pub struct Queued {
+    pub frame: Utf8Bytes,
+    /// Kafka timestamp of a `msg` frame (for the latency histogram); `None` for replies.
+    pub ts_ms: Option<i64>,
+}
+
+/// Why a frame could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushError {
+    /// The queue is full: the connection has been asked to close with 4001.
+    Overflow,
+    /// The connection is already closing.
+    Closed,
+}
+
+/// One user's preference bits on this node (see [`crate::types`]).
+#[derive(Debug)]
+pub struct UserPrefs {
+    bits: AtomicU64,
+    /// Version of `bits` (see [`crate::prefs::Change::version`]); written only under the
+    /// registry's write lock.
+    version: AtomicI64,
+}
+
+impl UserPrefs {
+    pub fn new(bits: u64, version: i64) -> Self {
+        Self {
+            bits: AtomicU64::new(bits),
+            version: AtomicI64::new(version),
+        }
+    }
+
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.bits.load(Ordering::Relaxed)
+    }
+
+    pub fn version(&self) -> i64 {
+        self.version.load(Ordering::Relaxed)
+    }
+
+    /// Takes `bits` unless they are older than what is held; true if taken.
+    pub(super) fn update(&self, bits: u64, version: i64) -> bool {
+        if version < self.version() {
+            return false;
+        }
+        self.version.store(version, Ordering::Relaxed);
+        self.bits.store(bits, Ordering::Relaxed);
+        true
+    }
+}
+
+/// The router's and other tasks' handle on one connection.
+pub struct ConnHandle {
+    pub id: Arc<str>,
+    pub user: Arc<str>,
+    /// Shared with every connection of the same user on this node.
+    pub prefs: Arc<UserPrefs>,
+    pub platform: Option<Platform>,
+    pub tab: Option<Box<str>>,
+    queue: mpsc::Sender<Queued>,
+    queued_bytes: AtomicUsize,
+    max_bytes: usize,
+    close_code: AtomicU16,
+    close_notify: Notify,
+}
+
+impl ConnHandle {
+    /// A handle whose queue is `queue`, bounded to `max_bytes` queued bytes.
+    pub(super) fn new(
+        id: Arc<str>,
+        user: Arc<str>,
+        prefs: Arc<UserPrefs>,
+        platform: Option<Platform>,
+        tab: Option<Box<str>>,
+        queue: mpsc::Sender<Queued>,
+        max_bytes: usize,
+    ) -> Self {
+        Self {
+            id,
+            user,
+            prefs,
+            platform,
+            tab,
+            queue,
+            queued_bytes: AtomicUsize::new(0),
+            max_bytes,
+            close_code: AtomicU16::new(0),
+            close_notify: Notify::new(),
+        }
+    }
+
+    /// Queues a frame without waiting. On overflow, asks the session to close with 4001.
+    pub fn push(&self, frame: Utf8Bytes, ts_ms: Option<i64>) -> Result<(), PushError> {
+        if self.close_code.load(Ordering::Relaxed) != 0 {
+            return Err(PushError::Closed);
+        }
+        let len = frame.len();
+        if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > self.max_bytes {
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            self.close(4001);
+            return Err(PushError::Overflow);
+        }
+        match self.queue.try_send(Queued { frame, ts_ms }) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                match e {
+                    mpsc::error::TrySendError::Full(_) => {
+                        self.close(4001);
+                        Err(PushError::Overflow)
+                    }
+                    mpsc::error::TrySendError::Closed(_) => Err(PushError::Closed),
+                }
+            }
+        }
+    }
+
+    /// Called by the session for every frame it takes off the queue.
+    pub fn dequeued(&self, frame_len: usize) {
+        self.queued_bytes.fetch_sub(frame_len, Ordering::Relaxed);
+    }
+
+    /// Asks the session to close with `code`; the first request wins.
+    pub fn close(&self, code: u16) {
+        if self
+            .close_code
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.close_notify.notify_one();
+        }
+    }
+
+    /// Resolves once [`close`](Self::close) was called, with its code.
+    pub async fn closed(&self) -> u16 {
+        loop {
+            let code = self.close_code.load(Ordering::Acquire);
+            if code != 0 {
+                return code;
+            }
+            self.close_notify.notified().await;
+        }
+    }
+
+    pub(super) fn matches(&self, platform: Option<Platform>, tab: Option<&str>) -> bool {
+        platform.is_none_or(|p| self.platform == Some(p))
+            && tab.is_none_or(|t| self.tab.as_deref() == Some(t))
+    }
+}
