@@ -402,6 +402,72 @@ mod tests {
             .is_err());
     }
 
+    fn signed(alg: Algorithm, private_pem: &[u8], sub: &str) -> String {
+        let key = match alg {
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(private_pem).unwrap(),
+            _ => EncodingKey::from_ec_pem(private_pem).unwrap(),
+        };
+        let exp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 60;
+        let claims = Claims {
+            sub: sub.into(),
+            exp,
+            platform: None,
+            device: None,
+            iss: None,
+            aud: None,
+        };
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), &claims, &key).unwrap()
+    }
+
+    #[test]
+    fn rs256_and_es256_tokens_verify_with_the_public_key() {
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/");
+        let read = |f: &str| std::fs::read(format!("{fixtures}{f}")).unwrap();
+        for (alg, private, public) in [
+            (Algorithm::RS256, "rsa-private.pem", "rsa-public.pem"),
+            (Algorithm::ES256, "ec-private.pem", "ec-public.pem"),
+        ] {
+            let cfg = AuthConfig {
+                jwt_public_key: String::from_utf8(read(public)).unwrap(),
+                ..Default::default()
+            };
+            let auth = Authenticator::new(&cfg).unwrap();
+            assert_eq!(
+                auth.verify(&signed(alg, &read(private), "kai"))
+                    .unwrap()
+                    .user,
+                "kai",
+                "{alg:?}"
+            );
+            // An HS256 token is refused when only a public key is configured.
+            let hs = mint(
+                &AuthConfig {
+                    jwt_secret: "s".into(),
+                    ..Default::default()
+                },
+                "kai",
+                Duration::from_secs(60),
+                None,
+            )
+            .unwrap();
+            assert!(auth.verify(&hs).is_err(), "{alg:?} config accepted HS256");
+        }
+        // A token signed by another key pair is refused.
+        let rsa_cfg = AuthConfig {
+            jwt_public_key: String::from_utf8(read("rsa-public.pem")).unwrap(),
+            ..Default::default()
+        };
+        let es_token = signed(Algorithm::ES256, &read("ec-private.pem"), "kai");
+        assert!(Authenticator::new(&rsa_cfg)
+            .unwrap()
+            .verify(&es_token)
+            .is_err());
+    }
+
     #[test]
     fn admin_token_is_compared_exactly() {
         let auth = Authenticator::new(&AuthConfig {
