@@ -16,6 +16,9 @@ mod tests;
 
 pub use sections::*;
 
+/// Where `ask` frames go in the embedded default (unless `kafka.upstream_topic` is given).
+pub const EMBEDDED_UPSTREAM_TOPIC: &str = "fanout.upstream";
+
 /// Why the configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -105,6 +108,7 @@ impl Settings {
             "admin.listen",
             "auth.mode",
             "server.demo_page",
+            "kafka.upstream_topic",
         ]
         .into_iter()
         .filter(|key| raw.get::<config::Value>(key).is_ok())
@@ -152,6 +156,10 @@ impl Settings {
         }
         if !explicit("server.demo_page") {
             self.server.demo_page = true;
+        }
+        if !explicit("kafka.upstream_topic") {
+            // The demo's ask box works out of the box; the in-process broker creates it.
+            self.kafka.upstream_topic = EMBEDDED_UPSTREAM_TOPIC.to_owned();
         }
         if self.types.registry.is_empty() {
             self.types.registry = [

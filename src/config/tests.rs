@@ -41,6 +41,10 @@ fn embedded_default_is_insecure_on_localhost_only() {
     assert_eq!(s.server.listen.to_string(), "127.0.0.1:8080");
     assert_eq!(s.admin.listen.to_string(), "127.0.0.1:9090");
     assert!(s.server.demo_page && !s.types.registry.is_empty());
+    assert_eq!(
+        s.kafka.upstream_topic, "fanout.upstream",
+        "ask works in the demo"
+    );
     let s = from_toml("[server]\nlisten='0.0.0.0:8080'").unwrap();
     assert_eq!(s.server.listen.to_string(), "0.0.0.0:8080");
     let err = from_toml("[auth]\nmode='insecure'\n[redis]\nurl='redis://x'").unwrap_err();

@@ -48,7 +48,6 @@ before(async () => {
       PATH: process.env.PATH,
       FANOUT__SERVER__LISTEN: `127.0.0.1:${pub}`,
       FANOUT__ADMIN__LISTEN: `127.0.0.1:${adm}`,
-      FANOUT__KAFKA__UPSTREAM_TOPIC: "fanout.upstream",
     },
     stdio: ["ignore", "ignore", "inherit"],
   });

@@ -14,7 +14,8 @@ let server;
 const clients = [];
 
 before(async () => {
-  server = await startFanout();
+  // An explicitly empty upstream topic: asks are disabled (the embedded default has one).
+  server = await startFanout({ env: { FANOUT__KAFKA__UPSTREAM_TOPIC: "" } });
 });
 
 after(async () => {
