@@ -25,8 +25,8 @@ const RECENT_IDS: usize = 1 << 16;
 /// Remembers the last [`RECENT_IDS`] ids, to drop a message the bus carries twice
 /// (Kafka redelivery after a rebalance) before it reaches any connection again.
 struct RecentIds {
-    set: HashSet<Box<str>>,
-    order: VecDeque<Box<str>>,
+    set: HashSet<Arc<str>>,
+    order: VecDeque<Arc<str>>,
 }
 
 impl RecentIds {
@@ -47,8 +47,10 @@ impl RecentIds {
                 self.set.remove(&oldest);
             }
         }
-        self.set.insert(id.into());
-        self.order.push_back(id.into());
+        // One allocation per message, shared by the set and the eviction order.
+        let id: Arc<str> = Arc::from(id);
+        self.set.insert(id.clone());
+        self.order.push_back(id);
         true
     }
 }

@@ -53,6 +53,18 @@ pub struct Gateway {
     pub prefs: Arc<Prefs>,
 }
 
+/// An `error` frame for a client, counted in `fanout_client_errors_total{code}`: every
+/// error reply goes through here.
+pub(crate) fn error_frame(
+    metrics: &Metrics,
+    code: &str,
+    message: &str,
+    reference: Option<&str>,
+) -> Utf8Bytes {
+    metrics.client_errors.with_label_values(&[code]).inc();
+    protocol::error(code, message, reference)
+}
+
 fn refuse(metrics: &Metrics, status: StatusCode, code: &str, message: &str) -> Response {
     metrics
         .upgrades_refused
@@ -298,11 +310,8 @@ impl Gateway {
         let topic = &self.settings.kafka.upstream_topic;
         let Some(producer) = self.upstream.clone().filter(|_| !topic.is_empty()) else {
             self.metrics.asks.with_label_values(&["disabled"]).inc();
-            self.metrics
-                .client_errors
-                .with_label_values(&["ask_disabled"])
-                .inc();
-            return Some(protocol::error(
+            return Some(error_frame(
+                &self.metrics,
                 "ask_disabled",
                 "this server has no kafka.upstream_topic",
                 reference.as_deref(),
@@ -332,11 +341,8 @@ impl Gateway {
                 Err(e) => {
                     tracing::warn!(conn = %conn.id, error = %e, "ask could not be produced");
                     metrics.asks.with_label_values(&["error"]).inc();
-                    metrics
-                        .client_errors
-                        .with_label_values(&["ask_failed"])
-                        .inc();
-                    protocol::error(
+                    error_frame(
+                        &metrics,
                         "ask_failed",
                         "the message could not be delivered upstream; retry",
                         reference.as_deref(),
@@ -359,11 +365,8 @@ impl Gateway {
         reference: Option<String>,
     ) -> Option<Utf8Bytes> {
         if let Some(unknown) = self.prefs.types.first_unknown(choices.keys()) {
-            self.metrics
-                .client_errors
-                .with_label_values(&["unknown_type"])
-                .inc();
-            return Some(protocol::error(
+            return Some(error_frame(
+                &self.metrics,
                 "unknown_type",
                 &format!("unknown message type `{unknown}`"),
                 reference.as_deref(),
@@ -373,11 +376,8 @@ impl Gateway {
         tokio::spawn(async move {
             if let Err(e) = prefs.set(&conn.user, &choices).await {
                 tracing::warn!(user = %conn.user, error = %e, "prefs.set failed");
-                metrics.client_errors.with_label_values(&[e.code()]).inc();
-                let _ = conn.push(
-                    protocol::error(e.code(), &e.to_string(), reference.as_deref()),
-                    None,
-                );
+                let reply = error_frame(&metrics, e.code(), &e.to_string(), reference.as_deref());
+                let _ = conn.push(reply, None);
             }
         });
         None

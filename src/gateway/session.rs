@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
+use super::error_frame;
 use super::protocol::{self, ClientFrame};
 use crate::config::HeartbeatConfig;
 use crate::metrics::Metrics;
@@ -183,8 +184,7 @@ impl Session {
                         Message::Text(text) => self.on_text(&text, &mut bad_frames),
                         Message::Binary(_) => {
                             bad_frames += 1;
-                            self.metrics.client_errors.with_label_values(&["bad_frame"]).inc();
-                            Some(protocol::error("bad_frame", "binary frames are not part of the protocol", None))
+                            Some(error_frame(&self.metrics, "bad_frame", "binary frames are not part of the protocol", None))
                         }
                         Message::Close(_) => return End::ClientGone,
                         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
@@ -220,11 +220,8 @@ impl Session {
             }
             Err(bad) => {
                 *bad_frames += 1;
-                self.metrics
-                    .client_errors
-                    .with_label_values(&["bad_frame"])
-                    .inc();
-                Some(protocol::error(
+                Some(error_frame(
+                    &self.metrics,
                     "bad_frame",
                     &bad.message,
                     bad.reference.as_deref(),
