@@ -11,14 +11,8 @@ use crate::support::*;
 const WAIT: Duration = Duration::from_secs(15);
 
 async fn refused(url: &str, header: Option<(&str, String)>) -> (StatusCode, serde_json::Value) {
-    let mut req = url.into_client_request().unwrap();
-    if let Some((name, value)) = header {
-        req.headers_mut().insert(
-            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-            HeaderValue::from_str(&value).unwrap(),
-        );
-    }
-    match Client::connect_request(req).await {
+    let headers: Vec<(&str, &str)> = header.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    match Client::try_connect(url, &headers).await {
         Ok(_) => panic!("connection to {url} was accepted"),
         Err((status, body)) => (
             status,

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use serde_json::json;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::support::*;
 
@@ -28,17 +27,10 @@ async fn connect_status(
     user: &str,
     origin: Option<&str>,
 ) -> Result<Client, (u16, String)> {
-    let mut req = url.into_client_request().unwrap();
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", token(user, Duration::from_secs(600)))
-            .parse()
-            .unwrap(),
-    );
-    if let Some(o) = origin {
-        req.headers_mut().insert("origin", o.parse().unwrap());
-    }
-    Client::connect_request(req)
+    let bearer = format!("Bearer {}", token(user, Duration::from_secs(600)));
+    let mut headers = vec![("authorization", bearer.as_str())];
+    headers.extend(origin.map(|o| ("origin", o)));
+    Client::try_connect(url, &headers)
         .await
         .map_err(|(s, b)| (s.as_u16(), b))
 }

@@ -254,17 +254,8 @@ async fn while_the_database_is_down_new_users_are_refused_and_nodes_recover_by_t
         },
     )
     .await;
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-        node.ws_url(""),
-    )
-    .unwrap();
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", token("hal", Duration::from_secs(60)))
-            .parse()
-            .unwrap(),
-    );
-    match Client::connect_request(req).await {
+    let bearer = format!("Bearer {}", token("hal", Duration::from_secs(60)));
+    match Client::try_connect(&node.ws_url(""), &[("authorization", &bearer)]).await {
         Ok(_) => panic!("a user whose preferences cannot be loaded was let in"),
         Err((status, body)) => {
             assert_eq!(status, 503);

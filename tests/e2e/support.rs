@@ -637,16 +637,31 @@ pub enum Closed {
 impl Client {
     /// Connects with `Authorization: Bearer <token>` and reads `hello`.
     pub async fn connect(url: &str, token: Option<&str>) -> Self {
-        let mut req = url.into_client_request().unwrap();
-        if let Some(t) = token {
-            req.headers_mut().insert(
-                "authorization",
-                HeaderValue::from_str(&format!("Bearer {t}")).unwrap(),
-            );
-        }
-        Self::connect_request(req)
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = bearer
+            .iter()
+            .map(|b| ("authorization", b.as_str()))
+            .collect();
+        Self::try_connect(url, &headers)
             .await
             .unwrap_or_else(|e| panic!("connect {url}: {e:?}"))
+    }
+
+    /// Connects with extra request headers; `Err` carries the HTTP status and body of a
+    /// refusal before the upgrade.
+    pub async fn try_connect(
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Self, (StatusCode, String)> {
+        let mut req = url.into_client_request().unwrap();
+        for (name, value) in headers {
+            let name =
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                    .unwrap();
+            req.headers_mut()
+                .insert(name, HeaderValue::from_str(value).unwrap());
+        }
+        Self::connect_request(req).await
     }
 
     /// Connects with a prepared request; `Err` carries the HTTP status of a refusal.
