@@ -132,6 +132,67 @@ async fn sqlite_store_keeps_one_row_per_choice() {
     behaves_like_a_preference_store(store).await;
 }
 
+/// `load_many` answers what `load` answers for each user with rows, across several chunks.
+async fn loads_many_users_at_once(store: Store) {
+    store.migrate().await.unwrap();
+    store
+        .save(
+            "alice",
+            &[("marketing".into(), true), ("robot.reply".into(), false)],
+        )
+        .await
+        .unwrap();
+    store
+        .save("bob", &[("marketing".into(), false)])
+        .await
+        .unwrap();
+    // Enough names for several queries (500 users each), with the users who have rows
+    // at the start, in the middle and at the end.
+    let filler: Vec<String> = (0..1200).map(|i| format!("filler-{i:04}")).collect();
+    let mut users: Vec<&str> = filler.iter().map(String::as_str).collect();
+    users.insert(0, "alice");
+    users.insert(700, "nobody");
+    users.push("bob");
+
+    let mut many = store.load_many(&users).await.unwrap();
+    assert_eq!(many.len(), 2, "only users with rows: {:?}", many.keys());
+    assert!(
+        !many.contains_key("nobody"),
+        "a user without rows is absent"
+    );
+    for user in ["alice", "bob"] {
+        let (mut rows, version) = many.remove(user).expect("a user with rows is present");
+        let (mut expected, expected_version) = store.load(user).await.unwrap();
+        rows.sort();
+        expected.sort();
+        assert_eq!(rows, expected, "{user}'s rows");
+        assert_eq!(version, expected_version, "{user}'s version");
+        assert!(version > 0);
+    }
+    assert!(store.load_many(&[]).await.unwrap().is_empty());
+    assert_eq!(
+        store.load_many(&["bob", "bob"]).await.unwrap()["bob"].0,
+        [("marketing".to_owned(), false)],
+        "a user named twice gets their rows once"
+    );
+}
+
+#[tokio::test]
+async fn postgres_store_loads_many_users_in_chunks() {
+    let (store, name) = postgres().await;
+    loads_many_users_at_once(store.clone()).await;
+    if let Store::Postgres(pool) = store {
+        pool.close().await;
+    }
+    drop_database(&name).await;
+}
+
+#[tokio::test]
+async fn sqlite_store_loads_many_users_in_chunks() {
+    let (store, _path) = sqlite();
+    loads_many_users_at_once(store).await;
+}
+
 #[tokio::test]
 async fn an_unreachable_database_is_an_error_not_a_hang() {
     let store = Store::open("postgres://postgres@127.0.0.1:1/none").unwrap();

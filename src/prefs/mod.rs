@@ -82,8 +82,30 @@ impl Prefs {
     /// and their version.
     pub async fn load_bits(&self, user: &str) -> Result<(u64, i64), StoreError> {
         let (rows, version) = self.store.load(user).await?;
+        Ok((self.bits(&rows), version))
+    }
+
+    /// [`load_bits`](Self::load_bits) for each of `users`, in the order given, as
+    /// `(user, bits, version)` (version 0 for a user without stored choices), read in a few
+    /// queries: for refreshing every held user at once.
+    pub async fn load_bits_many(
+        &self,
+        users: &[&str],
+    ) -> Result<Vec<(String, u64, i64)>, StoreError> {
+        let stored = self.store.load_many(users).await?;
+        Ok(users
+            .iter()
+            .map(|user| match stored.get(*user) {
+                Some((rows, version)) => ((*user).to_owned(), self.bits(rows), *version),
+                None => ((*user).to_owned(), self.types.defaults(), 0),
+            })
+            .collect())
+    }
+
+    /// The defaults overlaid with stored `(type, enabled)` choices.
+    fn bits(&self, rows: &[(String, bool)]) -> u64 {
         let choices = rows.iter().map(|(t, e)| (t.as_str(), *e));
-        Ok((self.types.apply(self.types.defaults(), choices), version))
+        self.types.apply(self.types.defaults(), choices)
     }
 
     /// The user's effective preferences by name.
