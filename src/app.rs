@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin, Health};
-use crate::bus::{local::LocalBus, redis::RedisBus, Bus};
+use crate::bus::{local::LocalBus, redis::RedisBus, Bus, EventSender};
 use crate::config::Settings;
 use crate::gateway::{auth::Authenticator, Gateway};
 use crate::ingest::{self, Ingest};
@@ -61,6 +61,9 @@ pub async fn migrate(store: &Store) -> anyhow::Result<()> {
         }
     }
 }
+
+/// Bus events buffered between the subscriber and the router (beyond: a gap, recovered).
+const BUS_EVENTS: usize = 1 << 16;
 
 /// Partitions of each topic in the embedded in-process broker.
 const EMBEDDED_PARTITIONS: i32 = 4;
@@ -121,11 +124,16 @@ async fn run_node(
     let settings = Arc::new(settings);
     let metrics = Arc::new(Metrics::new());
     let bus: Arc<dyn Bus> = if settings.redis.url.is_empty() {
-        Arc::new(LocalBus::default())
+        Arc::new(LocalBus::new(1 << 16, &settings.recovery))
     } else {
-        let bus = RedisBus::connect(&settings.redis.url, &settings.redis.prefix, metrics.clone())
-            .await
-            .with_context(|| format!("connecting to redis.url {}", settings.redis.url))?;
+        let bus = RedisBus::connect(
+            &settings.redis.url,
+            &settings.redis.prefix,
+            &settings.recovery,
+            metrics.clone(),
+        )
+        .await
+        .with_context(|| format!("connecting to redis.url {}", settings.redis.url))?;
         Arc::new(bus)
     };
     let auth = Arc::new(Authenticator::new(&settings.auth).map_err(anyhow::Error::msg)?);
@@ -161,15 +169,29 @@ async fn run_node(
     };
     spawn(&tasks, &failed, "ingest", ingest.run(stop_ingest.clone()));
 
-    let router = Router::new(registry.clone(), metrics.clone(), types.clone());
+    let router = Router::new(
+        registry.clone(),
+        metrics.clone(),
+        types.clone(),
+        bus.clone(),
+        Some(prefs.clone()),
+        settings.recovery.window,
+    );
+    let (events, events_rx) = tokio::sync::mpsc::channel(BUS_EVENTS);
     let sub_bus = bus.clone();
     let sub_stop = stop_bus.clone();
     spawn(&tasks, &failed, "bus subscriber", async move {
         sub_bus
-            .subscribe(Box::new(router), sub_stop)
+            .subscribe(Box::new(EventSender::new(events)), sub_stop)
             .await
             .map_err(anyhow::Error::from)
     });
+    spawn(
+        &tasks,
+        &failed,
+        "router",
+        router.run(events_rx, stop_bus.clone()),
+    );
 
     let (h, stop) = (health.clone(), stop_bus.clone());
     spawn(&tasks, &failed, "database probe", async move {
@@ -190,6 +212,7 @@ async fn run_node(
         sessions: TaskTracker::new(),
         drain: drain.clone(),
         prefs: prefs.clone(),
+        bus: bus.clone(),
     });
     let public_api = Arc::new(api::Api {
         settings: settings.clone(),

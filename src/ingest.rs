@@ -18,7 +18,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientContext, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Bus, BusMessage, Channel, Header};
+use crate::bus::{Bus, Header, Outgoing};
 use crate::config::{KafkaConfig, OffsetReset, TypesConfig, UnknownTypes};
 use crate::envelope::{self, Reject};
 use crate::kafka::{client_config, Producer};
@@ -129,7 +129,7 @@ pub struct Ingest {
 
 /// What to do with one consumed record.
 enum Outcome {
-    Publish(BusMessage),
+    Publish(Outgoing),
     Reject(Reject),
 }
 
@@ -155,7 +155,7 @@ impl Ingest {
         let ts = record.timestamp().to_millis().unwrap_or_else(now_ms);
         let id = message_id(record.topic(), record.partition(), record.offset(), ts);
         let frame = envelope::render_msg_frame(&id, &env.msg_type, ts, &env.data);
-        Outcome::Publish(BusMessage {
+        Outcome::Publish(Outgoing {
             header: Header {
                 id,
                 msg_type: env.msg_type,
@@ -221,14 +221,18 @@ impl Ingest {
     }
 
     /// Publishes until the bus takes it; false if shutdown came first (not stored, so the
-    /// record is consumed again by whoever owns the partition next).
-    async fn publish(&self, msg: BusMessage, shutdown: &CancellationToken) -> bool {
-        let payload = msg.encode();
+    /// record is consumed again by whoever owns the partition next). A record the bus
+    /// already has (a Kafka redelivery) counts as published.
+    async fn publish(&self, msg: Outgoing, shutdown: &CancellationToken) -> bool {
         let mut backoff = Duration::from_millis(50);
         let mut failures = 0u32;
         loop {
-            match self.bus.publish(Channel::Bus, payload.clone()).await {
-                Ok(()) => {
+            match self.bus.publish_message(&msg).await {
+                Ok(published) => {
+                    if published.duplicate {
+                        self.metrics.ingest_duplicates.inc();
+                        tracing::debug!(id = %msg.header.id, seq = published.seq, "redelivered record already on the bus");
+                    }
                     if failures > 0 {
                         tracing::info!(failures, "bus publish recovered; consumption resumes");
                     }

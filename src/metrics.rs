@@ -59,6 +59,16 @@ pub struct Metrics {
     pub asks: IntCounterVec,
     /// Client frames answered with `error`, by code.
     pub client_errors: IntCounterVec,
+    /// Records the bus already had (Kafka redeliveries), not published again.
+    pub ingest_duplicates: IntCounter,
+    /// Connections that asked to resume with `since`, by result.
+    pub resumes: IntCounterVec,
+    /// Messages replayed to resuming connections.
+    pub replayed: IntCounter,
+    /// Bus gaps this node recovered from, by result (`recovered`, `lost`: some users told).
+    pub gap_recoveries: IntCounterVec,
+    /// Missed messages routed from the history after a gap.
+    pub recovered_messages: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -229,20 +239,59 @@ impl Metrics {
                 "Client frames answered with error, by code",
                 "code",
             ),
+            ingest_duplicates: counter(
+                &r,
+                "fanout_ingest_duplicates_total",
+                "Records already on the bus (Kafka redeliveries), not published again",
+            ),
+            resumes: counter_vec(
+                &r,
+                "fanout_resumes_total",
+                "Connections resuming with since, by result",
+                "result",
+            ),
+            replayed: counter(
+                &r,
+                "fanout_replayed_total",
+                "Messages replayed to resuming connections",
+            ),
+            gap_recoveries: counter_vec(
+                &r,
+                "fanout_gap_recoveries_total",
+                "Bus gaps recovered from the history, by result",
+                "result",
+            ),
+            recovered_messages: counter(
+                &r,
+                "fanout_recovered_messages_total",
+                "Missed messages routed from the history after a bus gap",
+            ),
             registry: r,
         };
         for reason in Reject::ALL {
             m.ingest_rejected.with_label_values(&[reason]);
         }
-        for reason in ["queue_full", "expired", "duplicate", "closed"] {
+        for reason in [
+            "queue_full",
+            "expired",
+            "duplicate",
+            "closed",
+            "buffer_full",
+        ] {
             m.dropped.with_label_values(&[reason]);
         }
         for channel in ["bus", "control"] {
             m.bus_published.with_label_values(&[channel]);
             m.bus_received.with_label_values(&[channel]);
         }
-        for reason in ["reconnected", "lagged"] {
+        for reason in ["reconnected", "lagged", "skipped", "reset"] {
             m.bus_gaps.with_label_values(&[reason]);
+        }
+        for result in ["recovered", "not_recovered", "error"] {
+            m.resumes.with_label_values(&[result]);
+        }
+        for result in ["recovered", "lost"] {
+            m.gap_recoveries.with_label_values(&[result]);
         }
         m
     }

@@ -5,9 +5,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use fanout::bus::history::{self, Replay};
 use fanout::bus::local::LocalBus;
 use fanout::bus::redis::RedisBus;
-use fanout::bus::{Bus, BusEvent, BusHandler, Channel};
+use fanout::bus::{Bus, BusEvent, BusHandler, BusMessage, Channel, Header, Outgoing};
+use fanout::config::RecoveryConfig;
+use fanout::envelope::Target;
 use fanout::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 
@@ -38,12 +41,24 @@ impl Recorder {
 async fn redis_bus(prefix: &str) -> Arc<dyn Bus> {
     let url =
         std::env::var("FANOUT_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let bus = RedisBus::connect(&url, prefix, Arc::new(Metrics::new()))
+    let bus = RedisBus::connect(&url, prefix, &recovery(), Arc::new(Metrics::new()))
         .await
         .unwrap_or_else(|e| {
             panic!("Redis at {url} is needed for this test (./scripts/test starts it): {e}")
         });
     Arc::new(bus)
+}
+
+/// Small limits, so trimming is easy to reach.
+fn recovery() -> RecoveryConfig {
+    RecoveryConfig {
+        window: Duration::from_secs(60),
+        max_messages: 5,
+    }
+}
+
+fn local_bus() -> Arc<dyn Bus> {
+    Arc::new(LocalBus::new(1 << 10, &recovery()))
 }
 
 fn prefix() -> String {
@@ -145,4 +160,177 @@ async fn redis_bus_prefixes_keep_clusters_apart() {
 async fn both_buses_stop_subscribing_on_shutdown() {
     subscribe_ends_on_shutdown(redis_bus(&prefix()).await).await;
     subscribe_ends_on_shutdown(Arc::new(LocalBus::default())).await;
+}
+
+fn outgoing(id: &str, to: Target) -> Outgoing {
+    Outgoing {
+        header: Header {
+            id: id.into(),
+            msg_type: "t".into(),
+            to,
+            ts: 1,
+            ttl_ms: None,
+        },
+        frame: format!("frame {id}").into(),
+    }
+}
+
+fn user(u: &str) -> Target {
+    Target::User {
+        user: u.into(),
+        platform: None,
+        tab: None,
+    }
+}
+
+fn ids(messages: &[BusMessage]) -> Vec<String> {
+    messages.iter().map(|m| m.header.id.clone()).collect()
+}
+
+/// Messages are numbered in publish order, recorded per recipient, published once per id,
+/// and a resume returns exactly what came after `since` for that user, in order.
+async fn history_replays_exactly_what_a_user_missed(bus: Arc<dyn Bus>) {
+    let stop = CancellationToken::new();
+    let live = Recorder::default();
+    tokio::spawn({
+        let (bus, rec, stop) = (bus.clone(), live.clone(), stop.clone());
+        async move { bus.subscribe(Box::new(rec), stop).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = bus
+        .publish_message(&outgoing("a1", user("ann")))
+        .await
+        .unwrap();
+    assert!(!first.duplicate);
+    let again = bus
+        .publish_message(&outgoing("a1", user("ann")))
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.seq, again.duplicate),
+        (first.seq, true),
+        "a redelivery is not published again"
+    );
+    bus.publish_message(&outgoing("b1", user("bob")))
+        .await
+        .unwrap();
+    bus.publish_message(&outgoing("all1", Target::All))
+        .await
+        .unwrap();
+    bus.publish_message(&outgoing(
+        "ab",
+        Target::Users(vec!["ann".into(), "bob".into()]),
+    ))
+    .await
+    .unwrap();
+    bus.publish_message(&outgoing("c", Target::Conn("c-1".into())))
+        .await
+        .unwrap();
+    let published = live.wait_for(5).await;
+    let seqs: Vec<u64> = published
+        .iter()
+        .map(|(_, p)| BusMessage::decode(p.clone()).unwrap().seq)
+        .collect();
+    assert_eq!(
+        seqs,
+        (first.seq..first.seq + 5).collect::<Vec<_>>(),
+        "consecutive, once each"
+    );
+
+    let Replay::Recovered { messages, head } = history::replay(&*bus, "ann", "a1").await.unwrap()
+    else {
+        panic!("a1 is in the history");
+    };
+    assert_eq!(ids(&messages), ["all1", "ab"]);
+    assert_eq!(head, first.seq + 4);
+    let Replay::Recovered { messages, .. } = history::replay(&*bus, "bob", "a1").await.unwrap()
+    else {
+        panic!("any known id is a position");
+    };
+    assert_eq!(ids(&messages), ["b1", "all1", "ab"]);
+    assert!(matches!(
+        history::replay(&*bus, "ann", "never-published")
+            .await
+            .unwrap(),
+        Replay::NotRecovered
+    ));
+    stop.cancel();
+}
+
+/// When more than `recovery.max_messages` came after `since`, nothing is replayed.
+async fn history_trimmed_past_since_is_not_recovered(bus: Arc<dyn Bus>) {
+    bus.publish_message(&outgoing("t0", user("tim")))
+        .await
+        .unwrap();
+    for i in 1..=6 {
+        bus.publish_message(&outgoing(&format!("t{i}"), user("tim")))
+            .await
+            .unwrap();
+    }
+    assert!(
+        matches!(history::replay(&*bus, "tim", "t2").await.unwrap(), Replay::Recovered { ref messages, .. } if messages.len() == 4),
+        "t2..t6 are kept: t3..t6 after t2"
+    );
+    for gone in ["t0", "t1"] {
+        assert!(
+            matches!(
+                history::replay(&*bus, "tim", gone).await.unwrap(),
+                Replay::NotRecovered
+            ),
+            "after {gone}: t1 was trimmed (or may have been): no partial replay"
+        );
+    }
+}
+
+/// A node that missed part of the bus reads it back for its users.
+async fn recovery_reads_what_a_node_missed(bus: Arc<dyn Bus>) {
+    let start = bus
+        .publish_message(&outgoing("r0", user("ria")))
+        .await
+        .unwrap()
+        .seq;
+    bus.publish_message(&outgoing("r1", user("ria")))
+        .await
+        .unwrap();
+    bus.publish_message(&outgoing("other", user("someone-else")))
+        .await
+        .unwrap();
+    bus.publish_message(&outgoing("r-all", Target::All))
+        .await
+        .unwrap();
+    let users: Vec<Arc<str>> = vec!["ria".into(), "rob".into()];
+    let found = history::recover(&*bus, &users, start).await.unwrap();
+    assert_eq!(ids(&found.messages), ["r1", "r-all"]);
+    assert_eq!(found.head, start + 3);
+    assert!(!found.reset && !found.lost_all && found.lost_users.is_empty());
+}
+
+#[tokio::test]
+async fn redis_history_replays_exactly_what_a_user_missed() {
+    history_replays_exactly_what_a_user_missed(redis_bus(&prefix()).await).await;
+}
+
+#[tokio::test]
+async fn local_history_replays_exactly_what_a_user_missed() {
+    history_replays_exactly_what_a_user_missed(local_bus()).await;
+}
+
+#[tokio::test]
+async fn redis_history_trimmed_past_since_is_not_recovered() {
+    history_trimmed_past_since_is_not_recovered(redis_bus(&prefix()).await).await;
+}
+
+#[tokio::test]
+async fn local_history_trimmed_past_since_is_not_recovered() {
+    history_trimmed_past_since_is_not_recovered(local_bus()).await;
+}
+
+#[tokio::test]
+async fn redis_recovery_reads_what_a_node_missed() {
+    recovery_reads_what_a_node_missed(redis_bus(&prefix()).await).await;
+}
+
+#[tokio::test]
+async fn local_recovery_reads_what_a_node_missed() {
+    recovery_reads_what_a_node_missed(local_bus()).await;
 }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use fanout::bus::{BusEvent, BusHandler, BusMessage, Channel, Header};
+use fanout::bus::{local::LocalBus, BusMessage, Header};
 use fanout::config::{TypeConfig, TypesConfig, UnknownTypes};
 use fanout::envelope::{Platform, Target};
 use fanout::metrics::Metrics;
@@ -78,12 +78,6 @@ fn type_name(t: usize) -> String {
     }
 }
 
-/// Collects nothing: the router is called directly in this test.
-struct Sink;
-impl BusHandler for Sink {
-    fn on_event(&mut self, _: BusEvent) {}
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
     #[test]
@@ -93,7 +87,6 @@ proptest! {
         conns in prop::collection::vec((0..USERS, platform(), tab()).prop_map(|(user, platform, tab)| Conn { user, platform, tab }), 1..8),
         ops in prop::collection::vec(op(), 1..30),
     ) {
-        let _ = Sink;
         let cfg = TypesConfig {
             registry: (0..TYPES).map(|t| TypeConfig { name: type_name(t), default: defaults[t] }).collect(),
             unknown: UnknownTypes::Deliver,
@@ -102,7 +95,7 @@ proptest! {
         let metrics = Arc::new(Metrics::new());
         let limits = Limits { max_connections: 100, max_connections_per_user: 100, queue_max_messages: 1000, queue_max_bytes: 1 << 24 };
         let registry = Registry::new(limits, metrics.clone());
-        let mut router = Router::new(registry.clone(), metrics, types.clone());
+        let mut router = Router::new(registry.clone(), metrics, types.clone(), std::sync::Arc::new(LocalBus::default()), None, std::time::Duration::from_secs(600));
 
         // The model: each user's preferences by type index.
         let mut prefs: Vec<Vec<bool>> = initial.clone();
@@ -128,7 +121,7 @@ proptest! {
                         ts: now_ms(),
                         version: i as i64,
                     };
-                    router.on_event(BusEvent::Message { channel: Channel::Control, payload: change.encode() });
+                    router.apply_change(&change);
                 }
                 Op::Msg(t, spec) => {
                     let to = match spec {
@@ -143,6 +136,7 @@ proptest! {
                     };
                     let frame = format!("msg-{i}");
                     let msg = BusMessage {
+                        seq: i as u64 + 1,
                         header: Header { id: format!("id-{i}"), msg_type: type_name(*t), to, ts: now_ms(), ttl_ms: None },
                         frame: frame.clone().into(),
                     };

@@ -2,32 +2,41 @@
 //!
 //! A tokio broadcast channel stands in for Redis pub/sub with the same contract: every
 //! subscriber sees every message in publish order, and a receiver that falls behind is told
-//! with a [`BusEvent::Gap`].
+//! with a [`BusEvent::Gap`]. The history is a [`MemoryHistory`]; a message is numbered,
+//! recorded and sent under one lock, so history order is bus order.
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use parking_lot::Mutex;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
 
-use super::{Bus, BusError, BusEvent, BusHandler, Channel};
+use super::history::MemoryHistory;
+use super::{
+    After, Bus, BusError, BusEvent, BusHandler, Channel, HistoryRead, Outgoing, Published,
+    StreamKey,
+};
+use crate::config::RecoveryConfig;
 
 /// A [`Bus`] inside one process.
 pub struct LocalBus {
     sender: broadcast::Sender<(Channel, Bytes)>,
+    history: Mutex<MemoryHistory>,
 }
 
 impl LocalBus {
     /// A bus buffering up to `capacity` messages per slow subscriber.
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, recovery: &RecoveryConfig) -> Self {
         Self {
             sender: broadcast::channel(capacity).0,
+            history: Mutex::new(MemoryHistory::new(recovery.max_messages, recovery.window)),
         }
     }
 }
 
 impl Default for LocalBus {
     fn default() -> Self {
-        Self::new(1 << 16)
+        Self::new(1 << 16, &RecoveryConfig::default())
     }
 }
 
@@ -37,6 +46,23 @@ impl Bus for LocalBus {
         // No subscriber yet is not an error: Redis PUBLISH to nobody succeeds too.
         let _ = self.sender.send((channel, payload));
         Ok(())
+    }
+
+    async fn publish_message(&self, msg: &Outgoing) -> Result<Published, BusError> {
+        let mut history = self.history.lock();
+        let (published, payload) = history.append(msg);
+        if let Some(payload) = payload {
+            let _ = self.sender.send((Channel::Bus, payload));
+        }
+        Ok(published)
+    }
+
+    async fn read_history(
+        &self,
+        after: After<'_>,
+        streams: &[StreamKey<'_>],
+    ) -> Result<HistoryRead, BusError> {
+        Ok(self.history.lock().read(after, streams))
     }
 
     async fn subscribe(

@@ -1,19 +1,32 @@
-//! The bus: how every node sees every message (DESIGN §1).
+//! The bus: how every node sees every message (DESIGN §1), and the short history that
+//! makes resume and gap recovery possible (DESIGN §6).
 //!
-//! Ingest publishes each accepted record once on `<prefix>:bus`; preference changes go on
-//! `<prefix>:control`. Every node subscribes to both and hands what arrives to a
-//! [`BusHandler`] (the router) on one task, in order.
+//! Ingest publishes each accepted record once with [`Bus::publish_message`]. In one atomic
+//! step the bus gives it the next **sequence number** of the cluster, appends it to the
+//! history stream of each user it targets (or the broadcast stream for `to.all`), and
+//! publishes it on `<prefix>:bus`. So the history and the live bus have one order, and a
+//! record Kafka delivers twice (same id) is published once. Preference changes go on
+//! `<prefix>:control` with plain [`Bus::publish`]. Every node subscribes to both.
+//!
+//! Invariants:
+//! * Sequence numbers increase by one per published message: a subscriber that sees a jump
+//!   missed messages, and reads them back with [`Bus::read_history`].
+//! * A history stream keeps its newest `recovery.max_messages` entries for
+//!   `recovery.window` after its last write; a read says whether anything after the asked
+//!   position was trimmed, so a replay is either exact or known to be incomplete.
 //!
 //! Two implementations share the [`Bus`] trait: [`redis::RedisBus`] (a cluster) and
-//! [`local::LocalBus`] (the embedded default: one process). Tests of the router run against
-//! both.
+//! [`local::LocalBus`] (the embedded default: one process). The same contract tests run
+//! against both.
 
+pub mod history;
 pub mod local;
 pub mod redis;
 
 use async_trait::async_trait;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
@@ -53,20 +66,111 @@ pub trait BusHandler: Send {
     fn on_event(&mut self, event: BusEvent);
 }
 
-/// Why a publish did not happen.
+/// Hands events to another task through a bounded channel. When the channel is full the
+/// event is dropped and a [`BusEvent::Gap`] is sent as soon as there is room again: the
+/// receiver then recovers what it missed from the history.
+pub struct EventSender {
+    tx: mpsc::Sender<BusEvent>,
+    lagged: bool,
+}
+
+impl EventSender {
+    pub fn new(tx: mpsc::Sender<BusEvent>) -> Self {
+        Self { tx, lagged: false }
+    }
+}
+
+impl BusHandler for EventSender {
+    fn on_event(&mut self, event: BusEvent) {
+        if self.lagged {
+            if self
+                .tx
+                .try_send(BusEvent::Gap { reason: "lagged" })
+                .is_err()
+            {
+                return;
+            }
+            self.lagged = false;
+        }
+        if self.tx.try_send(event).is_err() {
+            self.lagged = true;
+        }
+    }
+}
+
+/// Why a bus operation did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("redis: {0}")]
     Redis(#[from] fred::error::Error),
     #[error("the bus is closed")]
     Closed,
+    #[error("unexpected reply from redis: {0}")]
+    Reply(String),
 }
 
-/// A pub/sub bus shared by every node of a cluster.
+/// A history stream: one user's, or the broadcast stream of `to.all` messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StreamKey<'a> {
+    All,
+    User(&'a str),
+}
+
+/// Where a history read starts (exclusive).
+#[derive(Debug, Clone, Copy)]
+pub enum After<'a> {
+    /// After the message with this id (a client's `since`).
+    Id(&'a str),
+    /// After this sequence number.
+    Seq(u64),
+}
+
+/// The outcome of [`Bus::publish_message`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// The message's sequence number.
+    pub seq: u64,
+    /// The id was published before (within `recovery.window`): nothing was published now.
+    pub duplicate: bool,
+}
+
+/// One stream's part of a history read.
+#[derive(Debug, Clone, Default)]
+pub struct StreamRead {
+    /// False when entries after the asked position were trimmed (or expired).
+    pub complete: bool,
+    /// Payloads (as on the bus) with a sequence number after the asked position, in order.
+    pub entries: Vec<Bytes>,
+}
+
+/// The result of [`Bus::read_history`].
+#[derive(Debug, Clone, Default)]
+pub struct HistoryRead {
+    /// The sequence number the read started after; `None` when [`After::Id`] named an id
+    /// the bus does not know (never published, or older than `recovery.window`).
+    pub after: Option<u64>,
+    /// The last sequence number given out when the read ran: every message up to it that
+    /// belongs to the streams read is in `streams` (or reported trimmed).
+    pub head: u64,
+    /// One per requested stream, in the order asked.
+    pub streams: Vec<StreamRead>,
+}
+
+/// A pub/sub bus shared by every node of a cluster, with its message history.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
-    /// Publishes one payload; `Ok` means the bus accepted it for every subscriber.
+    /// Publishes one control payload; `Ok` means the bus accepted it for every subscriber.
     async fn publish(&self, channel: Channel, payload: Bytes) -> Result<(), BusError>;
+
+    /// Numbers, records and publishes one message on `<prefix>:bus`, atomically.
+    async fn publish_message(&self, msg: &Outgoing) -> Result<Published, BusError>;
+
+    /// Reads `streams` after a position (at most `recovery.max_messages` entries each).
+    async fn read_history(
+        &self,
+        after: After<'_>,
+        streams: &[StreamKey<'_>],
+    ) -> Result<HistoryRead, BusError>;
 
     /// Receives from both channels until `shutdown`, handing every event to `handler`.
     /// Reconnects by itself; an interruption is reported as [`BusEvent::Gap`].
@@ -94,29 +198,28 @@ pub struct Header {
     pub ttl_ms: Option<u64>,
 }
 
-/// One message on `<prefix>:bus`: a JSON header line, `\n`, then the client frame
-/// exactly as it is sent to sockets. The router reads the header and shares the frame
-/// bytes with every recipient without copying them.
+impl Header {
+    /// True if `ttl_ms` has run out at `now_ms`.
+    pub fn expired(&self, now_ms: i64) -> bool {
+        self.ttl_ms.is_some_and(|ttl| {
+            now_ms
+                > self
+                    .ts
+                    .saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX))
+        })
+    }
+}
+
+/// A message as ingest hands it to the bus, before it has a sequence number.
 #[derive(Debug, Clone)]
-pub struct BusMessage {
+pub struct Outgoing {
     pub header: Header,
     pub frame: Utf8Bytes,
 }
 
-/// A bus payload that is not a [`BusMessage`].
-#[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
-    #[error("no header line")]
-    NoHeader,
-    #[error("bad header: {0}")]
-    Header(#[from] serde_json::Error),
-    #[error("frame is not UTF-8")]
-    NotUtf8,
-}
-
-impl BusMessage {
-    /// Serializes for publishing.
-    pub fn encode(&self) -> Bytes {
+impl Outgoing {
+    /// `<header JSON>\n<frame>`: the bus prefixes it with `<seq>\n`.
+    pub fn body(&self) -> Bytes {
         let header = serde_json::to_vec(&self.header).expect("header serializes");
         let mut out = BytesMut::with_capacity(header.len() + 1 + self.frame.len());
         out.put_slice(&header);
@@ -125,16 +228,80 @@ impl BusMessage {
         out.freeze()
     }
 
+    /// The history streams this message belongs to. A `to.conn` message has none: the
+    /// connection it names cannot come back.
+    pub fn streams(&self) -> Vec<StreamKey<'_>> {
+        match &self.header.to {
+            Target::User { user, .. } => vec![StreamKey::User(user)],
+            Target::Users(users) => users.iter().map(|u| StreamKey::User(u)).collect(),
+            Target::Conn(_) => Vec::new(),
+            Target::All => vec![StreamKey::All],
+        }
+    }
+}
+
+/// One message on `<prefix>:bus`: its sequence number, a JSON header line, then the client
+/// frame exactly as it is sent to sockets, separated by `\n`. The router reads the header
+/// and shares the frame bytes with every recipient without copying them.
+#[derive(Debug, Clone)]
+pub struct BusMessage {
+    pub seq: u64,
+    pub header: Header,
+    pub frame: Utf8Bytes,
+}
+
+/// A bus payload that is not a [`BusMessage`].
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("no sequence number line")]
+    NoSeq,
+    #[error("no header line")]
+    NoHeader,
+    #[error("bad header: {0}")]
+    Header(#[from] serde_json::Error),
+    #[error("frame is not UTF-8")]
+    NotUtf8,
+}
+
+/// `<seq>\n` followed by `body`: what the bus publishes and keeps in history.
+pub fn sequenced(seq: u64, body: &[u8]) -> Bytes {
+    let seq = seq.to_string();
+    let mut out = BytesMut::with_capacity(seq.len() + 1 + body.len());
+    out.put_slice(seq.as_bytes());
+    out.put_u8(b'\n');
+    out.put_slice(body);
+    out.freeze()
+}
+
+/// The sequence number at the start of a payload, without decoding the rest.
+pub fn payload_seq(payload: &[u8]) -> Option<u64> {
+    let end = payload.iter().position(|b| *b == b'\n')?;
+    std::str::from_utf8(&payload[..end]).ok()?.parse().ok()
+}
+
+impl BusMessage {
+    /// Serializes as the bus publishes it.
+    pub fn encode(&self) -> Bytes {
+        let outgoing = Outgoing {
+            header: self.header.clone(),
+            frame: self.frame.clone(),
+        };
+        sequenced(self.seq, &outgoing.body())
+    }
+
     /// Parses a payload; the frame shares `payload`'s memory.
     pub fn decode(payload: Bytes) -> Result<Self, DecodeError> {
-        let split = payload
+        let seq = payload_seq(&payload).ok_or(DecodeError::NoSeq)?;
+        let start = payload.iter().position(|b| *b == b'\n').expect("seq line") + 1;
+        let split = payload[start..]
             .iter()
             .position(|b| *b == b'\n')
-            .ok_or(DecodeError::NoHeader)?;
-        let header: Header = serde_json::from_slice(&payload[..split])?;
+            .ok_or(DecodeError::NoHeader)?
+            + start;
+        let header: Header = serde_json::from_slice(&payload[start..split])?;
         let frame =
             Utf8Bytes::try_from(payload.slice(split + 1..)).map_err(|_| DecodeError::NotUtf8)?;
-        Ok(Self { header, frame })
+        Ok(Self { seq, header, frame })
     }
 }
 
@@ -145,6 +312,7 @@ mod tests {
     #[test]
     fn bus_message_round_trips_and_shares_the_frame() {
         let msg = BusMessage {
+            seq: 17,
             header: Header {
                 id: "m-1".into(),
                 msg_type: "robot.reply".into(),
@@ -156,6 +324,7 @@ mod tests {
         };
         let wire = msg.encode();
         let back = BusMessage::decode(wire.clone()).unwrap();
+        assert_eq!(back.seq, 17);
         assert_eq!(back.header, msg.header);
         assert_eq!(back.frame, msg.frame);
         assert_eq!(
@@ -168,14 +337,22 @@ mod tests {
     fn garbage_payloads_are_errors() {
         assert!(matches!(
             BusMessage::decode(Bytes::from_static(b"no newline")),
+            Err(DecodeError::NoSeq)
+        ));
+        assert!(matches!(
+            BusMessage::decode(Bytes::from_static(b"x\n{}\n{}")),
+            Err(DecodeError::NoSeq)
+        ));
+        assert!(matches!(
+            BusMessage::decode(Bytes::from_static(b"1\n{}")),
             Err(DecodeError::NoHeader)
         ));
         assert!(matches!(
-            BusMessage::decode(Bytes::from_static(b"{}\n{}")),
+            BusMessage::decode(Bytes::from_static(b"1\n{}\n{}")),
             Err(DecodeError::Header(_))
         ));
         let bad = Bytes::from_static(
-            b"{\"id\":\"1\",\"type\":\"x\",\"to\":{\"all\":true},\"ts\":1}\n\xff",
+            b"3\n{\"id\":\"1\",\"type\":\"x\",\"to\":{\"all\":true},\"ts\":1}\n\xff",
         );
         assert!(matches!(BusMessage::decode(bad), Err(DecodeError::NotUtf8)));
     }

@@ -1,4 +1,11 @@
-//! The Redis bus: `PUBLISH` on one client, `SUBSCRIBE` on a dedicated subscriber client.
+//! The Redis bus: scripts on one client, `SUBSCRIBE` on a dedicated subscriber client.
+//!
+//! Keys (all under `<prefix>:`): `seq` the cluster's message counter; `m:<id>` the
+//! sequence number of a published id (expires after `recovery.window`); `u:<user>` and
+//! `all` the history streams, whose entry ids are `<seq>-0` and whose one field `p` is the
+//! payload exactly as published. [`PUBLISH_SCRIPT`] numbers, records and publishes in one
+//! atomic step, so history order is bus order; [`READ_SCRIPT`] reads the streams after a
+//! position and says whether any of it may have been trimmed (from `entries-added`, Redis 7).
 //!
 //! fred hands pub/sub messages to a broadcast channel; a receiver that falls behind loses
 //! messages, so the channel is large, drained by one dedicated task, and lag is counted and
@@ -12,11 +19,75 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
+use fred::types::scripts::Script;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
-use super::{Bus, BusError, BusEvent, BusHandler, Channel};
+use super::{
+    After, Bus, BusError, BusEvent, BusHandler, Channel, HistoryRead, Outgoing, Published,
+    StreamKey, StreamRead,
+};
+use crate::config::RecoveryConfig;
 use crate::metrics::Metrics;
+
+/// KEYS: seq, seen id, streams…; ARGV: body, max entries, window (s), bus channel.
+/// Returns `{seq, duplicate}`.
+pub const PUBLISH_SCRIPT: &str = r#"
+local seen = redis.call('GET', KEYS[2])
+if seen then return {tonumber(seen), 1} end
+local seq = redis.call('INCR', KEYS[1])
+local payload = string.format('%d', seq) .. '\n' .. ARGV[1]
+local id = string.format('%d-0', seq)
+for i = 3, #KEYS do
+  local added = redis.pcall('XADD', KEYS[i], 'MAXLEN', ARGV[2], id, 'p', payload)
+  if type(added) == 'table' and added.err then
+    -- entries from before the counter was lost: stale, start the stream again
+    redis.call('DEL', KEYS[i])
+    redis.call('XADD', KEYS[i], 'MAXLEN', ARGV[2], id, 'p', payload)
+  end
+  redis.call('EXPIRE', KEYS[i], ARGV[3])
+end
+redis.call('PUBLISH', ARGV[4], payload)
+redis.call('SET', KEYS[2], seq, 'EX', ARGV[3])
+return {seq, 0}
+"#;
+
+/// KEYS: seq, seen id, streams…; ARGV: `id` or `seq`, after (for `seq`), max entries.
+/// Returns `{head, after, {complete, payload…}…}`, or `{head, -1}` for an unknown id.
+pub const READ_SCRIPT: &str = r#"
+local head = tonumber(redis.call('GET', KEYS[1]) or '0')
+local after
+if ARGV[1] == 'id' then
+  local s = redis.call('GET', KEYS[2])
+  if not s then return {head, -1} end
+  after = tonumber(s)
+else
+  after = tonumber(ARGV[2])
+end
+local out = {head, after}
+for i = 3, #KEYS do
+  local read = {1}
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    -- Trimming removes the oldest entries: nothing after `after` is gone if nothing was
+    -- ever trimmed, or if an entry at or before `after` is still there.
+    local info = redis.call('XINFO', 'STREAM', KEYS[i])
+    local len, added, first
+    for j = 1, #info, 2 do
+      if info[j] == 'length' then len = info[j + 1] end
+      if info[j] == 'entries-added' then added = info[j + 1] end
+      if info[j] == 'first-entry' then first = info[j + 1] end
+    end
+    local trimmed = (added == nil) or (added > len) -- before Redis 7: assume it was
+    if trimmed and first and tonumber(string.match(first[1], '^(%d+)')) > after then
+      read[1] = 0
+    end
+    local entries = redis.call('XRANGE', KEYS[i], string.format('%d-0', after + 1), '+', 'COUNT', ARGV[3])
+    for _, e in ipairs(entries) do read[#read + 1] = e[2][2] end
+  end
+  out[#out + 1] = read
+end
+return out
+"#;
 
 /// Capacity of fred's pub/sub broadcast channel (messages buffered before lag).
 const BROADCAST_CAPACITY: usize = 1 << 16;
@@ -25,14 +96,24 @@ const BROADCAST_CAPACITY: usize = 1 << 16;
 pub struct RedisBus {
     publisher: Client,
     subscriber: SubscriberClient,
+    prefix: String,
     bus_channel: String,
     control_channel: String,
+    publish_script: Script,
+    read_script: Script,
+    max_messages: String,
+    window_secs: String,
     metrics: Arc<Metrics>,
 }
 
 impl RedisBus {
     /// Connects both clients; fails if Redis cannot be reached now.
-    pub async fn connect(url: &str, prefix: &str, metrics: Arc<Metrics>) -> Result<Self, BusError> {
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        recovery: &RecoveryConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, BusError> {
         let config = Config::from_url(url)?;
         let mut builder = Builder::from_config(config);
         builder
@@ -49,13 +130,42 @@ impl RedisBus {
         let subscriber = builder.build_subscriber_client()?;
         publisher.init().await?;
         subscriber.init().await?;
+        let publish_script = Script::from_lua(PUBLISH_SCRIPT);
+        let read_script = Script::from_lua(READ_SCRIPT);
+        publish_script.load(&publisher).await?;
+        read_script.load(&publisher).await?;
         Ok(Self {
             publisher,
             subscriber,
+            prefix: prefix.to_owned(),
             bus_channel: format!("{prefix}:bus"),
             control_channel: format!("{prefix}:control"),
+            publish_script,
+            read_script,
+            max_messages: recovery.max_messages.to_string(),
+            window_secs: recovery.window.as_secs().max(1).to_string(),
             metrics,
         })
+    }
+
+    fn stream_key(&self, key: &StreamKey<'_>) -> String {
+        match key {
+            StreamKey::All => format!("{}:all", self.prefix),
+            StreamKey::User(user) => format!("{}:u:{user}", self.prefix),
+        }
+    }
+
+    fn script_keys<'a>(
+        &self,
+        id: &str,
+        streams: impl IntoIterator<Item = &'a StreamKey<'a>>,
+    ) -> Vec<String> {
+        let mut keys = vec![
+            format!("{}:seq", self.prefix),
+            format!("{}:m:{id}", self.prefix),
+        ];
+        keys.extend(streams.into_iter().map(|k| self.stream_key(k)));
+        keys
     }
 
     fn channel_name(&self, channel: Channel) -> &str {
@@ -64,6 +174,45 @@ impl RedisBus {
             Channel::Control => &self.control_channel,
         }
     }
+}
+
+fn int(value: &Value) -> Result<i64, BusError> {
+    value
+        .as_i64()
+        .ok_or_else(|| BusError::Reply(format!("expected an integer, got {value:?}")))
+}
+
+/// Parses [`READ_SCRIPT`]'s reply.
+fn parse_read(reply: Value) -> Result<HistoryRead, BusError> {
+    let Value::Array(items) = reply else {
+        return Err(BusError::Reply(format!("history read: {reply:?}")));
+    };
+    let head = items.first().map(int).transpose()?.unwrap_or(0).max(0) as u64;
+    let after = items.get(1).map(int).transpose()?.unwrap_or(-1);
+    if after < 0 {
+        return Ok(HistoryRead {
+            after: None,
+            head,
+            streams: Vec::new(),
+        });
+    }
+    let mut streams = Vec::with_capacity(items.len().saturating_sub(2));
+    for item in items.into_iter().skip(2) {
+        let Value::Array(parts) = item else {
+            return Err(BusError::Reply(
+                "history read: stream is not an array".into(),
+            ));
+        };
+        let mut parts = parts.into_iter();
+        let complete = parts.next().map(|v| int(&v)).transpose()? == Some(1);
+        let entries = parts.filter_map(payload_bytes).collect();
+        streams.push(StreamRead { complete, entries });
+    }
+    Ok(HistoryRead {
+        after: Some(after as u64),
+        head,
+        streams,
+    })
 }
 
 /// A pub/sub payload as bytes, without copying.
@@ -93,6 +242,63 @@ impl Bus for RedisBus {
                 Err(e.into())
             }
         }
+    }
+
+    async fn publish_message(&self, msg: &Outgoing) -> Result<Published, BusError> {
+        let keys = self.script_keys(&msg.header.id, &msg.streams());
+        let args: Vec<Value> = vec![
+            Value::Bytes(msg.body()),
+            self.max_messages.as_str().into(),
+            self.window_secs.as_str().into(),
+            self.bus_channel.as_str().into(),
+        ];
+        let reply: Result<Value, _> = self
+            .publish_script
+            .evalsha_with_reload(&self.publisher, keys, args)
+            .await;
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) => {
+                self.metrics.bus_publish_errors.inc();
+                return Err(e.into());
+            }
+        };
+        let Value::Array(items) = &reply else {
+            return Err(BusError::Reply(format!("publish: {reply:?}")));
+        };
+        let (seq, duplicate) = match items.as_slice() {
+            [seq, dup] => (int(seq)?, int(dup)? == 1),
+            _ => return Err(BusError::Reply(format!("publish: {reply:?}"))),
+        };
+        if !duplicate {
+            self.metrics.bus_published.with_label_values(&["bus"]).inc();
+        }
+        Ok(Published {
+            seq: seq.max(0) as u64,
+            duplicate,
+        })
+    }
+
+    async fn read_history(
+        &self,
+        after: After<'_>,
+        streams: &[StreamKey<'_>],
+    ) -> Result<HistoryRead, BusError> {
+        let (id, mode, position) = match after {
+            After::Id(id) => (id, "id", 0),
+            After::Seq(seq) => ("", "seq", seq),
+        };
+        let keys = self.script_keys(id, streams);
+        let args: Vec<Value> = vec![
+            mode.into(),
+            position.to_string().into(),
+            self.max_messages.as_str().into(),
+        ];
+        let reply: Value = self
+            .read_script
+            .evalsha_with_reload(&self.publisher, keys, args)
+            .await?;
+        parse_read(reply)
     }
 
     async fn subscribe(

@@ -77,6 +77,11 @@ pub struct Session {
     pub conn: Arc<ConnHandle>,
     pub queue: mpsc::Receiver<Queued>,
     pub hello: Utf8Bytes,
+    /// `msg` frames a resuming client missed, sent right after `hello`.
+    pub replay: Vec<Utf8Bytes>,
+    /// Queued `msg` frames up to this bus sequence number were in `replay` (or were not
+    /// for this connection): they are skipped, so nothing arrives twice.
+    pub skip_through: u64,
     pub heartbeat: HeartbeatConfig,
     /// Token expiry, seconds since the epoch.
     pub token_exp: Option<u64>,
@@ -105,7 +110,7 @@ impl Session {
     where
         S: Sink<Message, Error = WsError> + Stream<Item = Result<Message, WsError>> + Unpin,
     {
-        let end = match ws.send(Message::Text(self.hello.clone())).await {
+        let end = match self.greet(&mut ws).await {
             Ok(()) => self.serve(&mut ws).await,
             Err(_) => End::ClientGone,
         };
@@ -135,6 +140,18 @@ impl Session {
             .with_label_values(&[&label])
             .inc();
         end
+    }
+
+    /// Sends `hello`, then the replay, with one flush.
+    async fn greet<S>(&mut self, ws: &mut S) -> Result<(), WsError>
+    where
+        S: Sink<Message, Error = WsError> + Unpin,
+    {
+        ws.feed(Message::Text(self.hello.clone())).await?;
+        for frame in std::mem::take(&mut self.replay) {
+            ws.feed(Message::Text(frame)).await?;
+        }
+        ws.flush().await
     }
 
     async fn serve<S>(&mut self, ws: &mut S) -> End
@@ -241,6 +258,10 @@ impl Session {
         let mut fed = 0;
         while let Some(q) = next.take() {
             self.conn.dequeued(q.frame.len());
+            if q.seq != 0 && q.seq <= self.skip_through {
+                next = self.queue.try_recv().ok();
+                continue;
+            }
             if let Some(ts) = q.ts_ms {
                 stamps[stamped] = ts;
                 stamped += 1;
@@ -333,6 +354,8 @@ mod tests {
             conn: conn.clone(),
             queue,
             hello: "hello".into(),
+            replay: Vec::new(),
+            skip_through: 0,
             heartbeat: HeartbeatConfig {
                 interval: Duration::from_secs(25),
                 timeout: Duration::from_secs(60),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::envelope::Platform;
+use crate::envelope::{Platform, Target};
 
 /// A frame waiting in a connection's queue.
 #[derive(Debug)]
@@ -15,6 +15,9 @@ pub struct Queued {
     pub frame: Utf8Bytes,
     /// Kafka timestamp of a `msg` frame (for the latency histogram); `None` for replies.
     pub ts_ms: Option<i64>,
+    /// Bus sequence number of a `msg` frame (a resuming session skips what it replayed);
+    /// 0 for other frames.
+    pub seq: u64,
 }
 
 /// Why a frame could not be queued.
@@ -103,18 +106,36 @@ impl ConnHandle {
         }
     }
 
-    /// Queues a frame without waiting. On overflow, asks the session to close with 4001.
+    /// Queues a reply or notice (not a `msg`) without waiting; see [`push_msg`](Self::push_msg).
     pub fn push(&self, frame: Utf8Bytes, ts_ms: Option<i64>) -> Result<(), PushError> {
+        self.enqueue(Queued {
+            frame,
+            ts_ms,
+            seq: 0,
+        })
+    }
+
+    /// Queues a `msg` frame with its bus sequence number and Kafka timestamp.
+    pub fn push_msg(&self, frame: Utf8Bytes, seq: u64, ts_ms: i64) -> Result<(), PushError> {
+        self.enqueue(Queued {
+            frame,
+            ts_ms: Some(ts_ms),
+            seq,
+        })
+    }
+
+    /// Queues without waiting. On overflow, asks the session to close with 4001.
+    fn enqueue(&self, queued: Queued) -> Result<(), PushError> {
         if self.close_code.load(Ordering::Relaxed) != 0 {
             return Err(PushError::Closed);
         }
-        let len = frame.len();
+        let len = queued.frame.len();
         if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > self.max_bytes {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             self.close(4001);
             return Err(PushError::Overflow);
         }
-        match self.queue.try_send(Queued { frame, ts_ms }) {
+        match self.queue.try_send(queued) {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
@@ -153,6 +174,20 @@ impl ConnHandle {
                 return code;
             }
             self.close_notify.notified().await;
+        }
+    }
+
+    /// True if `target` selects this connection (used when replaying history to it).
+    pub fn is_target(&self, target: &Target) -> bool {
+        match target {
+            Target::User {
+                user,
+                platform,
+                tab,
+            } => **user == *self.user && self.matches(*platform, tab.as_deref()),
+            Target::Users(users) => users.iter().any(|u| **u == *self.user),
+            Target::Conn(id) => **id == *self.id,
+            Target::All => true,
         }
     }
 

@@ -175,6 +175,32 @@ impl Registry {
         }
     }
 
+    /// Takes preferences re-read from the database after a bus gap: when they differ from
+    /// what is held (and are not older), every connection of the user gets `frame`.
+    pub fn refresh_prefs(&self, user: &str, bits: u64, version: i64, frame: &Utf8Bytes) {
+        let index = self.index.write();
+        if let Some(entry) = index.by_user.get(user) {
+            if entry.prefs.get() != bits && entry.prefs.update(bits, version) {
+                for conn in &entry.conns {
+                    let _ = conn.push(frame.clone(), None);
+                }
+            }
+        }
+    }
+
+    /// The users with a connection here, now.
+    pub fn users(&self) -> Vec<Arc<str>> {
+        self.index.read().by_user.keys().cloned().collect()
+    }
+
+    /// Calls `f` for each connection of `user` here; returns how many there were.
+    pub fn for_each_of_user(&self, user: &str, mut f: impl FnMut(&Arc<ConnHandle>)) -> usize {
+        let index = self.index.read();
+        let conns = index.by_user.get(user).map_or(&[][..], |e| &e.conns[..]);
+        conns.iter().for_each(&mut f);
+        conns.len()
+    }
+
     /// Adds a connection; returns its guard, handle and the receiving end of its queue.
     /// `bits` are the user's preferences as read, at `version`; they are used only when the
     /// user has no connection here yet (and no newer change arrived meanwhile).

@@ -40,7 +40,7 @@ async fn produce_spread_and_expect_all(
 /// Kafka), else librdkafka's mock cluster over TCP. Not tansu: tansu 0.6 evicts a dead member
 /// but answers the survivors' rejoin with the old generation and assignment, so a dead node's
 /// partitions are never moved (docs/testing.md). The nodes are real processes either way.
-fn failover_broker() -> Options {
+pub(crate) fn failover_broker() -> Options {
     let base = Options::default();
     match std::env::var("FANOUT_TEST_KAFKA_FAILOVER") {
         Ok(kafka) => Options { kafka, ..base },
@@ -109,6 +109,26 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     fn start(port: u16) -> Self {
+        Self::start_with(port, &["--appendonly", "no"])
+    }
+
+    /// With an append-only file synced on every write, in `dir`: data survives a restart.
+    fn start_persistent(port: u16, dir: &std::path::Path) -> Self {
+        let dir = dir.to_str().unwrap();
+        Self::start_with(
+            port,
+            &[
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                dir,
+            ],
+        )
+    }
+
+    fn start_with(port: u16, extra: &[&str]) -> Self {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -117,9 +137,8 @@ impl PrivateRedis {
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server must be on PATH for this test (./scripts/test installs it)");
@@ -234,4 +253,127 @@ async fn after_redis_restarts_delivery_resumes_without_restarting_fanout() {
             >= 1.0
     );
     redis.stop();
+}
+
+impl PrivateRedis {
+    /// `redis-cli` against this server.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli must be on PATH (./scripts/test installs it)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// Streams `total` numbered messages for `user` in the background.
+fn stream_for(
+    cluster: &TestCluster,
+    user: &'static str,
+    total: u64,
+) -> tokio::task::JoinHandle<()> {
+    let producer = cluster.producer.clone();
+    tokio::spawn(async move {
+        for n in 0..total {
+            producer
+                .send(user, json!({"type":"t","to":{"user":user},"data":{"n":n}}))
+                .await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+}
+
+/// Reads until `total` messages arrived; checks they are 0..total, in order, once each.
+async fn expect_exactly_in_order(client: &mut Client, total: u64, wait: Duration) {
+    let mut got = Vec::new();
+    while got.len() < total as usize {
+        let m = client.expect_msg(wait).await;
+        assert_ne!(m["t"], "error", "{m}");
+        got.push(m["data"]["n"].as_u64().unwrap());
+    }
+    assert_eq!(
+        got,
+        (0..total).collect::<Vec<_>>(),
+        "every message once, in order"
+    );
+    let extra = client.msgs_during(Duration::from_millis(1500)).await;
+    assert!(extra.is_empty(), "nothing twice: {extra:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_bus_subscriptions_are_recovered_from_the_history_without_loss() {
+    let redis = PrivateRedis::start(free_port());
+    let options = Options {
+        redis_url: redis.url(),
+        ..Default::default()
+    };
+    let cluster = TestCluster::start_with(2, options).await;
+    let mut uma = cluster.connect(1, "uma", "").await;
+    let stream = stream_for(&cluster, "uma", 300);
+    // Kill every subscriber connection three times while messages flow: each node misses
+    // what was published until it resubscribes, and must read it back from the history.
+    let killer = {
+        let port = redis.port;
+        tokio::spawn(async move {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                let out = Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "CLIENT", "KILL", "TYPE", "pubsub"])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success());
+            }
+        })
+    };
+    expect_exactly_in_order(&mut uma, 300, Duration::from_secs(20)).await;
+    killer.await.unwrap();
+    stream.await.unwrap();
+    let node = cluster.node(1);
+    assert!(
+        node.metric("fanout_bus_gaps_total{reason=\"reconnected\"}")
+            .await
+            >= 1.0
+    );
+    assert!(
+        node.metric("fanout_gap_recoveries_total{result=\"recovered\"}")
+            .await
+            >= 1.0,
+        "the gap was recovered, not just noticed"
+    );
+    assert_eq!(
+        node.metric("fanout_gap_recoveries_total{result=\"lost\"}")
+            .await,
+        0.0
+    );
+    drop(redis.cli(&["PING"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_while_messages_flow_loses_nothing_and_duplicates_nothing() {
+    let dir = std::env::temp_dir().join(unique("fanout-redis-aof"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let mut redis = PrivateRedis::start_persistent(port, &dir);
+    let options = Options {
+        redis_url: redis.url(),
+        ..Default::default()
+    };
+    let cluster = TestCluster::start_with(2, options).await;
+    let mut vic = cluster.connect(0, "vic", "").await;
+    let mut val = cluster.connect(1, "val", "").await;
+    let streams = [
+        stream_for(&cluster, "vic", 200),
+        stream_for(&cluster, "val", 200),
+    ];
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    redis.stop(); // SIGKILL, mid-stream
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _redis = PrivateRedis::start_persistent(port, &dir);
+    expect_exactly_in_order(&mut vic, 200, Duration::from_secs(30)).await;
+    expect_exactly_in_order(&mut val, 200, Duration::from_secs(30)).await;
+    for s in streams {
+        s.await.unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,4 +7,5 @@ mod embedded;
 mod failures;
 mod limits;
 mod preferences;
+mod resume;
 mod support;

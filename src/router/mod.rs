@@ -1,0 +1,414 @@
+//! The router: turns each bus message into queued frames for this node's connections, and
+//! makes the node whole again after it missed part of the bus.
+//!
+//! Runs as one task, one event at a time, so per-user order is the order of the bus. Per
+//! recipient it does one preference check (an atomic load and a mask) and one `try_send`
+//! of a shared frame: no JSON, no allocation, no lock across `.await`, no database query.
+//!
+//! Control messages (preference changes) arrive in the same stream, so a message published
+//! after a change is filtered by the new preferences on every node.
+//!
+//! Invariant: the router has routed every bus message up to `last_seq` (or told the
+//! affected users they lost some). A message whose sequence number jumps past
+//! `last_seq + 1`, a lost subscription, a lagging receiver, or a quiet bus whose counter
+//! moved on starts a recovery (see [`recovery`]): events wait in order in a buffer while
+//! the missed messages are read from the history, routed, and only then is the buffer
+//! drained. Sequence numbers make both sides of that overlap exact.
+
+mod recovery;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, BusEvent, BusMessage, Channel};
+use crate::gateway::protocol;
+use crate::metrics::Metrics;
+use crate::prefs::{Change, Prefs};
+use crate::registry::{PushError, Registry};
+use crate::types::{self, TypeRegistry};
+use recovery::{Outcome, Recovery};
+
+/// How many recent message ids the router remembers to drop redeliveries.
+const RECENT_IDS: usize = 1 << 16;
+/// Most events held while a recovery runs; later ones are dropped and recovered again.
+const BUFFER_MAX: usize = 1 << 17;
+/// A bus this quiet for this long is asked whether its counter moved on without us.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// Remembers the last [`RECENT_IDS`] ids, to drop a message the bus carries twice before
+/// it reaches any connection again.
+struct RecentIds {
+    set: HashSet<Arc<str>>,
+    order: VecDeque<Arc<str>>,
+}
+
+impl RecentIds {
+    fn new() -> Self {
+        Self {
+            set: HashSet::with_capacity(RECENT_IDS),
+            order: VecDeque::with_capacity(RECENT_IDS),
+        }
+    }
+
+    /// False if `id` was seen recently.
+    fn insert(&mut self, id: &str) -> bool {
+        if self.set.contains(id) {
+            return false;
+        }
+        if self.order.len() == RECENT_IDS {
+            if let Some(oldest) = self.order.pop_front() {
+                self.set.remove(&oldest);
+            }
+        }
+        // One allocation per message, shared by the set and the eviction order.
+        let id: Arc<str> = Arc::from(id);
+        self.set.insert(id.clone());
+        self.order.push_back(id);
+        true
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Routes bus messages to local connections.
+pub struct Router {
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    recent: RecentIds,
+    /// The type registry: bits for the filter; metric labels (anything else is `other`).
+    types: Arc<TypeRegistry>,
+    bus: Arc<dyn Bus>,
+    /// Re-read after a gap (announcements may have been lost); `None` in unit tests.
+    prefs: Option<Arc<Prefs>>,
+    /// `recovery.window`: a gap longer than this cannot be recovered.
+    window: Duration,
+    /// Every bus message up to this one has been routed; `None` until the first one.
+    last_seq: Option<u64>,
+    /// Messages up to this one were routed by a recovery: arriving live, they are duplicates.
+    recovered_through: u64,
+    /// When the last bus event arrived.
+    last_event: Instant,
+    /// When the router last knew it had every message up to `last_seq`.
+    whole_at: Instant,
+    /// Events held while a recovery runs.
+    buffer: VecDeque<BusEvent>,
+}
+
+impl Router {
+    pub fn new(
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        types: Arc<TypeRegistry>,
+        bus: Arc<dyn Bus>,
+        prefs: Option<Arc<Prefs>>,
+        window: Duration,
+    ) -> Self {
+        Self {
+            registry,
+            metrics,
+            recent: RecentIds::new(),
+            types,
+            bus,
+            prefs,
+            window,
+            last_seq: None,
+            recovered_through: 0,
+            last_event: Instant::now(),
+            whole_at: Instant::now(),
+            buffer: VecDeque::new(),
+        }
+    }
+
+    /// Routes `events` until `shutdown`.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<BusEvent>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut recovery: Option<Recovery> = None;
+        let mut idle = tokio::time::interval(IDLE_CHECK);
+        idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                outcome = async { recovery.as_mut().expect("guarded").wait().await }, if recovery.is_some() => {
+                    recovery = None;
+                    self.finish(outcome);
+                    while recovery.is_none() {
+                        let Some(event) = self.buffer.pop_front() else { break };
+                        recovery = self.handle(event);
+                    }
+                }
+                event = events.recv() => {
+                    let Some(event) = event else { anyhow::bail!("the bus subscriber stopped") };
+                    self.last_event = Instant::now();
+                    if recovery.is_some() {
+                        self.hold(event);
+                    } else {
+                        recovery = self.handle(event);
+                    }
+                }
+                _ = idle.tick(), if recovery.is_none() => {
+                    if self.last_event.elapsed() >= IDLE_CHECK {
+                        recovery = Some(self.start_recovery(false));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keeps an event for after the running recovery.
+    fn hold(&mut self, event: BusEvent) {
+        if self.buffer.len() < BUFFER_MAX {
+            self.buffer.push_back(event);
+        } else {
+            // Dropped here, it shows up later as a sequence jump and is recovered again.
+            self.metrics
+                .dropped
+                .with_label_values(&["buffer_full"])
+                .inc();
+        }
+    }
+
+    /// Handles one event; returns a recovery to run when the event revealed a gap (the
+    /// event itself is then held until the recovery is done).
+    fn handle(&mut self, event: BusEvent) -> Option<Recovery> {
+        match event {
+            BusEvent::Message {
+                channel: Channel::Bus,
+                payload,
+            } => match BusMessage::decode(payload) {
+                Ok(msg) => self.on_message(msg),
+                Err(e) => {
+                    self.metrics.bus_bad_payloads.inc();
+                    tracing::warn!(error = %e, "undecodable bus payload dropped");
+                    None
+                }
+            },
+            BusEvent::Message {
+                channel: Channel::Control,
+                payload,
+            } => {
+                match Change::decode(&payload) {
+                    Ok(change) => self.apply_change(&change),
+                    Err(e) => {
+                        self.metrics.bus_bad_payloads.inc();
+                        tracing::warn!(error = %e, "undecodable control message dropped");
+                    }
+                }
+                None
+            }
+            BusEvent::Gap { reason } => {
+                tracing::warn!(
+                    reason,
+                    "bus gap: recovering what was missed from the history"
+                );
+                Some(self.start_recovery(true))
+            }
+        }
+    }
+
+    /// Routes a message in sequence; a jump or a step back starts a recovery.
+    fn on_message(&mut self, msg: BusMessage) -> Option<Recovery> {
+        let Some(last) = self.last_seq else {
+            self.last_seq = Some(msg.seq);
+            self.route(&msg);
+            return None;
+        };
+        if msg.seq == last + 1 {
+            self.last_seq = Some(msg.seq);
+            self.whole_at = Instant::now();
+            self.route(&msg);
+            return None;
+        }
+        if msg.seq <= last && msg.seq <= self.recovered_through {
+            // Already routed from the history.
+            self.metrics.dropped.with_label_values(&["duplicate"]).inc();
+            return None;
+        }
+        // A jump: messages were missed. A step back: the bus's counter was reset.
+        let reason = if msg.seq > last { "skipped" } else { "reset" };
+        tracing::warn!(
+            last,
+            seq = msg.seq,
+            reason,
+            "bus sequence broken: recovering"
+        );
+        self.metrics.bus_gaps.with_label_values(&[reason]).inc();
+        let payload = msg.encode();
+        self.buffer.push_front(BusEvent::Message {
+            channel: Channel::Bus,
+            payload,
+        });
+        Some(self.start_recovery(true))
+    }
+
+    fn start_recovery(&self, reload_prefs: bool) -> Recovery {
+        Recovery::start(
+            self.bus.clone(),
+            self.prefs.clone().filter(|_| reload_prefs),
+            self.registry.clone(),
+            self.last_seq,
+            self.whole_at,
+        )
+    }
+
+    /// Queues `msg` on every local connection it targets.
+    pub fn route(&mut self, msg: &BusMessage) {
+        let h = &msg.header;
+        if h.expired(now_ms()) {
+            self.metrics.dropped.with_label_values(&["expired"]).inc();
+            return;
+        }
+        if !self.recent.insert(&h.id) {
+            self.metrics.dropped.with_label_values(&["duplicate"]).inc();
+            return;
+        }
+        let slot = self.types.slot(&h.msg_type);
+        let (mut queued, mut filtered, mut full, mut closed) = (0u64, 0u64, 0u64, 0u64);
+        self.registry.for_each_target(&h.to, |conn| {
+            if !types::accepts(conn.prefs.get(), slot) {
+                filtered += 1;
+                return;
+            }
+            match conn.push_msg(msg.frame.clone(), msg.seq, h.ts) {
+                Ok(()) => queued += 1,
+                Err(PushError::Overflow) => full += 1,
+                Err(PushError::Closed) => closed += 1,
+            }
+        });
+        let label = if self.types.contains(&h.msg_type) {
+            h.msg_type.as_str()
+        } else {
+            "other"
+        };
+        if filtered > 0 {
+            self.metrics
+                .filtered
+                .with_label_values(&[label])
+                .inc_by(filtered);
+        }
+        if queued > 0 {
+            self.metrics
+                .delivered
+                .with_label_values(&[label])
+                .inc_by(queued);
+            self.metrics.deliveries.inc_by(queued);
+        }
+        if full > 0 {
+            self.metrics
+                .dropped
+                .with_label_values(&["queue_full"])
+                .inc_by(full);
+        }
+        if closed > 0 {
+            self.metrics
+                .dropped
+                .with_label_values(&["closed"])
+                .inc_by(closed);
+        }
+    }
+
+    /// Applies a preference change to this node's connections of that user.
+    pub fn apply_change(&mut self, change: &Change) {
+        let bits = self.types.apply(
+            self.types.defaults(),
+            change.prefs.iter().map(|(t, e)| (t.as_str(), *e)),
+        );
+        let frame = protocol::prefs(&self.types.to_map(bits));
+        let told = self
+            .registry
+            .apply_prefs(&change.user, bits, change.version, &frame);
+        if told > 0 {
+            let latency = (now_ms() - change.ts).max(0) as f64 / 1000.0;
+            self.metrics.prefs_change_latency.observe(latency);
+        }
+    }
+
+    /// Applies a finished recovery: fresh preferences, the missed messages in order, the
+    /// notices for what could not be recovered; the node is then whole up to its head.
+    fn finish(&mut self, outcome: Outcome) {
+        for (user, bits, version) in &outcome.prefs {
+            let frame = protocol::prefs(&self.types.to_map(*bits));
+            self.registry.refresh_prefs(user, *bits, *version, &frame);
+        }
+        let Some(found) = outcome.recovered else {
+            // Nothing was known yet: start counting from the bus's head.
+            self.last_seq = Some(outcome.head);
+            self.recovered_through = outcome.head;
+            self.whole_at = Instant::now();
+            return;
+        };
+        let last = if found.reset {
+            0
+        } else {
+            self.last_seq.unwrap_or(0)
+        };
+        let mut routed = 0u64;
+        for msg in found.messages.iter().filter(|m| m.seq > last) {
+            self.route(msg);
+            routed += 1;
+        }
+        self.metrics.recovered_messages.inc_by(routed);
+        // Longer than the window, history streams may have expired under the gap.
+        let too_long = outcome.whole_at.elapsed() > self.window;
+        let lost_all = outcome.missed && (found.reset || found.lost_all || too_long);
+        let lost = if lost_all {
+            self.registry.for_each(|conn| {
+                let _ = conn.push(lost_frame(&self.metrics), None);
+            });
+            self.registry.connection_count()
+        } else {
+            found
+                .lost_users
+                .iter()
+                .map(|user| {
+                    let frame = lost_frame(&self.metrics);
+                    self.registry.for_each_of_user(user, |conn| {
+                        let _ = conn.push(frame.clone(), None);
+                    })
+                })
+                .sum()
+        };
+        let result = if lost > 0 { "lost" } else { "recovered" };
+        if outcome.missed {
+            self.metrics
+                .gap_recoveries
+                .with_label_values(&[result])
+                .inc();
+            tracing::info!(
+                from = last,
+                to = found.head,
+                routed,
+                connections_told_lost = lost,
+                "bus gap recovered"
+            );
+        }
+        self.last_seq = Some(found.head.max(last));
+        self.recovered_through = found.head.max(last);
+        self.whole_at = Instant::now();
+    }
+}
+
+/// The notice for a connection that missed messages no history can give back.
+fn lost_frame(metrics: &Metrics) -> tokio_tungstenite::tungstenite::Utf8Bytes {
+    crate::gateway::error_frame(
+        metrics,
+        "messages_lost",
+        "some messages for you could not be delivered; reload your state",
+        None,
+    )
+}

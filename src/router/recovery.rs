@@ -1,0 +1,133 @@
+//! One gap recovery: a task that reads what this node missed while the router holds new
+//! events back.
+//!
+//! It asks the bus for its head first (one cheap read): when nothing was missed it is done.
+//! Otherwise it reads, for the users connected here, every message after the router's
+//! `last_seq` from the history, and re-reads their preferences (a preference announcement
+//! may have been lost with the messages). Redis being down is not an outcome: the task
+//! retries every second until it can read, and the router keeps holding events meanwhile.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::bus::history::{self, Recovered};
+use crate::bus::{After, Bus, BusError};
+use crate::prefs::Prefs;
+use crate::registry::Registry;
+
+/// What a recovery found.
+pub(super) struct Outcome {
+    /// The bus's last sequence number when read.
+    pub head: u64,
+    /// `None` when the router had no position yet (nothing to compare with).
+    pub recovered: Option<Recovered>,
+    /// Fresh preferences of the connected users: `(user, bits, version)`.
+    pub prefs: Vec<(String, u64, i64)>,
+    /// True when messages were actually missed (or the bus was reset).
+    pub missed: bool,
+    /// When the router was last known to be whole, before this gap.
+    pub whole_at: Instant,
+}
+
+/// A running recovery; aborted if dropped.
+pub(super) struct Recovery {
+    task: JoinHandle<Outcome>,
+}
+
+impl Drop for Recovery {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Recovery {
+    /// Starts reading what `users` missed after `after`. `prefs` is given when their
+    /// preferences should be read again too.
+    pub fn start(
+        bus: Arc<dyn Bus>,
+        prefs: Option<Arc<Prefs>>,
+        registry: Arc<Registry>,
+        after: Option<u64>,
+        whole_at: Instant,
+    ) -> Self {
+        let task = tokio::spawn(async move {
+            let mut failures = 0u32;
+            loop {
+                match attempt(&*bus, prefs.as_deref(), &registry, after, whole_at).await {
+                    Ok(outcome) => return outcome,
+                    Err(e) => {
+                        if failures == 0 {
+                            tracing::warn!(error = %e, "history unreadable; recovery retries every second");
+                        }
+                        failures += 1;
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        Self { task }
+    }
+
+    /// Waits for the outcome.
+    pub async fn wait(&mut self) -> Outcome {
+        match (&mut self.task).await {
+            Ok(outcome) => outcome,
+            Err(e) => panic!("recovery task failed: {e}"),
+        }
+    }
+}
+
+async fn attempt(
+    bus: &dyn Bus,
+    prefs: Option<&Prefs>,
+    registry: &Registry,
+    after: Option<u64>,
+    whole_at: Instant,
+) -> Result<Outcome, BusError> {
+    let head = bus.read_history(After::Seq(0), &[]).await?.head;
+    let Some(after) = after else {
+        return Ok(Outcome {
+            head,
+            recovered: None,
+            prefs: Vec::new(),
+            missed: false,
+            whole_at,
+        });
+    };
+    let missed = head != after;
+    // The users connected now: whoever connects later resumes by itself.
+    let users = if missed || prefs.is_some() {
+        registry.users()
+    } else {
+        Vec::new()
+    };
+    let found = if !missed || users.is_empty() {
+        Recovered {
+            head,
+            reset: head < after,
+            ..Recovered::default()
+        }
+    } else {
+        history::recover(bus, &users, after).await?
+    };
+    let prefs = match prefs {
+        Some(prefs) if !users.is_empty() => {
+            let names: Vec<&str> = users.iter().map(|u| &**u).collect();
+            prefs.load_bits_many(&names).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "preferences not re-read after the gap");
+                Vec::new()
+            })
+        }
+        _ => Vec::new(),
+    };
+    Ok(Outcome {
+        head: found.head,
+        missed: missed || found.reset,
+        recovered: Some(found),
+        prefs,
+        whole_at,
+    })
+}

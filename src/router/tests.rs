@@ -1,0 +1,271 @@
+//! Unit tests of routing, filtering, de-duplication and gap recovery.
+
+use super::*;
+use crate::bus::local::LocalBus;
+use crate::bus::{After, Header, Outgoing, StreamKey};
+use crate::config::{TypeConfig, TypesConfig, UnknownTypes};
+use crate::envelope::Target;
+use crate::registry::Limits;
+
+fn setup() -> (Router, Arc<Registry>) {
+    let metrics = Arc::new(Metrics::new());
+    let registry = Registry::new(Limits::small(), metrics.clone());
+    let types = TypeRegistry::new(&TypesConfig {
+        registry: vec![
+            TypeConfig {
+                name: "t".into(),
+                default: true,
+            },
+            TypeConfig {
+                name: "promo".into(),
+                default: false,
+            },
+        ],
+        unknown: UnknownTypes::Deliver,
+    });
+    let types = Arc::new(types);
+    let bus: Arc<dyn Bus> = Arc::new(LocalBus::default());
+    let router = Router::new(
+        registry.clone(),
+        metrics,
+        types,
+        bus,
+        None,
+        Duration::from_secs(600),
+    );
+    (router, registry)
+}
+
+fn typed(id: &str, msg_type: &str, to: Target) -> BusMessage {
+    let mut m = msg(id, to, now_ms(), None);
+    m.header.msg_type = msg_type.into();
+    m
+}
+
+fn control(user: &str, prefs: &[(&str, bool)]) -> BusEvent {
+    let change = Change {
+        kind: "prefs".into(),
+        user: user.into(),
+        prefs: prefs.iter().map(|(t, e)| (t.to_string(), *e)).collect(),
+        ts: now_ms(),
+        version: now_ms() * 1000,
+    };
+    BusEvent::Message {
+        channel: Channel::Control,
+        payload: change.encode(),
+    }
+}
+
+#[test]
+fn preferences_filter_per_user_and_changes_apply_at_once() {
+    let (mut router, registry) = setup();
+    let defaults = router.types.defaults();
+    let (_a, _, mut alice) = registry.register("alice", None, None, defaults, 0).unwrap();
+    let (_b, _, mut bob) = registry
+        .register(
+            "bob",
+            None,
+            None,
+            router.types.apply(defaults, [("promo", true)]),
+            0,
+        )
+        .unwrap();
+    router.route(&typed("1", "promo", Target::All));
+    router.route(&typed("2", "t", Target::All));
+    router.route(&typed("3", "unregistered", Target::All));
+    let frames = |rx: &mut tokio::sync::mpsc::Receiver<crate::registry::Queued>| {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|q| q.frame.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        frames(&mut alice),
+        ["frame-2", "frame-3"],
+        "promo is off by default"
+    );
+    assert_eq!(frames(&mut bob), ["frame-1", "frame-2", "frame-3"]);
+
+    router.handle(control("alice", &[("t", false), ("promo", true)]));
+    let prefs_frame = frames(&mut alice);
+    assert_eq!(
+        prefs_frame,
+        [r#"{"t":"prefs","prefs":{"promo":true,"t":false}}"#]
+    );
+    router.route(&typed("4", "t", Target::All));
+    router.route(&typed("5", "promo", Target::All));
+    assert_eq!(
+        frames(&mut alice),
+        ["frame-5"],
+        "the change applies to the next message"
+    );
+    assert_eq!(
+        frames(&mut bob),
+        ["frame-4", "frame-5"],
+        "bob is unaffected"
+    );
+}
+
+fn msg(id: &str, to: Target, ts: i64, ttl_ms: Option<u64>) -> BusMessage {
+    BusMessage {
+        seq: 0,
+        header: Header {
+            id: id.into(),
+            msg_type: "t".into(),
+            to,
+            ts,
+            ttl_ms,
+        },
+        frame: format!("frame-{id}").into(),
+    }
+}
+
+#[test]
+fn duplicates_and_expired_messages_are_dropped() {
+    let (mut router, registry) = setup();
+    let (_g, _c, mut rx) = registry
+        .register("alice", None, None, router.types.defaults(), 0)
+        .unwrap();
+    let alice = Target::User {
+        user: "alice".into(),
+        platform: None,
+        tab: None,
+    };
+    router.route(&msg("1", alice.clone(), now_ms(), None));
+    router.route(&msg("1", alice.clone(), now_ms(), None));
+    router.route(&msg("2", alice.clone(), now_ms() - 10_000, Some(1_000)));
+    router.route(&msg("3", alice, now_ms(), Some(60_000)));
+    assert_eq!(rx.try_recv().unwrap().frame.as_str(), "frame-1");
+    assert_eq!(rx.try_recv().unwrap().frame.as_str(), "frame-3");
+    assert!(rx.try_recv().is_err());
+}
+
+#[test]
+fn recent_ids_forget_the_oldest() {
+    let mut recent = RecentIds::new();
+    assert!(recent.insert("first"));
+    for i in 0..RECENT_IDS {
+        recent.insert(&i.to_string());
+    }
+    assert!(recent.insert("first"), "the oldest id was forgotten");
+    assert!(!recent.insert(&(RECENT_IDS - 1).to_string()));
+}
+
+fn alice() -> Target {
+    Target::User {
+        user: "alice".into(),
+        platform: None,
+        tab: None,
+    }
+}
+
+/// Publishes `n` messages for alice on `bus`; returns their payloads as the bus sent them.
+async fn publish_for_alice(bus: &dyn Bus, n: usize, tag: &str) -> Vec<bytes::Bytes> {
+    for i in 0..n {
+        let out = Outgoing {
+            header: Header {
+                id: format!("{tag}-{i}"),
+                msg_type: "t".into(),
+                to: alice(),
+                ts: now_ms(),
+                ttl_ms: None,
+            },
+            frame: format!("{tag}-{i}").into(),
+        };
+        bus.publish_message(&out).await.unwrap();
+    }
+    let read = bus
+        .read_history(After::Seq(0), &[StreamKey::User("alice")])
+        .await
+        .unwrap();
+    read.streams[0].entries.clone()
+}
+
+fn bus_event(payload: &bytes::Bytes) -> BusEvent {
+    BusEvent::Message {
+        channel: Channel::Bus,
+        payload: payload.clone(),
+    }
+}
+
+async fn frames_within(
+    rx: &mut tokio::sync::mpsc::Receiver<crate::registry::Queued>,
+    n: usize,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let q = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("frame in time")
+            .expect("queue open");
+        out.push(q.frame.to_string());
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_sequence_jump_is_filled_from_the_history_in_order() {
+    let (router, registry) = setup();
+    let (_g, _c, mut rx) = registry
+        .register("alice", None, None, router.types.defaults(), 0)
+        .unwrap();
+    let payloads = publish_for_alice(&*router.bus, 5, "m").await;
+    let (tx, events) = mpsc::channel(16);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(router.run(events, stop.clone()));
+    // 2 and 3 never arrive live: the router must read them back before routing 4 and 5.
+    for i in [0, 3, 4] {
+        tx.send(bus_event(&payloads[i])).await.unwrap();
+    }
+    assert_eq!(
+        frames_within(&mut rx, 5).await,
+        ["m-0", "m-1", "m-2", "m-3", "m-4"]
+    );
+    // A late live copy of a recovered message is not delivered again.
+    tx.send(bus_event(&payloads[2])).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(rx.try_recv().is_err(), "nothing twice");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_reset_bus_tells_connections_they_lost_messages_then_carries_on() {
+    let (mut router, registry) = setup();
+    let (_g, _c, mut rx) = registry
+        .register("alice", None, None, router.types.defaults(), 0)
+        .unwrap();
+    // The router followed an old bus up to seq 3; the bus it reads now started again.
+    let old: Arc<dyn Bus> = Arc::new(LocalBus::default());
+    for payload in publish_for_alice(&*old, 3, "old").await {
+        router.handle(bus_event(&payload));
+    }
+    assert_eq!(frames_within(&mut rx, 3).await.len(), 3);
+    let fresh = publish_for_alice(&*router.bus, 2, "new").await;
+    let (tx, events) = mpsc::channel(16);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(router.run(events, stop.clone()));
+    tx.send(bus_event(&fresh[1])).await.unwrap();
+    let frames = frames_within(&mut rx, 3).await;
+    assert_eq!(frames[..2], ["new-0", "new-1"]);
+    assert!(frames[2].contains("messages_lost"), "{frames:?}");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_lost_subscription_is_recovered_even_when_the_bus_then_goes_quiet() {
+    let (router, registry) = setup();
+    let (_g, _c, mut rx) = registry
+        .register("alice", None, None, router.types.defaults(), 0)
+        .unwrap();
+    let payloads = publish_for_alice(&*router.bus, 3, "q").await;
+    let (tx, events) = mpsc::channel(16);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(router.run(events, stop.clone()));
+    tx.send(bus_event(&payloads[0])).await.unwrap();
+    assert_eq!(frames_within(&mut rx, 1).await, ["q-0"]);
+    // Nothing else arrives: the idle check finds the counter moved on.
+    assert_eq!(frames_within(&mut rx, 2).await, ["q-1", "q-2"]);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
