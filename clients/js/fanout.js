@@ -119,6 +119,7 @@ export class FanoutError extends Error {
  * const client = new FanoutClient({ url: "wss://push.example.com/ws", token: getJwt, platform: "h5" });
  * client.on("robot.reply", (data, msg) => render(data));
  * client.on("resume", (resume) => { if (!resume.recovered) reloadFromApi(); });
+ * client.on("error", (e) => { if (e.code === "messages_lost") reloadFromApi(); });
  * client.connect();
  * ```
  */
