@@ -153,7 +153,13 @@ impl Router {
                     }
                 }
                 event = events.recv() => {
-                    let Some(event) = event else { anyhow::bail!("the bus subscriber stopped") };
+                    let Some(event) = event else {
+                        // The subscriber stops on the same shutdown signal, maybe first.
+                        if shutdown.is_cancelled() {
+                            return Ok(());
+                        }
+                        anyhow::bail!("the bus subscriber stopped");
+                    };
                     self.last_event = Instant::now();
                     if recovery.is_some() {
                         self.hold(event);

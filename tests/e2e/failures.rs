@@ -377,3 +377,24 @@ async fn a_redis_restart_while_messages_flow_loses_nothing_and_duplicates_nothin
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_connections_with_1012_and_exits_0() {
+    let mut cluster = TestCluster::start(1).await;
+    let mut zoe = cluster.connect(0, "zoe", "").await;
+    let node = &mut cluster.nodes[0];
+    let code = tokio::task::block_in_place(|| node.terminate(Duration::from_secs(40)));
+    assert_eq!(
+        code,
+        Some(0),
+        "a drained node exits 0:\n{}",
+        node.log_text()
+    );
+    match zoe.expect_close(Duration::from_secs(5)).await {
+        Closed::Code(code, reason) => {
+            assert_eq!(code, 1012);
+            assert!(reason.contains("retry_ms"), "{reason}");
+        }
+        Closed::Eof => panic!("no close frame"),
+    }
+}

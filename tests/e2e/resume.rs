@@ -32,7 +32,7 @@ async fn a_client_reconnecting_to_the_other_node_with_since_gets_exactly_what_it
     drop(ann);
 
     // While she is away: hers (one partition, keyed by her), a broadcast, one she switched
-    // off (marketing is off by default), and one for someone else.
+    // off (marketing is off by default), one that expires, and one for someone else.
     for n in 1..=10 {
         p.send("ann", numbered("ann", "robot.reply", n)).await;
     }
@@ -42,6 +42,10 @@ async fn a_client_reconnecting_to_the_other_node_with_since_gets_exactly_what_it
     )
     .await;
     p.send("ann", numbered("ann", "marketing", 99)).await;
+    // Expired by the time she is back: ttl_ms holds on replay too.
+    let mut short = numbered("ann", "robot.reply", 97);
+    short["ttl_ms"] = json!(500);
+    p.send("ann", short).await;
     p.send("ann", numbered("bob", "robot.reply", 98)).await;
     p.send("ann", numbered("ann", "order.status", 12)).await;
     // Let both nodes' routers see them, so the replay is from the history, not luck.
