@@ -116,14 +116,23 @@ async fn behaves_like_a_preference_store(store: Store) {
     );
 }
 
-#[tokio::test]
-async fn postgres_store_keeps_one_row_per_choice() {
+/// Runs `scenario` on a store over a fresh PostgreSQL database, then drops the database.
+async fn on_postgres<F, Fut>(scenario: F)
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let (store, name) = postgres().await;
-    behaves_like_a_preference_store(store.clone()).await;
+    scenario(store.clone()).await;
     if let Store::Postgres(pool) = store {
         pool.close().await;
     }
     drop_database(&name).await;
+}
+
+#[tokio::test]
+async fn postgres_store_keeps_one_row_per_choice() {
+    on_postgres(behaves_like_a_preference_store).await;
 }
 
 #[tokio::test]
@@ -179,12 +188,7 @@ async fn loads_many_users_at_once(store: Store) {
 
 #[tokio::test]
 async fn postgres_store_loads_many_users_in_chunks() {
-    let (store, name) = postgres().await;
-    loads_many_users_at_once(store.clone()).await;
-    if let Store::Postgres(pool) = store {
-        pool.close().await;
-    }
-    drop_database(&name).await;
+    on_postgres(loads_many_users_at_once).await;
 }
 
 #[tokio::test]

@@ -368,6 +368,33 @@ impl Node {
         }
     }
 
+    /// Waits until the node listens on both ports; false if it exited because a port was
+    /// taken meanwhile.
+    fn wait_bound(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let exited = self
+                .child
+                .as_mut()
+                .is_none_or(|c| c.try_wait().ok().flatten().is_some());
+            if exited {
+                return !self.log_text().contains("Address already in use");
+            }
+            let listening = |addr: &str| std::net::TcpStream::connect(addr).is_ok();
+            if listening(&self.public) && listening(&self.admin) {
+                // Still alive a moment later: the listeners are this node's.
+                std::thread::sleep(Duration::from_millis(100));
+                let alive = self
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| c.try_wait().ok().flatten().is_none());
+                return alive || !self.log_text().contains("Address already in use");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        true // slow to start: wait_settled reports it
+    }
+
     /// SIGTERM, then waits (at most `timeout`) for the process to exit; its exit code.
     pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
         let mut child = self.child.take()?;
@@ -495,14 +522,24 @@ impl TestCluster {
         self.nodes[i] = fresh;
     }
 
+    /// Starts a node on free ports. A port found free can be taken by another process
+    /// before the node binds it (other tests, client sockets): then it starts again on
+    /// other ports.
     fn spawn_node(&mut self, id: String) -> &Node {
-        let (public, admin) = (
-            format!("127.0.0.1:{}", free_port()),
-            format!("127.0.0.1:{}", free_port()),
-        );
-        let node = self.spawn_node_at(id, public, admin);
-        self.nodes.push(node);
-        self.nodes.last().unwrap()
+        for _ in 0..5 {
+            let (public, admin) = (
+                format!("127.0.0.1:{}", free_port()),
+                format!("127.0.0.1:{}", free_port()),
+            );
+            let mut node = self.spawn_node_at(id.clone(), public, admin);
+            if node.wait_bound() {
+                self.nodes.push(node);
+                return self.nodes.last().unwrap();
+            }
+            node.kill();
+            let _ = std::fs::remove_file(&node.log);
+        }
+        panic!("node {id} could not bind its ports in 5 attempts");
     }
 
     fn spawn_node_at(&self, id: String, public: String, admin: String) -> Node {
