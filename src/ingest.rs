@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::{ClientContext, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, Header, Outgoing};
@@ -212,7 +212,7 @@ impl Ingest {
                     self.dead_letter(&record, &reject).await;
                 }
             }
-            if let Err(e) = self.consumer.store_offset(&topic, partition, offset + 1) {
+            if let Err(e) = self.store_next(&topic, partition, offset + 1) {
                 tracing::warn!(%topic, partition, offset, error = %e, "could not store offset (partition revoked?)");
             }
         }
@@ -284,6 +284,15 @@ impl Ingest {
                 Err(_) => tokio::time::sleep(Duration::from_millis(200 * attempt)).await,
             }
         }
+    }
+
+    /// Stores `next` (the offset consumption resumes at) for the next commit. Not the legacy
+    /// `store_offset`: librdkafka's `rd_kafka_offset_store` adds one itself, which once
+    /// made every clean restart or rebalance skip a record.
+    fn store_next(&self, topic: &str, partition: i32, next: i64) -> Result<(), KafkaError> {
+        let mut tpl = TopicPartitionList::with_capacity(1);
+        tpl.add_partition_offset(topic, partition, Offset::Offset(next))?;
+        self.consumer.store_offsets(&tpl)
     }
 
     /// Commits stored offsets and leaves the group, so partitions move at once.
