@@ -210,6 +210,7 @@ async fn run_node(
         metrics: metrics.clone(),
         upstream: (!settings.kafka.upstream_topic.is_empty()).then(|| producer.clone()),
         sessions: TaskTracker::new(),
+        stopping: CancellationToken::new(),
         drain: drain.clone(),
         prefs: prefs.clone(),
         bus: bus.clone(),

@@ -1,7 +1,8 @@
 //! Shutdown: turning SIGTERM/SIGINT into a cancellation, and closing sessions.
 //!
-//! Closing is one place so that its order is visible: sessions are told to close with 1012
-//! and a `retry_ms` in the reason, then we wait for them up to `shutdown.drain`.
+//! Closing is one place so that its order is visible: new connections are refused, open
+//! ones are closed with 1012 and a `retry_ms` in the reason, in waves spread over
+//! `shutdown.drain`, then we wait briefly for the last close handshakes.
 
 use std::time::Duration;
 
@@ -32,17 +33,68 @@ async fn wait_for_signal() {
     }
 }
 
-/// Closes every session with 1012 and waits for them, at most `drain`.
-pub async fn close_sessions(gateway: &Gateway, drain: &CancellationToken, limit: Duration) {
-    let open = gateway.registry.connection_count();
+/// How long, after the last wave, sessions get to finish their close handshakes.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How often a wave of closes goes out.
+const WAVE_EVERY: Duration = Duration::from_millis(50);
+
+/// When each of `n` connections closes, as an offset into `window`: evenly spread, the
+/// first at once, the last one step before the end.
+fn close_offsets(n: usize, window: Duration) -> impl Iterator<Item = Duration> {
+    (0..n).map(move |k| window.mul_f64(k as f64 / n.max(1) as f64))
+}
+
+/// Drains the node's sessions (DESIGN §8): refuses new upgrades, then closes the open
+/// connections with 1012 (each with its own jittered `retry_ms`) in waves spread evenly
+/// over `window`, in random order, so the cluster is not hit by a reconnect storm. The
+/// connections not closed yet keep receiving messages. Stragglers (an upgrade that was
+/// already under way) are closed at the end; then it waits up to [`CLOSE_GRACE`].
+pub async fn close_sessions(gateway: &Gateway, drain: &CancellationToken, window: Duration) {
+    use rand::seq::SliceRandom;
+    gateway.stopping.cancel();
+    let mut conns = Vec::with_capacity(gateway.registry.connection_count());
+    gateway.registry.for_each(|c| conns.push(c.clone()));
+    conns.shuffle(&mut rand::rng());
+    let open = conns.len();
+    tracing::info!(open, window = ?window, "draining: closing connections in waves");
+    let start = tokio::time::Instant::now();
+    let mut due = close_offsets(open, window).zip(conns).peekable();
+    let mut ticks = tokio::time::interval(WAVE_EVERY);
+    while due.peek().is_some() {
+        ticks.tick().await;
+        let elapsed = start.elapsed();
+        while let Some((_, conn)) = due.next_if(|(at, _)| *at <= elapsed) {
+            conn.close(1012);
+        }
+    }
     drain.cancel();
     gateway.sessions.close();
-    if tokio::time::timeout(limit, gateway.sessions.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(open, "sessions still open after shutdown.drain");
-    } else {
-        tracing::info!(closed = open, "sessions closed");
+    match tokio::time::timeout(CLOSE_GRACE, gateway.sessions.wait()).await {
+        Ok(()) => tracing::info!(closed = open, "sessions closed"),
+        Err(_) => tracing::warn!(
+            open = gateway.registry.connection_count(),
+            "sessions still open after the drain"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closes_are_spread_evenly_over_the_window() {
+        let window = Duration::from_secs(10);
+        let at: Vec<Duration> = close_offsets(300, window).collect();
+        assert_eq!(at.len(), 300);
+        assert_eq!(at[0], Duration::ZERO);
+        assert!(at.windows(2).all(|w| w[0] <= w[1]));
+        assert!(*at.last().unwrap() < window);
+        let first_tenth = at.iter().filter(|t| **t < window / 10).count();
+        assert_eq!(
+            first_tenth, 30,
+            "a tenth of the window closes a tenth of them"
+        );
+        assert_eq!(close_offsets(0, window).count(), 0);
     }
 }

@@ -51,7 +51,9 @@ pub struct Gateway {
     pub upstream: Option<Producer>,
     /// Sessions, so shutdown can wait for them.
     pub sessions: TaskTracker,
-    /// Cancelled to close every session with 1012.
+    /// Cancelled when the node starts draining: new upgrades are refused with 503.
+    pub stopping: CancellationToken,
+    /// Cancelled to close every remaining session with 1012 at once (the end of a drain).
     pub drain: CancellationToken,
     /// Preferences: loaded for a user's first connection here, changed by `prefs.set`.
     pub prefs: Arc<Prefs>,
@@ -123,7 +125,7 @@ pub async fn upgrade(
             "GET /ws needs a WebSocket upgrade (version 13)",
         );
     }
-    if gw.drain.is_cancelled() {
+    if gw.stopping.is_cancelled() {
         return refuse(
             &gw.metrics,
             StatusCode::SERVICE_UNAVAILABLE,

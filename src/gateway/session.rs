@@ -169,14 +169,14 @@ impl Session {
         loop {
             tokio::select! {
                 biased;
-                code = conn.closed() => return End::close(code),
+                code = conn.closed() => return self.end_with(code),
                 _ = self.drain.cancelled() => return End::Close(1012, self.drain_reason.clone()),
                 _ = sleep_until(expiry) => return End::close(4003),
                 queued = self.queue.recv() => {
                     let Some(first) = queued else { return End::close(1011) };
                     tokio::select! {
                         written = self.write_batch(ws, first) => if written.is_err() { return End::ClientGone },
-                        code = conn.closed() => return End::close(code),
+                        code = conn.closed() => return self.end_with(code),
                     }
                 }
                 incoming = ws.next() => {
@@ -222,6 +222,16 @@ impl Session {
                     }
                 }
             }
+        }
+    }
+
+    /// The end for a close asked through the connection's handle; a drain's 1012 carries
+    /// this session's jittered `retry_ms`.
+    fn end_with(&self, code: u16) -> End {
+        if code == 1012 {
+            End::Close(1012, self.drain_reason.clone())
+        } else {
+            End::close(code)
         }
     }
 

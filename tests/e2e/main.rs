@@ -3,6 +3,7 @@
 
 mod clients;
 mod delivery;
+mod drain;
 mod embedded;
 mod failures;
 mod limits;

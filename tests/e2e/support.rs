@@ -281,6 +281,49 @@ pub async fn consume_one(topic: &str, timeout: Duration) -> Record {
     }
 }
 
+/// Every record of `topic` as `(partition, offset, value)`, read from the beginning for
+/// `window` (for diagnostics when a test finds a gap).
+pub async fn dump_topic(brokers: &str, topic: &str, window: Duration) -> Vec<(i32, i64, String)> {
+    let consumer: StreamConsumer = kafka_config_for(brokers)
+        .set("group.id", unique("e2e-dump"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + window;
+    while let Ok(Ok(m)) = tokio::time::timeout_at(deadline, consumer.recv()).await {
+        let value = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
+        out.push((m.partition(), m.offset(), value));
+    }
+    out
+}
+
+/// The offsets `group` has committed on `topic`'s partitions (`None`: nothing committed).
+pub fn committed_offsets(brokers: &str, group: &str, topic: &str) -> Vec<Option<i64>> {
+    use rdkafka::TopicPartitionList;
+    let consumer: rdkafka::consumer::BaseConsumer = kafka_config_for(brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
+    (0..PARTITIONS)
+        .map(
+            |p| match committed.find_partition(topic, p).map(|e| e.offset()) {
+                Some(rdkafka::Offset::Offset(o)) => Some(o),
+                _ => None,
+            },
+        )
+        .collect()
+}
+
 /// How to run the nodes of a cluster.
 #[derive(Clone)]
 pub struct Options {
@@ -397,9 +440,22 @@ impl Node {
 
     /// SIGTERM, then waits (at most `timeout`) for the process to exit; its exit code.
     pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        self.signal_term();
+        self.wait_exit(timeout)
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn signal_term(&self) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+    }
+
+    /// Waits (at most `timeout`) for the process to exit; its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let mut child = self.child.take()?;
-        let pid = child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait().ok().flatten() {
@@ -766,6 +822,37 @@ impl Client {
 
     pub async fn send_text(&mut self, s: &str) {
         self.ws.send(WsMessage::Text(s.into())).await.unwrap();
+    }
+
+    /// Reads every frame until the server closes: the `msg` frames, and how it closed.
+    pub async fn read_to_close(&mut self, timeout: Duration) -> (Vec<Value>, Closed) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut msgs = Vec::new();
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Ok(Some(Ok(WsMessage::Text(t)))) => {
+                    let f: Value = serde_json::from_str(&t).expect("server frames are JSON");
+                    if f["t"] == "msg" {
+                        msgs.push(f);
+                    }
+                }
+                Ok(Some(Ok(WsMessage::Close(Some(frame))))) => {
+                    return (
+                        msgs,
+                        Closed::Code(frame.code.into(), frame.reason.to_string()),
+                    )
+                }
+                Ok(Some(Ok(WsMessage::Close(None)))) => {
+                    return (
+                        msgs,
+                        Closed::Code(u16::from(CloseCode::Status), String::new()),
+                    )
+                }
+                Ok(None) | Ok(Some(Err(_))) => return (msgs, Closed::Eof),
+                Ok(Some(Ok(_))) => continue,
+                Err(_) => panic!("connection not closed within {timeout:?}"),
+            }
+        }
     }
 
     /// The next JSON text frame within `timeout`, or `None` (timeout or closed).
