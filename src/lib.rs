@@ -8,8 +8,10 @@
 //! * [`envelope`] — the Kafka envelope: decoding, recipients, the rendered `msg` frame.
 //! * [`ingest`] — consumer group; publishes each record on the bus, then stores its offset.
 //! * [`kafka`] — shared librdkafka configuration and the producer (ask, dead letters).
-//! * [`bus`] — the pub/sub every node shares: trait, wire format, Redis and local versions.
-//! * [`router`] — bus message → the local connections it targets, filtered by preferences.
+//! * [`bus`] — the pub/sub every node shares, with sequence numbers and the message history
+//!   (resume, gap recovery): trait, wire format, Redis and local versions.
+//! * [`router`] — bus message → the local connections it targets, filtered by preferences;
+//!   recovers what the node missed after a bus gap.
 //! * [`prefs`] — per-user preferences: the SQL store and the change protocol.
 //! * [`types`] — the message type registry and preference bitsets.
 //! * [`registry`] — the index of this node's connections and their bounded queues.

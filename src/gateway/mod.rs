@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod protocol;
+mod resume;
 pub mod session;
 
 use std::collections::{BTreeMap, HashMap};
@@ -24,7 +25,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::json_error;
-use crate::bus::history::{self, Replay};
 use crate::bus::Bus;
 use crate::config::Settings;
 use crate::envelope::Platform;
@@ -32,10 +32,8 @@ use crate::kafka::Producer;
 use crate::metrics::Metrics;
 use crate::prefs::Prefs;
 use crate::registry::{ConnHandle, RegisterError, Registry};
-use crate::router::now_ms;
-use crate::types;
 use auth::{Authenticator, Identity};
-use protocol::{ClientFrame, Hello, Resume};
+use protocol::{ClientFrame, Hello};
 use session::{FrameHandler, Session};
 
 /// Read buffer per connection: small, since clients send little (DESIGN §9).
@@ -59,18 +57,6 @@ pub struct Gateway {
     pub prefs: Arc<Prefs>,
     /// The bus, for the history a resuming connection replays.
     pub bus: Arc<dyn Bus>,
-}
-
-/// Longest `since` looked up (ids are far shorter; anything longer is not one of ours).
-const MAX_SINCE_BYTES: usize = 256;
-
-/// What a resuming connection gets before live messages.
-struct Resumed {
-    resume: Resume,
-    /// `msg` frames to send after `hello`, in order.
-    frames: Vec<Utf8Bytes>,
-    /// Live messages up to this sequence number were covered by the replay.
-    skip_through: u64,
 }
 
 /// An `error` frame for a client, counted in `fanout_client_errors_total{code}`: every
@@ -326,53 +312,6 @@ impl Gateway {
         };
         let end = session.run(ws).await;
         tracing::debug!(conn = %conn.id, user = %conn.user, ?end, "session ended");
-    }
-
-    /// Reads what `conn` missed after `since`, filtered for this connection: its target
-    /// details, its user's preferences now, and each message's ttl. Exact or nothing.
-    async fn resume(&self, conn: &ConnHandle, since: &str) -> Resumed {
-        let not_recovered = |result: &str| {
-            self.metrics.resumes.with_label_values(&[result]).inc();
-            Resumed {
-                resume: Resume {
-                    recovered: false,
-                    replayed: 0,
-                },
-                frames: Vec::new(),
-                skip_through: 0,
-            }
-        };
-        if since.is_empty() || since.len() > MAX_SINCE_BYTES {
-            return not_recovered("not_recovered");
-        }
-        let (messages, head) = match history::replay(&*self.bus, &conn.user, since).await {
-            Ok(Replay::Recovered { messages, head }) => (messages, head),
-            Ok(Replay::NotRecovered) => return not_recovered("not_recovered"),
-            Err(e) => {
-                tracing::warn!(conn = %conn.id, user = %conn.user, error = %e, "history unreadable; resume not recovered");
-                return not_recovered("error");
-            }
-        };
-        let (now, bits) = (now_ms(), conn.prefs.get());
-        let frames: Vec<Utf8Bytes> = messages
-            .into_iter()
-            .filter(|m| {
-                conn.is_target(&m.header.to)
-                    && types::accepts(bits, self.prefs.types.slot(&m.header.msg_type))
-                    && !m.header.expired(now)
-            })
-            .map(|m| m.frame)
-            .collect();
-        self.metrics.resumes.with_label_values(&["recovered"]).inc();
-        self.metrics.replayed.inc_by(frames.len() as u64);
-        Resumed {
-            resume: Resume {
-                recovered: true,
-                replayed: frames.len() as u64,
-            },
-            frames,
-            skip_through: head,
-        }
     }
 
     fn ask(

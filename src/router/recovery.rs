@@ -1,5 +1,5 @@
-//! One gap recovery: a task that reads what this node missed while the router holds new
-//! events back.
+//! Gap recovery: a task that reads what this node missed while the router holds new
+//! events back, and [`Router::finish`], which applies what it found.
 //!
 //! It asks the bus for its head first (one cheap read): when nothing was missed it is done.
 //! Otherwise it reads, for the users connected here, every message after the router's
@@ -12,9 +12,13 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use super::Router;
 use crate::bus::history::{self, Recovered};
 use crate::bus::{After, Bus, BusError};
+use crate::gateway::protocol;
+use crate::metrics::Metrics;
 use crate::prefs::Prefs;
 use crate::registry::Registry;
 
@@ -130,4 +134,80 @@ async fn attempt(
         prefs,
         whole_at,
     })
+}
+
+impl Router {
+    /// Applies a finished recovery: fresh preferences, the missed messages in order, the
+    /// notices for what could not be recovered; the node is then whole up to its head.
+    pub(super) fn finish(&mut self, outcome: Outcome) {
+        for (user, bits, version) in &outcome.prefs {
+            let frame = protocol::prefs(&self.types.to_map(*bits));
+            self.registry.refresh_prefs(user, *bits, *version, &frame);
+        }
+        let Some(found) = outcome.recovered else {
+            // Nothing was known yet: start counting from the bus's head.
+            self.last_seq = Some(outcome.head);
+            self.recovered_through = outcome.head;
+            self.whole_at = Instant::now();
+            return;
+        };
+        let last = if found.reset {
+            0
+        } else {
+            self.last_seq.unwrap_or(0)
+        };
+        let mut routed = 0u64;
+        for msg in found.messages.iter().filter(|m| m.seq > last) {
+            self.route(msg);
+            routed += 1;
+        }
+        self.metrics.recovered_messages.inc_by(routed);
+        // Longer than the window, history streams may have expired under the gap.
+        let too_long = outcome.whole_at.elapsed() > self.window;
+        let lost_all = outcome.missed && (found.reset || found.lost_all || too_long);
+        let lost = if lost_all {
+            self.registry.for_each(|conn| {
+                let _ = conn.push(lost_frame(&self.metrics), None);
+            });
+            self.registry.connection_count()
+        } else {
+            found
+                .lost_users
+                .iter()
+                .map(|user| {
+                    let frame = lost_frame(&self.metrics);
+                    self.registry.for_each_of_user(user, |conn| {
+                        let _ = conn.push(frame.clone(), None);
+                    })
+                })
+                .sum()
+        };
+        let result = if lost > 0 { "lost" } else { "recovered" };
+        if outcome.missed {
+            self.metrics
+                .gap_recoveries
+                .with_label_values(&[result])
+                .inc();
+            tracing::info!(
+                from = last,
+                to = found.head,
+                routed,
+                connections_told_lost = lost,
+                "bus gap recovered"
+            );
+        }
+        self.last_seq = Some(found.head.max(last));
+        self.recovered_through = found.head.max(last);
+        self.whole_at = Instant::now();
+    }
+}
+
+/// The notice for a connection that missed messages no history can give back.
+fn lost_frame(metrics: &Metrics) -> Utf8Bytes {
+    crate::gateway::error_frame(
+        metrics,
+        "messages_lost",
+        "some messages for you could not be delivered; reload your state",
+        None,
+    )
 }
