@@ -210,6 +210,18 @@ async fn after_redis_restarts_delivery_resumes_without_restarting_fanout() {
         cluster.node(0).ready().await && cluster.node(1).ready().await
     })
     .await;
+    // The new Redis is empty (no persistence): the node cannot know what was in flight when
+    // the old one died, so it tells its clients, and keeps the connection open.
+    let notice = loop {
+        let f = nia
+            .next_frame(Duration::from_secs(20))
+            .await
+            .expect("a messages_lost notice after Redis came back empty");
+        if f["t"] == "error" {
+            break f;
+        }
+    };
+    assert_eq!(notice["code"], "messages_lost", "{notice}");
 
     // Probe until a message gets through end to end (the subscriber resubscribes by itself),
     // then every later message must arrive.
