@@ -70,17 +70,7 @@ async fn behaves_like_a_preference_store(store: Store) {
         "no row means defaults"
     );
 
-    store
-        .save(
-            "alice",
-            &[("marketing".into(), true), ("robot.reply".into(), false)],
-        )
-        .await
-        .unwrap();
-    store
-        .save("bob", &[("marketing".into(), false)])
-        .await
-        .unwrap();
+    save_alice_and_bob(&store).await;
     let (mut alice, first) = store.load("alice").await.unwrap();
     alice.sort();
     assert_eq!(
@@ -141,9 +131,8 @@ async fn sqlite_store_keeps_one_row_per_choice() {
     behaves_like_a_preference_store(store).await;
 }
 
-/// `load_many` answers what `load` answers for each user with rows, across several chunks.
-async fn loads_many_users_at_once(store: Store) {
-    store.migrate().await.unwrap();
+/// alice: marketing on, robot.reply off; bob: marketing off.
+async fn save_alice_and_bob(store: &Store) {
     store
         .save(
             "alice",
@@ -155,6 +144,12 @@ async fn loads_many_users_at_once(store: Store) {
         .save("bob", &[("marketing".into(), false)])
         .await
         .unwrap();
+}
+
+/// `load_many` answers what `load` answers for each user with rows, across several chunks.
+async fn loads_many_users_at_once(store: Store) {
+    store.migrate().await.unwrap();
+    save_alice_and_bob(&store).await;
     // Enough names for several queries (500 users each), with the users who have rows
     // at the start, in the middle and at the end.
     let filler: Vec<String> = (0..1200).map(|i| format!("filler-{i:04}")).collect();
