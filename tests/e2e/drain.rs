@@ -201,3 +201,22 @@ async fn sigterm_drains_in_waves_and_a_restart_loses_nothing() {
         "every broadcast once, in order, across the restart"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once() {
+    let options = Options::default().with("FANOUT__SHUTDOWN__DRAIN", "60s");
+    let mut cluster = TestCluster::start_with(1, options).await;
+    // Enough connections that the 60 s drain is still closing them when the second signal comes.
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        clients.push(cluster.connect(0, &format!("s{i}"), "").await);
+    }
+    let node = &mut cluster.nodes[0];
+    node.signal_term();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    node.signal_term();
+    let started = Instant::now();
+    let code = tokio::task::block_in_place(|| node.wait_exit(Duration::from_secs(20)));
+    assert_eq!(code, Some(130), "log:\n{}", node.log_text());
+    eprintln!("exited {:?} after the second signal", started.elapsed());
+}
