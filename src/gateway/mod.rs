@@ -36,8 +36,10 @@ use auth::{Authenticator, Identity};
 use protocol::{ClientFrame, Hello};
 use session::{FrameHandler, Session};
 
-/// Read buffer per connection: small, since clients send little (DESIGN §9).
-const READ_BUFFER: usize = 4 * 1024;
+/// Read buffer per connection: small, since clients send little (DESIGN §9). tungstenite
+/// allocates and zero-fills all of it for every connection; a larger frame (up to
+/// `server.max_frame_bytes`) grows it as needed, read 512 bytes at a time.
+const READ_BUFFER: usize = 512;
 
 /// Shared state of the WebSocket endpoint.
 pub struct Gateway {

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::{Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -22,7 +21,7 @@ use super::error_frame;
 use super::protocol::{self, ClientFrame};
 use crate::config::HeartbeatConfig;
 use crate::metrics::Metrics;
-use crate::registry::{ConnHandle, Queued};
+use crate::registry::{ConnHandle, QueueRx, Queued};
 use crate::router::now_ms;
 
 /// Most queued frames written before one flush.
@@ -75,7 +74,7 @@ pub trait FrameHandler: Send + Sync {
 /// What a session needs besides its socket.
 pub struct Session {
     pub conn: Arc<ConnHandle>,
-    pub queue: mpsc::Receiver<Queued>,
+    pub queue: QueueRx,
     pub hello: Utf8Bytes,
     /// `msg` frames a resuming client missed, sent right after `hello`.
     pub replay: Vec<Utf8Bytes>,
@@ -258,12 +257,12 @@ impl Session {
     }
 
     /// Feeds `first` and whatever else is queued (up to [`BATCH`]), then flushes once.
+    /// With no write buffer, a fed frame is on the socket: its latency is taken then (kept
+    /// out of an array, which would make every idle session's future larger).
     async fn write_batch<S>(&mut self, ws: &mut S, first: Queued) -> Result<(), WsError>
     where
         S: Sink<Message, Error = WsError> + Unpin,
     {
-        let mut stamps = [0i64; BATCH];
-        let mut stamped = 0;
         let mut next = Some(first);
         let mut fed = 0;
         while let Some(q) = next.take() {
@@ -272,24 +271,17 @@ impl Session {
                 next = self.queue.try_recv().ok();
                 continue;
             }
-            if let Some(ts) = q.ts_ms {
-                stamps[stamped] = ts;
-                stamped += 1;
-            }
             ws.feed(Message::Text(q.frame)).await?;
+            if q.ts_ms != 0 {
+                let latency = (now_ms() - q.ts_ms).max(0) as f64 / 1000.0;
+                self.metrics.delivery_latency.observe(latency);
+            }
             fed += 1;
             if fed < BATCH {
                 next = self.queue.try_recv().ok();
             }
         }
-        ws.flush().await?;
-        let now = now_ms();
-        for ts in &stamps[..stamped] {
-            self.metrics
-                .delivery_latency
-                .observe((now - ts).max(0) as f64 / 1000.0);
-        }
-        Ok(())
+        ws.flush().await
     }
 }
 

@@ -1,10 +1,15 @@
 //! One connection as the rest of the node sees it: its identity, its user's shared
 //! preference bits, and its bounded outbound queue with a close signal.
+//!
+//! The queue is a `VecDeque` behind an uncontended lock, not a channel: it allocates
+//! nothing until something is queued, which keeps an idle connection small.
 
-use std::sync::atomic::{AtomicI64, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, Notify};
+use parking_lot::Mutex;
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::envelope::{Platform, Target};
@@ -13,8 +18,9 @@ use crate::envelope::{Platform, Target};
 #[derive(Debug)]
 pub struct Queued {
     pub frame: Utf8Bytes,
-    /// Kafka timestamp of a `msg` frame (for the latency histogram); `None` for replies.
-    pub ts_ms: Option<i64>,
+    /// Kafka timestamp of a `msg` frame (for the latency histogram); 0 for other frames.
+    /// Not an `Option`: every idle connection's queue reserves a block of these.
+    pub ts_ms: i64,
     /// Bus sequence number of a `msg` frame (a resuming session skips what it replayed);
     /// 0 for other frames.
     pub seq: u64,
@@ -74,22 +80,27 @@ pub struct ConnHandle {
     pub prefs: Arc<UserPrefs>,
     pub platform: Option<Platform>,
     pub tab: Option<Box<str>>,
-    queue: mpsc::Sender<Queued>,
+    queue: Mutex<VecDeque<Queued>>,
+    /// Woken for every queued frame (a permit is kept if the session is not waiting).
+    queued: Notify,
+    /// Set when the session's [`QueueRx`] is gone: nothing is queued any more.
+    receiver_gone: AtomicBool,
     queued_bytes: AtomicUsize,
+    max_messages: usize,
     max_bytes: usize,
     close_code: AtomicU16,
     close_notify: Notify,
 }
 
 impl ConnHandle {
-    /// A handle whose queue is `queue`, bounded to `max_bytes` queued bytes.
+    /// A handle whose queue holds at most `max_messages` frames and `max_bytes` bytes.
     pub(super) fn new(
         id: Arc<str>,
         user: Arc<str>,
         prefs: Arc<UserPrefs>,
         platform: Option<Platform>,
         tab: Option<Box<str>>,
-        queue: mpsc::Sender<Queued>,
+        max_messages: usize,
         max_bytes: usize,
     ) -> Self {
         Self {
@@ -98,8 +109,11 @@ impl ConnHandle {
             prefs,
             platform,
             tab,
-            queue,
+            queue: Mutex::new(VecDeque::new()),
+            queued: Notify::new(),
+            receiver_gone: AtomicBool::new(false),
             queued_bytes: AtomicUsize::new(0),
+            max_messages,
             max_bytes,
             close_code: AtomicU16::new(0),
             close_notify: Notify::new(),
@@ -110,23 +124,21 @@ impl ConnHandle {
     pub fn push(&self, frame: Utf8Bytes, ts_ms: Option<i64>) -> Result<(), PushError> {
         self.enqueue(Queued {
             frame,
-            ts_ms,
+            ts_ms: ts_ms.unwrap_or(0),
             seq: 0,
         })
     }
 
     /// Queues a `msg` frame with its bus sequence number and Kafka timestamp.
     pub fn push_msg(&self, frame: Utf8Bytes, seq: u64, ts_ms: i64) -> Result<(), PushError> {
-        self.enqueue(Queued {
-            frame,
-            ts_ms: Some(ts_ms),
-            seq,
-        })
+        self.enqueue(Queued { frame, ts_ms, seq })
     }
 
     /// Queues without waiting. On overflow, asks the session to close with 4001.
     fn enqueue(&self, queued: Queued) -> Result<(), PushError> {
-        if self.close_code.load(Ordering::Relaxed) != 0 {
+        if self.close_code.load(Ordering::Relaxed) != 0
+            || self.receiver_gone.load(Ordering::Relaxed)
+        {
             return Err(PushError::Closed);
         }
         let len = queued.frame.len();
@@ -135,19 +147,27 @@ impl ConnHandle {
             self.close(4001);
             return Err(PushError::Overflow);
         }
-        match self.queue.try_send(queued) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-                match e {
-                    mpsc::error::TrySendError::Full(_) => {
-                        self.close(4001);
-                        Err(PushError::Overflow)
-                    }
-                    mpsc::error::TrySendError::Closed(_) => Err(PushError::Closed),
-                }
-            }
+        let mut queue = self.queue.lock();
+        if queue.len() >= self.max_messages {
+            drop(queue);
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            self.close(4001);
+            return Err(PushError::Overflow);
         }
+        queue.push_back(queued);
+        drop(queue);
+        self.queued.notify_one();
+        Ok(())
+    }
+
+    /// Takes the oldest queued frame; an emptied queue gives back a large buffer.
+    fn pop(&self) -> Option<Queued> {
+        let mut queue = self.queue.lock();
+        let next = queue.pop_front();
+        if queue.is_empty() && queue.capacity() > 64 {
+            *queue = VecDeque::new();
+        }
+        next
     }
 
     /// Called by the session for every frame it takes off the queue.
@@ -194,5 +214,46 @@ impl ConnHandle {
     pub(super) fn matches(&self, platform: Option<Platform>, tab: Option<&str>) -> bool {
         platform.is_none_or(|p| self.platform == Some(p))
             && tab.is_none_or(|t| self.tab.as_deref() == Some(t))
+    }
+}
+
+/// The receiving end of a connection's queue, held by its session. Dropping it makes every
+/// later push fail with [`PushError::Closed`].
+pub struct QueueRx {
+    conn: Arc<ConnHandle>,
+}
+
+/// [`QueueRx::try_recv`] found nothing queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Empty;
+
+impl QueueRx {
+    pub(super) fn new(conn: Arc<ConnHandle>) -> Self {
+        Self { conn }
+    }
+
+    /// The next queued frame, if any, without waiting.
+    pub fn try_recv(&mut self) -> Result<Queued, Empty> {
+        self.conn.pop().ok_or(Empty)
+    }
+
+    /// Waits for the next queued frame (always `Some`: the queue outlives its senders).
+    pub async fn recv(&mut self) -> Option<Queued> {
+        loop {
+            if let Some(queued) = self.conn.pop() {
+                return Some(queued);
+            }
+            self.conn.queued.notified().await;
+        }
+    }
+}
+
+impl Drop for QueueRx {
+    fn drop(&mut self) {
+        self.conn.receiver_gone.store(true, Ordering::Relaxed);
+        let mut queue = self.conn.queue.lock();
+        queue.clear();
+        queue.shrink_to_fit();
+        self.conn.queued_bytes.store(0, Ordering::Relaxed);
     }
 }

@@ -19,10 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-pub use conn::{ConnHandle, PushError, Queued, UserPrefs};
+pub use conn::{ConnHandle, Empty, PushError, QueueRx, Queued, UserPrefs};
 
 use crate::envelope::{Platform, Target};
 use crate::metrics::Metrics;
@@ -211,8 +210,7 @@ impl Registry {
         tab: Option<String>,
         bits: u64,
         version: i64,
-    ) -> Result<(Registration, Arc<ConnHandle>, mpsc::Receiver<Queued>), RegisterError> {
-        let (tx, rx) = mpsc::channel(self.limits.queue_max_messages);
+    ) -> Result<(Registration, Arc<ConnHandle>, QueueRx), RegisterError> {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut index = self.index.write();
         if index.by_conn.len() >= self.limits.max_connections {
@@ -239,7 +237,7 @@ impl Registry {
             prefs.clone(),
             platform,
             tab.map(String::into_boxed_str),
-            tx,
+            self.limits.queue_max_messages,
             self.limits.queue_max_bytes,
         ));
         index
@@ -262,6 +260,7 @@ impl Registry {
             registry: self.clone(),
             conn: conn.clone(),
         };
+        let rx = QueueRx::new(conn.clone());
         Ok((guard, conn, rx))
     }
 

@@ -73,7 +73,7 @@ fn preferences_filter_per_user_and_changes_apply_at_once() {
     router.route(&typed("1", "promo", Target::All));
     router.route(&typed("2", "t", Target::All));
     router.route(&typed("3", "unregistered", Target::All));
-    let frames = |rx: &mut tokio::sync::mpsc::Receiver<crate::registry::Queued>| {
+    let frames = |rx: &mut crate::registry::QueueRx| {
         std::iter::from_fn(|| rx.try_recv().ok())
             .map(|q| q.frame.to_string())
             .collect::<Vec<_>>()
@@ -187,10 +187,7 @@ fn bus_event(payload: &bytes::Bytes) -> BusEvent {
     }
 }
 
-async fn frames_within(
-    rx: &mut tokio::sync::mpsc::Receiver<crate::registry::Queued>,
-    n: usize,
-) -> Vec<String> {
+async fn frames_within(rx: &mut crate::registry::QueueRx, n: usize) -> Vec<String> {
     let mut out = Vec::new();
     while out.len() < n {
         let q = tokio::time::timeout(Duration::from_secs(5), rx.recv())
