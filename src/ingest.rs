@@ -155,16 +155,14 @@ impl Ingest {
         let ts = record.timestamp().to_millis().unwrap_or_else(now_ms);
         let id = message_id(record.topic(), record.partition(), record.offset(), ts);
         let frame = envelope::render_msg_frame(&id, &env.msg_type, ts, &env.data);
-        Outcome::Publish(Outgoing {
-            header: Header {
-                id,
-                msg_type: env.msg_type,
-                to: env.to,
-                ts,
-                ttl_ms: env.ttl_ms,
-            },
-            frame: frame.into(),
-        })
+        let header = Header {
+            id,
+            msg_type: env.msg_type,
+            to: env.to,
+            ts,
+            ttl_ms: env.ttl_ms,
+        };
+        Outcome::Publish(Outgoing::new(header, &frame))
     }
 
     /// Consumes until `shutdown`, then commits what was published and leaves the group.

@@ -163,16 +163,16 @@ async fn both_buses_stop_subscribing_on_shutdown() {
 }
 
 fn outgoing(id: &str, to: Target) -> Outgoing {
-    Outgoing {
-        header: Header {
+    Outgoing::new(
+        Header {
             id: id.into(),
             msg_type: "t".into(),
             to,
             ts: 1,
             ttl_ms: None,
         },
-        frame: format!("frame {id}").into(),
-    }
+        &format!("frame {id}"),
+    )
 }
 
 fn user(u: &str) -> Target {

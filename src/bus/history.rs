@@ -41,7 +41,8 @@ pub struct MemoryHistory {
     seen_order: VecDeque<(Instant, Box<str>)>,
     all: MemStream,
     users: HashMap<Box<str>, MemStream>,
-    appends: u64,
+    /// Calls since start; every 4096th sweeps expired user streams.
+    calls: u64,
 }
 
 impl MemoryHistory {
@@ -54,7 +55,7 @@ impl MemoryHistory {
             seen_order: VecDeque::new(),
             all: MemStream::default(),
             users: HashMap::new(),
-            appends: 0,
+            calls: 0,
         }
     }
 
@@ -75,7 +76,7 @@ impl MemoryHistory {
             return (published, None);
         }
         self.seq += 1;
-        let payload = sequenced(self.seq, &msg.body());
+        let payload = sequenced(self.seq, msg.body());
         let expires = now + self.window;
         for key in msg.streams() {
             let stream = match key {
@@ -160,8 +161,8 @@ impl MemoryHistory {
                 self.seen.remove(&id);
             }
         }
-        self.appends += 1;
-        if self.appends % 4096 == 0 {
+        self.calls += 1;
+        if self.calls % 4096 == 0 {
             self.users.retain(|_, s| s.expires.is_some_and(|t| t > now));
         }
     }
@@ -286,16 +287,16 @@ mod tests {
     use crate::envelope::Target;
 
     fn outgoing(id: &str, to: Target) -> Outgoing {
-        Outgoing {
-            header: Header {
+        Outgoing::new(
+            Header {
                 id: id.into(),
                 msg_type: "t".into(),
                 to,
                 ts: 1,
                 ttl_ms: None,
             },
-            frame: format!("frame-{id}").into(),
-        }
+            &format!("frame-{id}"),
+        )
     }
 
     fn user(u: &str) -> Target {

@@ -210,22 +210,33 @@ impl Header {
     }
 }
 
-/// A message as ingest hands it to the bus, before it has a sequence number.
+/// A message as ingest hands it to the bus, before it has a sequence number. Its body is
+/// encoded once, here: publish retries and every history stream reuse it.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     pub header: Header,
-    pub frame: Utf8Bytes,
+    body: Bytes,
+}
+
+/// `<header JSON>\n<frame>`: a bus payload without its `<seq>\n` line.
+fn encode_body(header: &Header, frame: &str) -> Bytes {
+    let header = serde_json::to_vec(header).expect("header serializes");
+    let mut out = BytesMut::with_capacity(header.len() + 1 + frame.len());
+    out.put_slice(&header);
+    out.put_u8(b'\n');
+    out.put_slice(frame.as_bytes());
+    out.freeze()
 }
 
 impl Outgoing {
+    pub fn new(header: Header, frame: &str) -> Self {
+        let body = encode_body(&header, frame);
+        Self { header, body }
+    }
+
     /// `<header JSON>\n<frame>`: the bus prefixes it with `<seq>\n`.
-    pub fn body(&self) -> Bytes {
-        let header = serde_json::to_vec(&self.header).expect("header serializes");
-        let mut out = BytesMut::with_capacity(header.len() + 1 + self.frame.len());
-        out.put_slice(&header);
-        out.put_u8(b'\n');
-        out.put_slice(self.frame.as_bytes());
-        out.freeze()
+    pub fn body(&self) -> &Bytes {
+        &self.body
     }
 
     /// The history streams this message belongs to. A `to.conn` message has none: the
@@ -282,11 +293,7 @@ pub fn payload_seq(payload: &[u8]) -> Option<u64> {
 impl BusMessage {
     /// Serializes as the bus publishes it.
     pub fn encode(&self) -> Bytes {
-        let outgoing = Outgoing {
-            header: self.header.clone(),
-            frame: self.frame.clone(),
-        };
-        sequenced(self.seq, &outgoing.body())
+        sequenced(self.seq, &encode_body(&self.header, &self.frame))
     }
 
     /// Parses a payload; the frame shares `payload`'s memory.

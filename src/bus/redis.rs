@@ -97,6 +97,9 @@ pub struct RedisBus {
     publisher: Client,
     subscriber: SubscriberClient,
     prefix: String,
+    /// `<prefix>:seq` and `<prefix>:all`, named once.
+    seq_key: String,
+    all_key: String,
     bus_channel: String,
     control_channel: String,
     publish_script: Script,
@@ -138,6 +141,8 @@ impl RedisBus {
             publisher,
             subscriber,
             prefix: prefix.to_owned(),
+            seq_key: format!("{prefix}:seq"),
+            all_key: format!("{prefix}:all"),
             bus_channel: format!("{prefix}:bus"),
             control_channel: format!("{prefix}:control"),
             publish_script,
@@ -150,7 +155,7 @@ impl RedisBus {
 
     fn stream_key(&self, key: &StreamKey<'_>) -> String {
         match key {
-            StreamKey::All => format!("{}:all", self.prefix),
+            StreamKey::All => self.all_key.clone(),
             StreamKey::User(user) => format!("{}:u:{user}", self.prefix),
         }
     }
@@ -160,10 +165,7 @@ impl RedisBus {
         id: &str,
         streams: impl IntoIterator<Item = &'a StreamKey<'a>>,
     ) -> Vec<String> {
-        let mut keys = vec![
-            format!("{}:seq", self.prefix),
-            format!("{}:m:{id}", self.prefix),
-        ];
+        let mut keys = vec![self.seq_key.clone(), format!("{}:m:{id}", self.prefix)];
         keys.extend(streams.into_iter().map(|k| self.stream_key(k)));
         keys
     }
@@ -247,7 +249,7 @@ impl Bus for RedisBus {
     async fn publish_message(&self, msg: &Outgoing) -> Result<Published, BusError> {
         let keys = self.script_keys(&msg.header.id, &msg.streams());
         let args: Vec<Value> = vec![
-            Value::Bytes(msg.body()),
+            Value::Bytes(msg.body().clone()),
             self.max_messages.as_str().into(),
             self.window_secs.as_str().into(),
             self.bus_channel.as_str().into(),

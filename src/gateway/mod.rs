@@ -280,15 +280,14 @@ impl Gateway {
         self.metrics.connections_opened.inc();
         // Registered first, so live messages queue up while the history is read; the
         // session skips those the replay already covers.
-        let resumed = match &connect.since {
-            Some(since) => Some(self.resume(&conn, since).await),
-            None => None,
-        };
-        let prefs = self.prefs.types.to_map(conn.prefs.get());
-        let (resume, replay, skip_through) = match resumed {
-            Some(r) => (Some(r.resume), r.frames, r.skip_through),
+        let (resume, replay, skip_through) = match &connect.since {
+            Some(since) => {
+                let r = self.resume(&conn, since).await;
+                (Some(r.resume), r.frames, r.skip_through)
+            }
             None => (None, Vec::new(), 0),
         };
+        let prefs = self.prefs.types.to_map(conn.prefs.get());
         let hello = Hello {
             conn: &conn.id,
             user: &conn.user,
@@ -310,7 +309,6 @@ impl Gateway {
             handler: self.clone(),
             metrics: self.metrics.clone(),
             drain: self.drain.clone(),
-            drain_reason: format!(r#"{{"retry_ms":{}}}"#, 1000 + rand::random::<u64>() % 4000),
         };
         let end = session.run(ws).await;
         tracing::debug!(conn = %conn.id, user = %conn.user, ?end, "session ended");
@@ -364,7 +362,7 @@ impl Gateway {
                     )
                 }
             };
-            let _ = conn.push(reply, None);
+            let _ = conn.push(reply);
         });
         None
     }
@@ -392,7 +390,7 @@ impl Gateway {
             if let Err(e) = prefs.set(&conn.user, &choices).await {
                 tracing::warn!(user = %conn.user, error = %e, "prefs.set failed");
                 let reply = error_frame(&metrics, e.code(), &e.to_string(), reference.as_deref());
-                let _ = conn.push(reply, None);
+                let _ = conn.push(reply);
             }
         });
         None

@@ -89,8 +89,6 @@ pub struct Session {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the node closes this connection for draining.
     pub drain: CancellationToken,
-    /// The JSON reason of the 1012 close when draining.
-    pub drain_reason: String,
 }
 
 fn expiry_instant(exp: Option<u64>) -> Instant {
@@ -169,7 +167,7 @@ impl Session {
             tokio::select! {
                 biased;
                 code = conn.closed() => return self.end_with(code),
-                _ = self.drain.cancelled() => return End::Close(1012, self.drain_reason.clone()),
+                _ = self.drain.cancelled() => return self.end_with(1012),
                 _ = sleep_until(expiry) => return End::close(4003),
                 queued = self.queue.recv() => {
                     let Some(first) = queued else { return End::close(1011) };
@@ -224,11 +222,12 @@ impl Session {
         }
     }
 
-    /// The end for a close asked through the connection's handle; a drain's 1012 carries
-    /// this session's jittered `retry_ms`.
+    /// The end for a close asked through the connection's handle or the drain; a drain's
+    /// 1012 carries a jittered `retry_ms` (made now: no string held by every idle session).
     fn end_with(&self, code: u16) -> End {
         if code == 1012 {
-            End::Close(1012, self.drain_reason.clone())
+            let retry_ms = 1000 + rand::random::<u64>() % 4000;
+            End::Close(1012, format!(r#"{{"retry_ms":{retry_ms}}}"#))
         } else {
             End::close(code)
         }
@@ -367,7 +366,6 @@ mod tests {
             handler: Arc::new(NoHandler),
             metrics,
             drain: CancellationToken::new(),
-            drain_reason: String::new(),
         };
         let task = tokio::spawn(session.run(Fake { out: out_tx, inc }));
         Harness {
@@ -432,8 +430,8 @@ mod tests {
     async fn queued_frames_are_written_and_bad_frames_answered() {
         let mut h = start(None);
         h.out.next().await.unwrap();
-        h.conn.push("one".into(), Some(now_ms())).unwrap();
-        h.conn.push("two".into(), None).unwrap();
+        h.conn.push_msg("one".into(), 1, now_ms()).unwrap();
+        h.conn.push("two".into()).unwrap();
         assert_eq!(h.out.next().await.unwrap(), Message::Text("one".into()));
         assert_eq!(h.out.next().await.unwrap(), Message::Text("two".into()));
         h.send

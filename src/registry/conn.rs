@@ -121,10 +121,10 @@ impl ConnHandle {
     }
 
     /// Queues a reply or notice (not a `msg`) without waiting; see [`push_msg`](Self::push_msg).
-    pub fn push(&self, frame: Utf8Bytes, ts_ms: Option<i64>) -> Result<(), PushError> {
+    pub fn push(&self, frame: Utf8Bytes) -> Result<(), PushError> {
         self.enqueue(Queued {
             frame,
-            ts_ms: ts_ms.unwrap_or(0),
+            ts_ms: 0,
             seq: 0,
         })
     }

@@ -147,7 +147,7 @@ impl Registry {
             entry
                 .conns
                 .iter()
-                .filter(|c| c.push(frame.clone(), None).is_ok())
+                .filter(|c| c.push(frame.clone()).is_ok())
                 .count()
         } else {
             let now = crate::router::now_ms();
@@ -181,7 +181,7 @@ impl Registry {
         if let Some(entry) = index.by_user.get(user) {
             if entry.prefs.get() != bits && entry.prefs.update(bits, version) {
                 for conn in &entry.conns {
-                    let _ = conn.push(frame.clone(), None);
+                    let _ = conn.push(frame.clone());
                 }
             }
         }

@@ -125,17 +125,17 @@ fn a_change_reaches_the_user_entry_or_waits_for_their_first_connection() {
 async fn overflow_by_count_or_bytes_asks_for_4001() {
     let reg = registry(5, 2, 1024);
     let (_g, conn, mut rx) = reg.register("alice", None, None, 0, 0).unwrap();
-    conn.push("a".into(), None).unwrap();
-    conn.push("b".into(), None).unwrap();
-    assert_eq!(conn.push("c".into(), None), Err(PushError::Overflow));
+    conn.push("a".into()).unwrap();
+    conn.push("b".into()).unwrap();
+    assert_eq!(conn.push("c".into()), Err(PushError::Overflow));
     assert_eq!(conn.closed().await, 4001);
-    assert_eq!(conn.push("d".into(), None), Err(PushError::Closed));
+    assert_eq!(conn.push("d".into()), Err(PushError::Closed));
     assert_eq!(rx.recv().await.unwrap().frame.as_str(), "a");
 
     let reg = registry(5, 100, 10);
     let (_g, conn, _rx) = reg.register("bob", None, None, 0, 0).unwrap();
-    conn.push("12345".into(), None).unwrap();
-    conn.push("12345".into(), None).unwrap();
-    assert_eq!(conn.push("1".into(), None), Err(PushError::Overflow));
+    conn.push("12345".into()).unwrap();
+    conn.push("12345".into()).unwrap();
+    assert_eq!(conn.push("1".into()), Err(PushError::Overflow));
     assert_eq!(conn.closed().await, 4001);
 }

@@ -23,6 +23,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -196,8 +197,8 @@ impl Router {
             BusEvent::Message {
                 channel: Channel::Bus,
                 payload,
-            } => match BusMessage::decode(payload) {
-                Ok(msg) => self.on_message(msg),
+            } => match BusMessage::decode(payload.clone()) {
+                Ok(msg) => self.on_message(msg, payload),
                 Err(e) => {
                     self.metrics.bus_bad_payloads.inc();
                     tracing::warn!(error = %e, "undecodable bus payload dropped");
@@ -227,8 +228,9 @@ impl Router {
         }
     }
 
-    /// Routes a message in sequence; a jump or a step back starts a recovery.
-    fn on_message(&mut self, msg: BusMessage) -> Option<Recovery> {
+    /// Routes a message in sequence; a jump or a step back starts a recovery (and the
+    /// message, as `payload`, waits for it).
+    fn on_message(&mut self, msg: BusMessage, payload: Bytes) -> Option<Recovery> {
         let Some(last) = self.last_seq else {
             self.last_seq = Some(msg.seq);
             self.route(&msg);
@@ -254,7 +256,6 @@ impl Router {
             "bus sequence broken: recovering"
         );
         self.metrics.bus_gaps.with_label_values(&[reason]).inc();
-        let payload = msg.encode();
         self.buffer.push_front(BusEvent::Message {
             channel: Channel::Bus,
             payload,

@@ -167,7 +167,7 @@ impl Router {
         let lost_all = outcome.missed && (found.reset || found.lost_all || too_long);
         let lost = if lost_all {
             self.registry.for_each(|conn| {
-                let _ = conn.push(lost_frame(&self.metrics), None);
+                let _ = conn.push(lost_frame(&self.metrics));
             });
             self.registry.connection_count()
         } else {
@@ -177,7 +177,7 @@ impl Router {
                 .map(|user| {
                     let frame = lost_frame(&self.metrics);
                     self.registry.for_each_of_user(user, |conn| {
-                        let _ = conn.push(frame.clone(), None);
+                        let _ = conn.push(frame.clone());
                     })
                 })
                 .sum()

@@ -161,16 +161,16 @@ fn alice() -> Target {
 /// Publishes `n` messages for alice on `bus`; returns their payloads as the bus sent them.
 async fn publish_for_alice(bus: &dyn Bus, n: usize, tag: &str) -> Vec<bytes::Bytes> {
     for i in 0..n {
-        let out = Outgoing {
-            header: Header {
+        let out = Outgoing::new(
+            Header {
                 id: format!("{tag}-{i}"),
                 msg_type: "t".into(),
                 to: alice(),
                 ts: now_ms(),
                 ttl_ms: None,
             },
-            frame: format!("{tag}-{i}").into(),
-        };
+            &format!("{tag}-{i}"),
+        );
         bus.publish_message(&out).await.unwrap();
     }
     let read = bus

@@ -724,16 +724,37 @@ async fn read_until_close(
     ws: &mut WebSocketStream<MaybeTlsStream<TcpStream>>,
     timeout: Duration,
 ) -> Closed {
+    read_to_close(ws, timeout).await.1
+}
+
+/// Reads every frame until the server closes: the `msg` frames, and how it closed.
+async fn read_to_close(
+    ws: &mut WebSocketStream<MaybeTlsStream<TcpStream>>,
+    timeout: Duration,
+) -> (Vec<Value>, Closed) {
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut msgs = Vec::new();
     loop {
         match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(WsMessage::Text(t)))) => {
+                let f: Value = serde_json::from_str(&t).expect("server frames are JSON");
+                if f["t"] == "msg" {
+                    msgs.push(f);
+                }
+            }
             Ok(Some(Ok(WsMessage::Close(Some(frame))))) => {
-                return Closed::Code(u16::from(frame.code), frame.reason.to_string())
+                return (
+                    msgs,
+                    Closed::Code(frame.code.into(), frame.reason.to_string()),
+                )
             }
             Ok(Some(Ok(WsMessage::Close(None)))) => {
-                return Closed::Code(u16::from(CloseCode::Status), String::new())
+                return (
+                    msgs,
+                    Closed::Code(u16::from(CloseCode::Status), String::new()),
+                )
             }
-            Ok(None) | Ok(Some(Err(_))) => return Closed::Eof,
+            Ok(None) | Ok(Some(Err(_))) => return (msgs, Closed::Eof),
             Ok(Some(Ok(_))) => continue,
             Err(_) => panic!("connection not closed within {timeout:?}"),
         }
@@ -826,33 +847,7 @@ impl Client {
 
     /// Reads every frame until the server closes: the `msg` frames, and how it closed.
     pub async fn read_to_close(&mut self, timeout: Duration) -> (Vec<Value>, Closed) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut msgs = Vec::new();
-        loop {
-            match tokio::time::timeout_at(deadline, self.ws.next()).await {
-                Ok(Some(Ok(WsMessage::Text(t)))) => {
-                    let f: Value = serde_json::from_str(&t).expect("server frames are JSON");
-                    if f["t"] == "msg" {
-                        msgs.push(f);
-                    }
-                }
-                Ok(Some(Ok(WsMessage::Close(Some(frame))))) => {
-                    return (
-                        msgs,
-                        Closed::Code(frame.code.into(), frame.reason.to_string()),
-                    )
-                }
-                Ok(Some(Ok(WsMessage::Close(None)))) => {
-                    return (
-                        msgs,
-                        Closed::Code(u16::from(CloseCode::Status), String::new()),
-                    )
-                }
-                Ok(None) | Ok(Some(Err(_))) => return (msgs, Closed::Eof),
-                Ok(Some(Ok(_))) => continue,
-                Err(_) => panic!("connection not closed within {timeout:?}"),
-            }
-        }
+        read_to_close(&mut self.ws, timeout).await
     }
 
     /// The next JSON text frame within `timeout`, or `None` (timeout or closed).
