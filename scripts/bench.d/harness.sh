@@ -1,0 +1,127 @@
+# Sourced by scripts/bench: what every scenario needs. Servers are started here and
+# stopped when scripts/bench exits; nothing is left running.
+#
+#   work                    a temporary directory, removed at exit
+#   track PID               stop PID at exit
+#   free_port, wait_http URL
+#   build TARGETS...        cargo build --release of fanout and the named examples
+#   need_redis              $redis_url answers, or fail saying how to get it
+#   need_postgres           $db_admin is ready, or fail
+#   need_kafka              $kafka: FANOUT_TEST_KAFKA, else a private tansu broker
+#   new_topic NAME PARTS    creates a topic on the private tansu broker
+#   need_peer               ../shared/peers/socketio with its node_modules
+#   rss_kib PID, cpu_ms PID VmRSS, and utime+stime in ms, from /proc
+#   start_fanout DIR ...    a release fanout node; sets $node_pid, $node_public, $node_admin
+#   start_peer DIR ...      a socket.io peer instance; sets $node_pid, $node_public
+
+work=$(mktemp -d)
+pids=()
+cleanup_hooks=()
+cleanup() {
+  local p h
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  for h in "${cleanup_hooks[@]}"; do eval "$h" || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+track() { pids+=("$1"); }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 1 300); do curl -sf "$1" >/dev/null && return 0; sleep 0.2; done; echo "timeout waiting for $1" >&2; return 1; }
+
+bin=$PWD/target/release/fanout
+examples=$PWD/target/release/examples
+
+build() {
+  local args=() e
+  for e in "$@"; do args+=(--example "$e"); done
+  echo "==> building (release)"
+  cargo build --release --quiet --bin fanout "${args[@]}"
+  ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+}
+
+redis_url=${FANOUT_TEST_REDIS:-redis://127.0.0.1:6379}
+db_admin=${FANOUT_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
+
+need_redis() {
+  redis-cli -u "$redis_url" ping >/dev/null 2>&1 \
+    || { echo "Redis at $redis_url is not answering (run ./scripts/test once to set it up)" >&2; exit 1; }
+}
+
+need_postgres() {
+  pg_isready -d "$db_admin" >/dev/null 2>&1 \
+    || { echo "PostgreSQL at $db_admin is not ready (run ./scripts/test once to set it up)" >&2; exit 1; }
+}
+
+# A fresh database for this run, dropped at exit; prints its URL.
+new_database() {
+  local db=fanout_bench_$RANDOM$RANDOM
+  psql "$db_admin" -qc "CREATE DATABASE $db" >/dev/null
+  cleanup_hooks+=("psql '$db_admin' -qc 'DROP DATABASE IF EXISTS $db WITH (FORCE)' >/dev/null 2>&1")
+  echo "${db_admin%/*}/$db"
+}
+
+kafka=${FANOUT_TEST_KAFKA:-}
+private_kafka=0
+need_kafka() {
+  [ -n "$kafka" ] && return 0
+  command -v tansu >/dev/null || { echo "tansu is missing: run ./scripts/test once (it installs it), or set FANOUT_TEST_KAFKA" >&2; exit 1; }
+  local port
+  port=$(free_port)
+  tansu broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine memory://tansu/ >"$work/tansu.log" 2>&1 &
+  track $!
+  for _ in $(seq 1 100); do (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+  kafka=127.0.0.1:$port private_kafka=1
+}
+
+# new_topic NAME PARTITIONS: on a private tansu broker (an external broker auto-creates).
+new_topic() {
+  [ "$private_kafka" = 1 ] || return 0
+  tansu topic create "$1" --partitions "$2" --broker "tcp://$kafka" >/dev/null
+}
+
+peer_dir=$(cd ../shared/peers/socketio 2>/dev/null && pwd || true)
+need_peer() {
+  [ -n "$peer_dir" ] || { echo "../shared/peers/socketio is missing" >&2; exit 1; }
+  [ -d "$peer_dir/node_modules" ] || npm install --prefix "$peer_dir" --no-audit --no-fund --loglevel=error
+}
+
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+cpu_ms() { sed 's/.*) //' "/proc/$1/stat" | awk -v hz="$(getconf CLK_TCK)" '{print int(($12 + $13) * 1000 / hz)}'; }
+
+# start_fanout DIR [VAR=VALUE...]: a release node with FANOUT__ settings from the
+# environment plus the given ones, on fresh ports, with --config $node_config when that is
+# set; waits for /readyz.
+start_fanout() {
+  local dir=$1
+  shift
+  mkdir -p "$dir"
+  node_public=127.0.0.1:$(free_port) node_admin=127.0.0.1:$(free_port)
+  (cd "$dir" && exec env FANOUT__SERVER__LISTEN="$node_public" FANOUT__ADMIN__LISTEN="$node_admin" \
+     FANOUT_LOG=warn "$@" "$bin" ${node_config:+--config "$node_config"} serve >"$dir/server.log" 2>&1) &
+  node_pid=$!
+  track "$node_pid"
+  wait_http "http://$node_admin/readyz" || { tail -20 "$dir/server.log" >&2; exit 1; }
+}
+
+# start_peer DIR TOPIC GROUP: one socket.io peer instance; waits for its "listening" line
+# (printed once its Kafka consumer runs).
+start_peer() {
+  local dir=$1 topic=$2 group=$3
+  mkdir -p "$dir"
+  node_public=127.0.0.1:$(free_port)
+  (cd "$dir" && PORT=${node_public##*:} KAFKA_BROKERS=$kafka KAFKA_TOPIC=$topic \
+     KAFKA_GROUP=$group REDIS_URL=$redis_url exec node "$peer_dir/server.js" >"$dir/server.log" 2>&1) &
+  node_pid=$!
+  track "$node_pid"
+  for _ in $(seq 1 600); do grep -q listening "$dir/server.log" && break; kill -0 "$node_pid" || break; sleep 0.1; done
+  grep -q listening "$dir/server.log" || { echo "peer did not start:" >&2; cat "$dir/server.log" >&2; exit 1; }
+}
+
+# Git commit and machine, for reports.
+machine_line() { echo "$(nproc) cores; $(uname -r); $(date -u +%Y-%m-%d); commit $(git rev-parse --short HEAD)"; }
