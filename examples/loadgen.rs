@@ -15,11 +15,26 @@
 //! source address 127.0.0.2 … 127.0.0.(1+`--sources`) before connecting, so that the ~28k
 //! ephemeral ports of one source address are not a limit.
 //!
-//! Messages: a frame is parsed only as far as needed: `ts` (ms, the Kafka record timestamp:
-//! latency = now − ts goes to an HDR histogram in µs, so ms resolution) and, in `data`, `seq`
-//! (0-based sequence number of the message in its stream) and `n` (how many messages the
-//! stream has). A seq seen twice on one connection is a duplicate; at the end each connection
-//! counts `max(n seen, --expect) − distinct seqs` as losses.
+//! Connection `i` is user `<prefix><offset + i>` (`--offset`: several generators aimed at
+//! different nodes keep their users distinct).
+//!
+//! Messages (as `examples/publisher.rs` writes them): a frame is parsed only as far as
+//! needed. In `data`: `t_us` (µs wall clock when it was produced; else `ts`, the Kafka record
+//! timestamp in ms) gives latency = now − t_us, recorded in an HDR histogram in µs; `seq`
+//! (0-based place of the message in its stream) and `n` (how many the stream has); `u`
+//! (the user it is for). A seq seen twice on one connection is a duplicate; a message whose
+//! `u` is not the connection's user, or any message on a connection that muted its type
+//! (`--mute-odd TYPE`: odd user numbers, which the server was told about — the peer through
+//! `mute=TYPE` in the query, fanout through its preference store), is a wrong delivery. At
+//! the end each connection counts `max(n seen, --expect) − distinct seqs` as losses.
+//!
+//! Warm-up records (`data.warm` = round, `data.p` = partition, `data.of` = partitions) are
+//! not counted: once the shard's first connection got every partition's record of one
+//! round, `--warm-file` is written, so a script knows every consumer owns its partitions.
+//!
+//! SIGUSR1 prints an **interval** line and starts a new interval: `{"interval":k, "msgs",
+//! "distinct" (first copies), "dups", "wrong", "p50_ms"…"max_ms", "dropped" (so far)}`. A
+//! script runs one rate step per interval and computes losses as expected − distinct.
 //!
 //! The generator runs until SIGINT/SIGTERM, or `--duration` seconds after all its connections
 //! were attempted. `--ready-file` is written (with the connect figures) as soon as every
@@ -27,8 +42,8 @@
 //!
 //! Summary fields: shard, proto, connected, failed, dropped (closed by the server or broken
 //! before the end), connect_secs (start → last attempt done), start_ms/done_ms (Unix ms, to
-//! add up shards), msgs, dups, losses, p50_ms/p99_ms/p999_ms/max_ms (null without samples),
-//! errors (connect failures by kind).
+//! add up shards), msgs, dups, wrong, losses, p50_ms/p99_ms/p999_ms/max_ms (null without
+//! samples), errors (connect failures by kind).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -97,6 +112,15 @@ struct Args {
     /// Messages each connection should get (losses for connections that saw no `n`).
     #[arg(long, default_value_t = 0)]
     expect: u64,
+    /// Connection i is user <prefix><offset + i>.
+    #[arg(long, default_value_t = 0)]
+    offset: usize,
+    /// Odd connections have switched this message type off (see the module docs).
+    #[arg(long)]
+    mute_odd: Option<String>,
+    /// Written once the first connection got a whole warm-up round.
+    #[arg(long)]
+    warm_file: Option<PathBuf>,
 }
 
 struct Stats {
@@ -106,9 +130,58 @@ struct Stats {
     dropped: u64,
     msgs: u64,
     dups: u64,
+    wrong: u64,
     losses: u64,
     hist: Histogram<u64>,
     errors: BTreeMap<String, u64>,
+    /// The current SIGUSR1 interval and its figures.
+    interval: Interval,
+    /// Warm-up: partitions seen per round on the first connection; true once written.
+    warm_rounds: BTreeMap<u64, u64>,
+    warm_done: bool,
+}
+
+/// What one SIGUSR1 interval saw.
+struct Interval {
+    number: u64,
+    msgs: u64,
+    distinct: u64,
+    dups: u64,
+    wrong: u64,
+    hist: Histogram<u64>,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("histogram bounds")
+}
+
+impl Interval {
+    fn new(number: u64) -> Self {
+        Self {
+            number,
+            msgs: 0,
+            distinct: 0,
+            dups: 0,
+            wrong: 0,
+            hist: histogram(),
+        }
+    }
+}
+
+/// p50/p99/p99.9/max of `hist` in ms (null without samples), added to `into`.
+fn add_quantiles(into: &mut serde_json::Value, hist: &Histogram<u64>) {
+    let q = |p: f64| (!hist.is_empty()).then(|| hist.value_at_quantile(p) as f64 / 1000.0);
+    let max = (!hist.is_empty()).then(|| hist.max() as f64 / 1000.0);
+    if let Some(m) = into.as_object_mut() {
+        for (k, v) in [
+            ("p50_ms", q(0.5)),
+            ("p99_ms", q(0.99)),
+            ("p999_ms", q(0.999)),
+            ("max_ms", max),
+        ] {
+            m.insert(k.into(), serde_json::json!(v));
+        }
+    }
 }
 
 thread_local! {
@@ -120,9 +193,13 @@ thread_local! {
         dropped: 0,
         msgs: 0,
         dups: 0,
+        wrong: 0,
         losses: 0,
-        hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("histogram bounds"),
+        hist: histogram(),
         errors: BTreeMap::new(),
+        interval: Interval::new(0),
+        warm_rounds: BTreeMap::new(),
+        warm_done: false,
     });
 }
 
@@ -148,12 +225,20 @@ fn int_after(s: &str, key: &str) -> Option<u64> {
     digits[..end].parse().ok()
 }
 
-/// Sequence numbers seen on one connection.
+/// Sequence numbers seen on one connection (in the current interval), and who it is.
 #[derive(Default)]
 struct Seen {
     bits: Vec<u64>,
     distinct: u64,
     n: u64,
+    interval: u64,
+}
+
+/// One connection's identity as the checks need it.
+struct Me {
+    user: String,
+    muted: bool,
+    first: bool,
 }
 
 /// Sequence numbers beyond this are not tracked (a bad frame must not eat the memory).
@@ -176,29 +261,92 @@ impl Seen {
     }
 }
 
+/// The string value right after `key` (e.g. `"u":`) in `s`, if any.
+fn str_after<'a>(s: &'a str, key: &str) -> Option<&'a str> {
+    let at = s.find(key)? + key.len();
+    let rest = s[at..].trim_start().strip_prefix('"')?;
+    Some(&rest[..rest.find('"')?])
+}
+
 /// Accounts one `msg` payload (the JSON object with `ts` and `data`).
-fn on_msg(body: &str, seen: &mut Seen) {
+fn on_msg(ctx: &Ctx, body: &str, me: &Me, seen: &mut Seen) {
     let now = now_us();
-    let ts = int_after(body, "\"ts\":");
-    let (seq, n) = match body.find("\"data\":") {
-        Some(at) => {
-            let data = &body[at..];
-            (int_after(data, "\"seq\":"), int_after(data, "\"n\":"))
-        }
-        None => (None, None),
+    let Some(at) = body.find("\"data\":") else {
+        return;
     };
-    let dup = seq.is_some_and(|s| !seen.insert(s));
-    if let Some(n) = n {
-        seen.n = seen.n.max(n);
+    let data = &body[at..];
+    if let Some(round) = int_after(data, "\"warm\":") {
+        on_warm(ctx, me, round, data);
+        return;
     }
+    let t_us = int_after(data, "\"t_us\":")
+        .or_else(|| int_after(body, "\"ts\":").map(|ms| ms.saturating_mul(1000)));
+    let (seq, n) = (int_after(data, "\"seq\":"), int_after(data, "\"n\":"));
+    let wrong = me.muted || str_after(data, "\"u\":").is_some_and(|u| u != me.user);
+    let latency = t_us.map(|t| now.saturating_sub(t).max(1));
     with_stats(|s| {
+        if seen.interval != s.interval.number {
+            *seen = Seen {
+                interval: s.interval.number,
+                ..Seen::default()
+            };
+        }
+        let fresh = seq.is_none_or(|q| seen.insert(q));
+        if let Some(n) = n {
+            seen.n = seen.n.max(n);
+        }
         s.msgs += 1;
-        s.dups += dup as u64;
-        if let Some(ts) = ts {
-            s.hist
-                .saturating_record(now.saturating_sub(ts.saturating_mul(1000)).max(1));
+        s.dups += !fresh as u64;
+        s.wrong += wrong as u64;
+        let i = &mut s.interval;
+        i.msgs += 1;
+        i.distinct += fresh as u64;
+        i.dups += !fresh as u64;
+        i.wrong += wrong as u64;
+        if let Some(l) = latency {
+            s.hist.saturating_record(l);
+            i.hist.saturating_record(l);
         }
     });
+}
+
+/// A warm-up record: once the first connection has a whole round, writes `--warm-file`.
+fn on_warm(ctx: &Ctx, me: &Me, round: u64, data: &str) {
+    let (Some(p), Some(of)) = (int_after(data, "\"p\":"), int_after(data, "\"of\":")) else {
+        return;
+    };
+    if !me.first || p >= 64 {
+        return;
+    }
+    let whole = with_stats(|s| {
+        if s.warm_done {
+            return false;
+        }
+        let mask = s.warm_rounds.entry(round).or_default();
+        *mask |= 1 << p;
+        s.warm_done = u64::from(mask.count_ones()) >= of;
+        s.warm_done
+    });
+    if let (true, Some(path)) = (whole, &ctx.args.warm_file) {
+        if let Err(e) = std::fs::write(path, format!("{round}\n")) {
+            eprintln!("loadgen: cannot write {}: {e}", path.display());
+        }
+    }
+}
+
+/// Ends the current interval: prints its line and starts the next.
+fn report_interval() {
+    let line = with_stats(|s| {
+        let next = Interval::new(s.interval.number + 1);
+        let done = std::mem::replace(&mut s.interval, next);
+        let mut line = serde_json::json!({
+            "interval": done.number, "msgs": done.msgs, "distinct": done.distinct,
+            "dups": done.dups, "wrong": done.wrong, "dropped": s.dropped,
+        });
+        add_quantiles(&mut line, &done.hist);
+        line
+    });
+    println!("{line}");
 }
 
 struct Ctx {
@@ -210,6 +358,15 @@ struct Ctx {
     all_attempted: Notify,
     stop: CancellationToken,
     key: Option<jsonwebtoken::EncodingKey>,
+    /// This shard's first connection (the one that watches the warm-up).
+    first: usize,
+}
+
+impl Ctx {
+    /// True if connection `i`'s user number is odd (`--mute-odd`).
+    fn is_odd(&self, i: usize) -> bool {
+        (self.args.offset + i) % 2 == 1
+    }
 }
 
 fn ws_config() -> WebSocketConfig {
@@ -242,12 +399,18 @@ async fn open(ctx: &Ctx, i: usize) -> anyhow::Result<Ws> {
     }
     let stream = socket.connect(ctx.addr).await?;
     stream.set_nodelay(true)?;
-    let user = format!("{}{i}", ctx.args.user_prefix);
+    let user = format!("{}{}", ctx.args.user_prefix, ctx.args.offset + i);
     let mut query = match (ctx.args.proto, &ctx.key) {
         (Proto::Fanout, Some(_)) => String::new(),
         (Proto::Fanout, None) => format!("user={user}"),
         (Proto::Socketio, _) => format!("EIO=4&transport=websocket&user={user}"),
     };
+    if let (Proto::Socketio, Some(muted), true) =
+        (ctx.args.proto, &ctx.args.mute_odd, ctx.is_odd(i))
+    {
+        query.push_str("&mute=");
+        query.push_str(muted);
+    }
     if let Some(extra) = &ctx.args.query {
         if !query.is_empty() {
             query.push('&');
@@ -332,24 +495,33 @@ async fn connection(ctx: Arc<Ctx>, i: usize) {
             return;
         }
     };
+    let me = Me {
+        user: format!("{}{}", ctx.args.user_prefix, ctx.args.offset + i),
+        muted: ctx.args.mute_odd.is_some() && ctx.is_odd(i),
+        first: i == ctx.first,
+    };
     let mut seen = Seen::default();
     let socketio = ctx.args.proto == Proto::Socketio;
+    // Made once: a fresh `cancelled()` per frame would lock the shared token twice a frame.
+    let stop = ctx.stop.cancelled();
+    tokio::pin!(stop);
     let dropped = loop {
         let frame = tokio::select! {
+            biased;
             f = ws.next() => f,
-            _ = ctx.stop.cancelled() => break false,
+            _ = &mut stop => break false,
         };
         match frame {
             Some(Ok(Message::Text(t))) => {
                 let t = t.as_str();
                 if socketio {
                     if let Some(body) = t.strip_prefix(r#"42["msg","#) {
-                        on_msg(body, &mut seen);
+                        on_msg(&ctx, body, &me, &mut seen);
                     } else if t == "2" && ws.send(Message::text("3")).await.is_err() {
                         break true;
                     }
                 } else if t.starts_with(r#"{"t":"msg""#) {
-                    on_msg(t, &mut seen);
+                    on_msg(&ctx, t, &me, &mut seen);
                 }
             }
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break true,
@@ -394,6 +566,7 @@ fn main() -> anyhow::Result<()> {
         all_attempted: Notify::new(),
         stop: CancellationToken::new(),
         key,
+        first: mine.first().copied().unwrap_or(usize::MAX),
         args,
     });
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -406,6 +579,7 @@ async fn run(ctx: Arc<Ctx>, mine: Vec<usize>, k: usize, m: usize) -> anyhow::Res
     use tokio::signal::unix::{signal, SignalKind};
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigusr1 = signal(SignalKind::user_defined1())?;
     let start = Instant::now();
     let start_ms = unix_ms();
     let mut tasks = tokio::task::JoinSet::new();
@@ -442,17 +616,20 @@ async fn run(ctx: Arc<Ctx>, mine: Vec<usize>, k: usize, m: usize) -> anyhow::Res
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            _ = hold => {}
-            _ = sigterm.recv() => {}
-            _ = sigint.recv() => {}
+        tokio::pin!(hold);
+        loop {
+            tokio::select! {
+                _ = &mut hold => break,
+                _ = sigterm.recv() => break,
+                _ = sigint.recv() => break,
+                _ = sigusr1.recv() => report_interval(),
+            }
         }
     }
     ctx.stop.cancel();
     while tasks.join_next().await.is_some() {}
     let summary = with_stats(|s| {
-        let q = |p: f64| (!s.hist.is_empty()).then(|| s.hist.value_at_quantile(p) as f64 / 1000.0);
-        serde_json::json!({
+        let mut summary = serde_json::json!({
             "shard": format!("{k}/{m}"),
             "proto": format!("{:?}", ctx.args.proto).to_lowercase(),
             "connected": s.connected,
@@ -463,13 +640,12 @@ async fn run(ctx: Arc<Ctx>, mine: Vec<usize>, k: usize, m: usize) -> anyhow::Res
             "done_ms": done_ms,
             "msgs": s.msgs,
             "dups": s.dups,
+            "wrong": s.wrong,
             "losses": s.losses,
-            "p50_ms": q(0.5),
-            "p99_ms": q(0.99),
-            "p999_ms": q(0.999),
-            "max_ms": (!s.hist.is_empty()).then(|| s.hist.max() as f64 / 1000.0),
             "errors": s.errors,
-        })
+        });
+        add_quantiles(&mut summary, &s.hist);
+        summary
     });
     println!("{summary}");
     Ok(())

@@ -1,6 +1,11 @@
 //! Wiring: builds every part from [`Settings`], runs the long-lived tasks on one
 //! [`TaskTracker`], and shuts them down in a fixed order.
 //!
+//! Two runtimes: sessions and HTTP run on the main one; the message path — ingest, the
+//! Redis clients, the bus subscriber and the router — on a [`Pipeline`] thread of its own.
+//! A broadcast wakes thousands of sessions at once; on a shared run queue the router, and
+//! every Redis reply ingest waits for, would queue up behind them.
+//!
 //! Shutdown order (DESIGN §8): readiness off → stop accepting → close sessions with 1012 →
 //! ingest commits and leaves the group → the bus subscriber stops → exit. If any task ends
 //! on its own, that is a failure: the others are stopped the same way and `run` errors.
@@ -15,6 +20,7 @@ use anyhow::Context as _;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use tokio::net::TcpListener;
+use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -67,6 +73,46 @@ const BUS_EVENTS: usize = 1 << 16;
 
 /// Partitions of each topic in the embedded in-process broker.
 const EMBEDDED_PARTITIONS: i32 = 4;
+
+/// The message path's runtime: one thread, stopped (after its tasks) when dropped.
+struct Pipeline {
+    handle: Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pipeline {
+    fn start() -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("building the pipeline runtime")?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("fanout-pipeline".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                })
+            })
+            .context("starting the pipeline thread")?;
+        Ok(Self {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
 
 /// The bound listeners of a node.
 pub struct Listeners {
@@ -123,17 +169,21 @@ async fn run_node(
 ) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
     let metrics = Arc::new(Metrics::new());
+    let pipeline = Pipeline::start()?;
     let bus: Arc<dyn Bus> = if settings.redis.url.is_empty() {
         Arc::new(LocalBus::new(1 << 16, &settings.recovery))
     } else {
-        let bus = RedisBus::connect(
-            &settings.redis.url,
-            &settings.redis.prefix,
-            &settings.recovery,
-            metrics.clone(),
-        )
-        .await
-        .with_context(|| format!("connecting to redis.url {}", settings.redis.url))?;
+        // Connected from the pipeline runtime, where fred then runs its connection tasks.
+        let (s, m) = (settings.clone(), metrics.clone());
+        let bus =
+            pipeline
+                .handle
+                .spawn(async move {
+                    RedisBus::connect(&s.redis.url, &s.redis.prefix, &s.recovery, m).await
+                })
+                .await
+                .context("the pipeline runtime stopped")?
+                .with_context(|| format!("connecting to redis.url {}", settings.redis.url))?;
         Arc::new(bus)
     };
     let auth = Arc::new(Authenticator::new(&settings.auth).map_err(anyhow::Error::msg)?);
@@ -167,7 +217,14 @@ async fn run_node(
         types: settings.types.clone(),
         metrics: metrics.clone(),
     };
-    spawn(&tasks, &failed, "ingest", ingest.run(stop_ingest.clone()));
+    let on_pipeline = Some(&pipeline.handle);
+    spawn(
+        &tasks,
+        &failed,
+        "ingest",
+        ingest.run(stop_ingest.clone()),
+        on_pipeline,
+    );
 
     let router = Router::new(
         registry.clone(),
@@ -180,28 +237,23 @@ async fn run_node(
     let (events, events_rx) = tokio::sync::mpsc::channel(BUS_EVENTS);
     let sub_bus = bus.clone();
     let sub_stop = stop_bus.clone();
-    spawn(&tasks, &failed, "bus subscriber", async move {
+    let subscriber = async move {
         sub_bus
             .subscribe(Box::new(EventSender::new(events)), sub_stop)
             .await
             .map_err(anyhow::Error::from)
-    });
-    spawn(
-        &tasks,
-        &failed,
-        "router",
-        router.run(events_rx, stop_bus.clone()),
-    );
+    };
+    spawn(&tasks, &failed, "bus subscriber", subscriber, on_pipeline);
+    let routing = router.run(events_rx, stop_bus.clone());
+    spawn(&tasks, &failed, "router", routing, on_pipeline);
 
     let (h, stop) = (health.clone(), stop_bus.clone());
-    spawn(&tasks, &failed, "database probe", async move {
-        probe("database", &h.database, database_check(store), stop).await
-    });
+    let database = async move { probe("database", &h.database, database_check(store), stop).await };
+    spawn(&tasks, &failed, "database probe", database, None);
     let (h, stop) = (health.clone(), stop_bus.clone());
     let check = kafka_check(producer.clone(), settings.kafka.topics[0].clone());
-    spawn(&tasks, &failed, "kafka probe", async move {
-        probe("kafka", &h.kafka, check, stop).await
-    });
+    let kafka = async move { probe("kafka", &h.kafka, check, stop).await };
+    spawn(&tasks, &failed, "kafka probe", kafka, None);
 
     let gateway = Arc::new(Gateway {
         settings: settings.clone(),
@@ -227,6 +279,7 @@ async fn run_node(
         &failed,
         "public server",
         serve(listeners.public, public, stop_http.clone()),
+        None,
     );
     let admin = admin::router(Arc::new(Admin {
         metrics: metrics.clone(),
@@ -239,6 +292,7 @@ async fn run_node(
         &failed,
         "admin server",
         serve(listeners.admin, admin, stop_bus.clone()),
+        None,
     );
     tasks.close();
 
@@ -299,13 +353,19 @@ fn limits(settings: &Settings) -> Limits {
     }
 }
 
-/// Spawns a long-lived task; its end is logged once, and an error marks the app failed.
-fn spawn<F>(tasks: &TaskTracker, failed: &CancellationToken, name: &'static str, task: F)
-where
+/// Spawns a long-lived task (on `runtime`, else the current one); its end is logged once,
+/// and an error marks the app failed.
+fn spawn<F>(
+    tasks: &TaskTracker,
+    failed: &CancellationToken,
+    name: &'static str,
+    task: F,
+    runtime: Option<&Handle>,
+) where
     F: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     let failed = failed.clone();
-    tasks.spawn(async move {
+    let task = async move {
         match task.await {
             Ok(()) => tracing::info!(task = name, "stopped"),
             Err(e) => {
@@ -313,7 +373,11 @@ where
                 failed.cancel();
             }
         }
-    });
+    };
+    match runtime {
+        Some(handle) => drop(tasks.spawn_on(task, handle)),
+        None => drop(tasks.spawn(task)),
+    }
 }
 
 async fn serve(

@@ -3,6 +3,8 @@
 //! Invariants (DESIGN §1, §2):
 //! * An offset is stored for commit only after its record was published on the bus (or,
 //!   for a bad record, rejected and dead-lettered): at-least-once, nothing skipped.
+//!   Records already waiting in the consumer are published together, in order, with one
+//!   bus call, and their offsets stored with one call.
 //! * While the bus is down the loop retries the same record, so consumption pauses rather
 //!   than committing what was never published.
 //! * A bad record never stops a partition and never crashes the node.
@@ -12,6 +14,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
@@ -23,7 +26,7 @@ use crate::config::{KafkaConfig, OffsetReset, TypesConfig, UnknownTypes};
 use crate::envelope::{self, Reject};
 use crate::kafka::{client_config, Producer};
 use crate::metrics::Metrics;
-use crate::router::now_ms;
+use crate::router::{now_ms, now_us};
 
 /// Logs rebalances and keeps the partition gauge current.
 pub struct IngestContext {
@@ -127,6 +130,46 @@ pub struct Ingest {
     pub metrics: Arc<Metrics>,
 }
 
+/// Most records published in one bus call...
+const BATCH_MAX: usize = 256;
+/// ... and most bytes of messages: a batch reaches every node's router at once, so it must
+/// not by itself fill a connection's queue (`server.queue_max_bytes`).
+const BATCH_MAX_BYTES: usize = 64 * 1024;
+
+/// The records taken since the last publish.
+#[derive(Default)]
+struct Batch {
+    outgoing: Vec<Outgoing>,
+    /// Per partition, the offset after the last record taken.
+    next: Vec<(String, i32, i64)>,
+    records: usize,
+    bytes: usize,
+}
+
+impl Batch {
+    fn advance(&mut self, topic: &str, partition: i32, next: i64) {
+        match self
+            .next
+            .iter_mut()
+            .find(|(t, p, _)| *p == partition && t == topic)
+        {
+            Some(entry) => entry.2 = next,
+            None => self.next.push((topic.to_owned(), partition, next)),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.outgoing.clear();
+        self.next.clear();
+        self.records = 0;
+        self.bytes = 0;
+    }
+
+    fn is_full(&self) -> bool {
+        self.records >= BATCH_MAX || self.bytes >= BATCH_MAX_BYTES
+    }
+}
+
 /// What to do with one consumed record.
 enum Outcome {
     Publish(Outgoing),
@@ -145,6 +188,13 @@ fn message_id(topic: &str, partition: i32, offset: i64, ts_ms: i64) -> String {
 
 impl Ingest {
     fn decide(&self, record: &BorrowedMessage<'_>, known: &HashSet<&str>) -> Outcome {
+        let at_us = now_us();
+        if let Some(ts) = record.timestamp().to_millis() {
+            let waited_ms = (at_us / 1000) as i64 - ts;
+            self.metrics
+                .stage_kafka
+                .observe(waited_ms.max(0) as f64 / 1000.0);
+        }
         let env = match envelope::decode(record.payload(), self.kafka.max_record_bytes) {
             Ok(env) => env,
             Err(reject) => return Outcome::Reject(reject),
@@ -161,11 +211,15 @@ impl Ingest {
             to: env.to,
             ts,
             ttl_ms: env.ttl_ms,
+            at_us,
         };
         Outcome::Publish(Outgoing::new(header, &frame))
     }
 
     /// Consumes until `shutdown`, then commits what was published and leaves the group.
+    /// Records are taken in batches: the first one waited for, then whatever else the
+    /// consumer already holds (up to [`BATCH_MAX`] records or [`BATCH_MAX_BYTES`]),
+    /// published in one bus call.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let known: HashSet<&str> = self
             .types
@@ -174,62 +228,77 @@ impl Ingest {
             .map(|t| t.name.as_str())
             .collect();
         let mut reject_log = RateLimitedLog::new();
+        let mut batch = Batch::default();
         loop {
             let record = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 record = self.consumer.recv() => record,
             };
-            let record = match record {
-                Ok(record) => record,
-                Err(e) => {
-                    tracing::warn!(error = %e, "kafka consumer error");
-                    continue;
+            let mut next = Some(record);
+            while let Some(record) = next.take() {
+                match record {
+                    Ok(record) => self.take(record, &known, &mut batch, &mut reject_log).await,
+                    Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
                 }
-            };
-            self.metrics.ingest_records.inc();
-            let (topic, partition, offset) = (
-                record.topic().to_owned(),
-                record.partition(),
-                record.offset(),
-            );
-            match self.decide(&record, &known) {
-                Outcome::Publish(msg) => {
-                    drop(record);
-                    if !self.publish(msg, &shutdown).await {
-                        break;
-                    }
-                }
-                Outcome::Reject(reject) => {
-                    self.metrics
-                        .ingest_rejected
-                        .with_label_values(&[reject.as_str()])
-                        .inc();
-                    if let Some(suppressed) = reject_log.allow() {
-                        tracing::warn!(%topic, partition, offset, reason = reject.as_str(), error = %reject, suppressed, "record rejected");
-                    }
-                    self.dead_letter(&record, &reject).await;
+                if !batch.is_full() {
+                    next = self.consumer.recv().now_or_never();
                 }
             }
-            if let Err(e) = self.store_next(&topic, partition, offset + 1) {
-                tracing::warn!(%topic, partition, offset, error = %e, "could not store offset (partition revoked?)");
+            if !batch.outgoing.is_empty() && !self.publish(&batch.outgoing, &shutdown).await {
+                break;
             }
+            self.store(&batch.next);
+            batch.clear();
         }
         self.leave();
         Ok(())
     }
 
-    /// Publishes until the bus takes it; false if shutdown came first (not stored, so the
-    /// record is consumed again by whoever owns the partition next). A record the bus
-    /// already has (a Kafka redelivery) counts as published.
-    async fn publish(&self, msg: Outgoing, shutdown: &CancellationToken) -> bool {
+    /// Adds one record to `batch`: a message to publish, or a reject (counted, logged,
+    /// dead-lettered now); either way its offset is stored after the batch.
+    async fn take(
+        &self,
+        record: BorrowedMessage<'_>,
+        known: &HashSet<&str>,
+        batch: &mut Batch,
+        reject_log: &mut RateLimitedLog,
+    ) {
+        self.metrics.ingest_records.inc();
+        batch.records += 1;
+        batch.advance(record.topic(), record.partition(), record.offset() + 1);
+        match self.decide(&record, known) {
+            Outcome::Publish(msg) => {
+                batch.bytes += msg.body().len();
+                batch.outgoing.push(msg);
+            }
+            Outcome::Reject(reject) => {
+                self.metrics
+                    .ingest_rejected
+                    .with_label_values(&[reject.as_str()])
+                    .inc();
+                if let Some(suppressed) = reject_log.allow() {
+                    let (topic, partition, offset) =
+                        (record.topic(), record.partition(), record.offset());
+                    tracing::warn!(%topic, partition, offset, reason = reject.as_str(), error = %reject, suppressed, "record rejected");
+                }
+                self.dead_letter(&record, &reject).await;
+            }
+        }
+    }
+
+    /// Publishes until the bus takes them all; false if shutdown came first (nothing is
+    /// stored, so the records are consumed again by whoever owns the partitions next). A
+    /// message the bus already has (a Kafka redelivery, or a retry of a batch that was
+    /// partly published) counts as published and is not published again.
+    async fn publish(&self, msgs: &[Outgoing], shutdown: &CancellationToken) -> bool {
         let mut backoff = Duration::from_millis(50);
         let mut failures = 0u32;
         loop {
-            match self.bus.publish_message(&msg).await {
+            match self.bus.publish_messages(msgs).await {
                 Ok(published) => {
-                    if published.duplicate {
+                    for (msg, p) in msgs.iter().zip(&published).filter(|(_, p)| p.duplicate) {
                         self.metrics.ingest_duplicates.inc();
-                        tracing::debug!(id = %msg.header.id, seq = published.seq, "redelivered record already on the bus");
+                        tracing::debug!(id = %msg.header.id, seq = p.seq, "redelivered record already on the bus");
                     }
                     if failures > 0 {
                         tracing::info!(failures, "bus publish recovered; consumption resumes");
@@ -284,13 +353,24 @@ impl Ingest {
         }
     }
 
-    /// Stores `next` (the offset consumption resumes at) for the next commit. Not the legacy
-    /// `store_offset`: librdkafka's `rd_kafka_offset_store` adds one itself, which once
-    /// made every clean restart or rebalance skip a record.
-    fn store_next(&self, topic: &str, partition: i32, next: i64) -> Result<(), KafkaError> {
-        let mut tpl = TopicPartitionList::with_capacity(1);
-        tpl.add_partition_offset(topic, partition, Offset::Offset(next))?;
-        self.consumer.store_offsets(&tpl)
+    /// Stores each partition's next offset (where consumption resumes) for the next
+    /// commit, in one call. Not the legacy `store_offset`: librdkafka's
+    /// `rd_kafka_offset_store` adds one itself, which once made every clean restart or
+    /// rebalance skip a record.
+    fn store(&self, next: &[(String, i32, i64)]) {
+        if next.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::with_capacity(next.len());
+        let stored = next
+            .iter()
+            .try_for_each(|(topic, partition, offset)| {
+                tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+            })
+            .and_then(|()| self.consumer.store_offsets(&tpl));
+        if let Err(e) = stored {
+            tracing::warn!(offsets = ?next, error = %e, "could not store offsets (partition revoked?)");
+        }
     }
 
     /// Commits stored offsets and leaves the group, so partitions move at once.

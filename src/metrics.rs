@@ -2,11 +2,17 @@
 //! nodes can run in one test process). Fields are typed handles: a call site is one line.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::envelope::Reject;
+
+/// Buckets of the stage histograms: fine enough to read sub-millisecond quantiles.
+const STAGE_BUCKETS: [f64; 26] = [
+    0.000_05, 0.000_1, 0.000_2, 0.000_3, 0.000_5, 0.000_75, 0.001, 0.001_5, 0.002, 0.003, 0.004,
+    0.005, 0.007_5, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// The metrics of one node.
 pub struct Metrics {
@@ -53,6 +59,12 @@ pub struct Metrics {
     pub dropped: IntCounterVec,
     /// Time from the Kafka record timestamp to the frame written to the socket.
     pub delivery_latency: Histogram,
+    /// `fanout_stage_latency_seconds{stage="kafka"}`: Kafka record timestamp → ingest.
+    pub stage_kafka: Histogram,
+    /// `{stage="bus"}`: ingest → the router of a node (the publish script, Redis pub/sub).
+    pub stage_bus: Histogram,
+    /// `{stage="send"}`: routed into a connection's queue → written to its socket.
+    pub stage_send: Histogram,
     /// Message ids acknowledged by clients.
     pub acked: IntCounter,
     /// Client `ask` frames, by result (`ok`, `error`, `disabled`).
@@ -110,6 +122,18 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(latency.clone()))
+            .expect("metric registered once");
+        let stages = HistogramVec::new(
+            HistogramOpts::new(
+                "fanout_stage_latency_seconds",
+                "Time in each stage on the way to a client: kafka (record timestamp to ingest, \
+                 ms resolution), bus (ingest to a node's router), send (queued to written)",
+            )
+            .buckets(STAGE_BUCKETS.to_vec()),
+            &["stage"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(stages.clone()))
             .expect("metric registered once");
         let prefs_latency = Histogram::with_opts(
             HistogramOpts::new(
@@ -239,6 +263,9 @@ impl Metrics {
                 "Client frames answered with error, by code",
                 "code",
             ),
+            stage_kafka: stages.with_label_values(&["kafka"]),
+            stage_bus: stages.with_label_values(&["bus"]),
+            stage_send: stages.with_label_values(&["send"]),
             ingest_duplicates: counter(
                 &r,
                 "fanout_ingest_duplicates_total",

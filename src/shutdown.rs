@@ -67,7 +67,10 @@ pub async fn close_sessions(gateway: &Gateway, drain: &CancellationToken, window
             conn.close(1012);
         }
     }
+    // Stragglers (an upgrade already under way when the list was taken): a session that
+    // registers from now on sees `drain` cancelled and closes itself.
     drain.cancel();
+    gateway.registry.for_each(|conn| conn.close(1012));
     gateway.sessions.close();
     match tokio::time::timeout(CLOSE_GRACE, gateway.sessions.wait()).await {
         Ok(()) => tracing::info!(closed = open, "sessions closed"),

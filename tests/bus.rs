@@ -170,6 +170,7 @@ fn outgoing(id: &str, to: Target) -> Outgoing {
             to,
             ts: 1,
             ttl_ms: None,
+            at_us: 0,
         },
         &format!("frame {id}"),
     )
@@ -333,4 +334,63 @@ async fn redis_recovery_reads_what_a_node_missed() {
 #[tokio::test]
 async fn local_recovery_reads_what_a_node_missed() {
     recovery_reads_what_a_node_missed(local_bus()).await;
+}
+
+/// A batch is numbered and published in order, each message into its streams; publishing
+/// the same batch again (ingest's retry after an error) publishes nothing twice, and a
+/// batch that overlaps it publishes only what is new.
+async fn a_batch_is_published_in_order_and_a_retry_adds_nothing(bus: Arc<dyn Bus>) {
+    let stop = CancellationToken::new();
+    let live = Recorder::default();
+    tokio::spawn({
+        let (bus, rec, stop) = (bus.clone(), live.clone(), stop.clone());
+        async move { bus.subscribe(Box::new(rec), stop).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let batch = [
+        outgoing("k0", user("kim")),
+        outgoing("k-all", Target::All),
+        outgoing("k1", Target::Users(vec!["kim".into(), "lea".into()])),
+    ];
+    let first = bus.publish_messages(&batch).await.unwrap();
+    let seqs: Vec<u64> = first.iter().map(|p| p.seq).collect();
+    assert_eq!(
+        seqs,
+        [seqs[0], seqs[0] + 1, seqs[0] + 2],
+        "consecutive, in order"
+    );
+    assert!(first.iter().all(|p| !p.duplicate));
+    let again = bus.publish_messages(&batch).await.unwrap();
+    assert_eq!(again.iter().map(|p| p.seq).collect::<Vec<_>>(), seqs);
+    assert!(
+        again.iter().all(|p| p.duplicate),
+        "a retry publishes nothing"
+    );
+    let overlap = [outgoing("k1", user("kim")), outgoing("k2", user("kim"))];
+    let third = bus.publish_messages(&overlap).await.unwrap();
+    assert_eq!((third[0].seq, third[0].duplicate), (seqs[2], true));
+    assert_eq!((third[1].seq, third[1].duplicate), (seqs[2] + 1, false));
+    let heard: Vec<String> = live
+        .wait_for(4)
+        .await
+        .iter()
+        .map(|(_, p)| BusMessage::decode(p.clone()).unwrap().header.id)
+        .collect();
+    assert_eq!(heard, ["k0", "k-all", "k1", "k2"], "each once, in order");
+    let Replay::Recovered { messages, .. } = history::replay(&*bus, "lea", "k0").await.unwrap()
+    else {
+        panic!("k0 is in the history");
+    };
+    assert_eq!(ids(&messages), ["k-all", "k1"]);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn redis_bus_publishes_a_batch_in_order_and_once() {
+    a_batch_is_published_in_order_and_a_retry_adds_nothing(redis_bus(&prefix()).await).await;
+}
+
+#[tokio::test]
+async fn local_bus_publishes_a_batch_in_order_and_once() {
+    a_batch_is_published_in_order_and_a_retry_adds_nothing(local_bus()).await;
 }

@@ -33,8 +33,9 @@ track() { pids+=("$1"); }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_http() { for _ in $(seq 1 300); do curl -sf "$1" >/dev/null && return 0; sleep 0.2; done; echo "timeout waiting for $1" >&2; return 1; }
 
-bin=$PWD/target/release/fanout
+bin=${BENCH_FANOUT_BIN:-$PWD/target/release/fanout}  # another build to compare: BENCH_FANOUT_BIN
 examples=$PWD/target/release/examples
+bench_d=$PWD/scripts/bench.d
 
 build() {
   local args=() e
@@ -109,6 +110,12 @@ start_fanout() {
   wait_http "http://$node_admin/readyz" || { tail -20 "$dir/server.log" >&2; exit 1; }
 }
 
+# How long a consumer's fetch may wait at the broker, on both sides (fanout:
+# kafka.options fetch.wait.max.ms; the peer: kafkajs maxWaitTimeInMs, through
+# peer-fetch-wait.js). tansu holds every fetch about that long even when records are
+# there, so the defaults (500 ms, 5 s) would measure the broker's wait, not the servers.
+fetch_wait_ms=${BENCH_FETCH_WAIT_MS:-5}
+
 # start_peer DIR TOPIC GROUP: one socket.io peer instance; waits for its "listening" line
 # (printed once its Kafka consumer runs).
 start_peer() {
@@ -116,7 +123,8 @@ start_peer() {
   mkdir -p "$dir"
   node_public=127.0.0.1:$(free_port)
   (cd "$dir" && PORT=${node_public##*:} KAFKA_BROKERS=$kafka KAFKA_TOPIC=$topic \
-     KAFKA_GROUP=$group REDIS_URL=$redis_url exec node "$peer_dir/server.js" >"$dir/server.log" 2>&1) &
+     KAFKA_GROUP=$group REDIS_URL=$redis_url PEER_DIR=$peer_dir BENCH_FETCH_WAIT_MS=$fetch_wait_ms \
+     exec node -r "$bench_d/peer-fetch-wait.js" "$peer_dir/server.js" >"$dir/server.log" 2>&1) &
   node_pid=$!
   track "$node_pid"
   for _ in $(seq 1 600); do grep -q listening "$dir/server.log" && break; kill -0 "$node_pid" || break; sleep 0.1; done

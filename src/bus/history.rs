@@ -294,6 +294,7 @@ mod tests {
                 to,
                 ts: 1,
                 ttl_ms: None,
+                at_us: 0,
             },
             &format!("frame-{id}"),
         )

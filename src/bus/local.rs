@@ -48,12 +48,18 @@ impl Bus for LocalBus {
         Ok(())
     }
 
-    async fn publish_message(&self, msg: &Outgoing) -> Result<Published, BusError> {
+    async fn publish_messages(&self, msgs: &[Outgoing]) -> Result<Vec<Published>, BusError> {
         let mut history = self.history.lock();
-        let (published, payload) = history.append(msg);
-        if let Some(payload) = payload {
-            let _ = self.sender.send((Channel::Bus, payload));
-        }
+        let published = msgs
+            .iter()
+            .map(|msg| {
+                let (published, payload) = history.append(msg);
+                if let Some(payload) = payload {
+                    let _ = self.sender.send((Channel::Bus, payload));
+                }
+                published
+            })
+            .collect();
         Ok(published)
     }
 

@@ -1,8 +1,9 @@
 //! The bus: how every node sees every message (DESIGN §1), and the short history that
 //! makes resume and gap recovery possible (DESIGN §6).
 //!
-//! Ingest publishes each accepted record once with [`Bus::publish_message`]. In one atomic
-//! step the bus gives it the next **sequence number** of the cluster, appends it to the
+//! Ingest publishes each accepted record once with [`Bus::publish_messages`] (all the records
+//! it has at hand in one call, in order). In one atomic step per message the bus gives it
+//! the next **sequence number** of the cluster, appends it to the
 //! history stream of each user it targets (or the broadcast stream for `to.all`), and
 //! publishes it on `<prefix>:bus`. So the history and the live bus have one order, and a
 //! record Kafka delivers twice (same id) is published once. Preference changes go on
@@ -125,7 +126,7 @@ pub enum After<'a> {
     Seq(u64),
 }
 
-/// The outcome of [`Bus::publish_message`].
+/// The outcome of publishing one message ([`Bus::publish_messages`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Published {
     /// The message's sequence number.
@@ -162,8 +163,19 @@ pub trait Bus: Send + Sync + 'static {
     /// Publishes one control payload; `Ok` means the bus accepted it for every subscriber.
     async fn publish(&self, channel: Channel, payload: Bytes) -> Result<(), BusError>;
 
-    /// Numbers, records and publishes one message on `<prefix>:bus`, atomically.
-    async fn publish_message(&self, msg: &Outgoing) -> Result<Published, BusError>;
+    /// Numbers, records and publishes each message on `<prefix>:bus`, in order, each
+    /// atomically; one outcome per message. On an error any prefix of them may have been
+    /// published: publishing them all again publishes only the rest (ids are remembered).
+    async fn publish_messages(&self, msgs: &[Outgoing]) -> Result<Vec<Published>, BusError>;
+
+    /// [`publish_messages`](Self::publish_messages) for one message.
+    async fn publish_message(&self, msg: &Outgoing) -> Result<Published, BusError> {
+        let published = self.publish_messages(std::slice::from_ref(msg)).await?;
+        published
+            .first()
+            .copied()
+            .ok_or_else(|| BusError::Reply("no outcome for the message".into()))
+    }
 
     /// Reads `streams` after a position (at most `recovery.max_messages` entries each).
     async fn read_history(
@@ -196,6 +208,14 @@ pub struct Header {
     pub ts: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_ms: Option<u64>,
+    /// When ingest took the record, µs since the epoch (for the `bus` stage latency); 0 if
+    /// unknown (older nodes, history written by tests).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub at_us: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Header {
@@ -326,6 +346,7 @@ mod tests {
                 to: Target::Users(vec!["a".into(), "b\nc".into()]),
                 ts: 42,
                 ttl_ms: Some(1000),
+                at_us: 7,
             },
             frame: Utf8Bytes::from(r#"{"t":"msg","data":"line\nbreak"}"#),
         };

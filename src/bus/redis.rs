@@ -30,26 +30,39 @@ use super::{
 use crate::config::RecoveryConfig;
 use crate::metrics::Metrics;
 
-/// KEYS: seq, seen id, streams…; ARGV: body, max entries, window (s), bus channel.
-/// Returns `{seq, duplicate}`.
+/// Publishes a batch of messages in order. KEYS: seq, then per message its seen-id key and
+/// its stream keys; ARGV: max entries, window (s), bus channel, then per message its
+/// number of streams and its body. Returns `{seq, duplicate}` per message, flattened.
 pub const PUBLISH_SCRIPT: &str = r#"
-local seen = redis.call('GET', KEYS[2])
-if seen then return {tonumber(seen), 1} end
-local seq = redis.call('INCR', KEYS[1])
-local payload = string.format('%d', seq) .. '\n' .. ARGV[1]
-local id = string.format('%d-0', seq)
-for i = 3, #KEYS do
-  local added = redis.pcall('XADD', KEYS[i], 'MAXLEN', ARGV[2], id, 'p', payload)
-  if type(added) == 'table' and added.err then
-    -- entries from before the counter was lost: stale, start the stream again
-    redis.call('DEL', KEYS[i])
-    redis.call('XADD', KEYS[i], 'MAXLEN', ARGV[2], id, 'p', payload)
+local out = {}
+local k = 2
+for m = 4, #ARGV, 2 do
+  local streams = tonumber(ARGV[m])
+  local seen = redis.call('GET', KEYS[k])
+  if seen then
+    out[#out + 1] = tonumber(seen)
+    out[#out + 1] = 1
+  else
+    local seq = redis.call('INCR', KEYS[1])
+    local payload = string.format('%d', seq) .. '\n' .. ARGV[m + 1]
+    local id = string.format('%d-0', seq)
+    for i = k + 1, k + streams do
+      local added = redis.pcall('XADD', KEYS[i], 'MAXLEN', ARGV[1], id, 'p', payload)
+      if type(added) == 'table' and added.err then
+        -- entries from before the counter was lost: stale, start the stream again
+        redis.call('DEL', KEYS[i])
+        redis.call('XADD', KEYS[i], 'MAXLEN', ARGV[1], id, 'p', payload)
+      end
+      redis.call('EXPIRE', KEYS[i], ARGV[2])
+    end
+    redis.call('PUBLISH', ARGV[3], payload)
+    redis.call('SET', KEYS[k], seq, 'EX', ARGV[2])
+    out[#out + 1] = seq
+    out[#out + 1] = 0
   end
-  redis.call('EXPIRE', KEYS[i], ARGV[3])
+  k = k + 1 + streams
 end
-redis.call('PUBLISH', ARGV[4], payload)
-redis.call('SET', KEYS[2], seq, 'EX', ARGV[3])
-return {seq, 0}
+return out
 "#;
 
 /// KEYS: seq, seen id, streams…; ARGV: `id` or `seq`, after (for `seq`), max entries.
@@ -246,14 +259,20 @@ impl Bus for RedisBus {
         }
     }
 
-    async fn publish_message(&self, msg: &Outgoing) -> Result<Published, BusError> {
-        let keys = self.script_keys(&msg.header.id, &msg.streams());
-        let args: Vec<Value> = vec![
-            Value::Bytes(msg.body().clone()),
+    async fn publish_messages(&self, msgs: &[Outgoing]) -> Result<Vec<Published>, BusError> {
+        let mut keys = vec![self.seq_key.clone()];
+        let mut args: Vec<Value> = vec![
             self.max_messages.as_str().into(),
             self.window_secs.as_str().into(),
             self.bus_channel.as_str().into(),
         ];
+        for msg in msgs {
+            let streams = msg.streams();
+            keys.push(format!("{}:m:{}", self.prefix, msg.header.id));
+            keys.extend(streams.iter().map(|k| self.stream_key(k)));
+            args.push(Value::Integer(streams.len() as i64));
+            args.push(Value::Bytes(msg.body().clone()));
+        }
         let reply: Result<Value, _> = self
             .publish_script
             .evalsha_with_reload(&self.publisher, keys, args)
@@ -265,20 +284,25 @@ impl Bus for RedisBus {
                 return Err(e.into());
             }
         };
-        let Value::Array(items) = &reply else {
-            return Err(BusError::Reply(format!("publish: {reply:?}")));
+        let items = match reply {
+            Value::Array(items) if items.len() == 2 * msgs.len() => items,
+            other => return Err(BusError::Reply(format!("publish: {other:?}"))),
         };
-        let (seq, duplicate) = match items.as_slice() {
-            [seq, dup] => (int(seq)?, int(dup)? == 1),
-            _ => return Err(BusError::Reply(format!("publish: {reply:?}"))),
-        };
-        if !duplicate {
-            self.metrics.bus_published.with_label_values(&["bus"]).inc();
-        }
-        Ok(Published {
-            seq: seq.max(0) as u64,
-            duplicate,
-        })
+        let published = items
+            .chunks(2)
+            .map(|pair| {
+                Ok(Published {
+                    seq: int(&pair[0])?.max(0) as u64,
+                    duplicate: int(&pair[1])? == 1,
+                })
+            })
+            .collect::<Result<Vec<_>, BusError>>()?;
+        let fresh = published.iter().filter(|p| !p.duplicate).count();
+        self.metrics
+            .bus_published
+            .with_label_values(&["bus"])
+            .inc_by(fresh as u64);
+        Ok(published)
     }
 
     async fn read_history(

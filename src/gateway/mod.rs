@@ -41,6 +41,11 @@ use session::{FrameHandler, Session};
 /// `server.max_frame_bytes`) grows it as needed, read 512 bytes at a time.
 const READ_BUFFER: usize = 512;
 
+/// tungstenite writes its buffered frames once they pass this many bytes (or at a flush):
+/// a session's batch of queued frames goes out in a few writes, not one per frame. A
+/// connection that has written a batch keeps up to this much buffer capacity.
+const WRITE_BUFFER: usize = 8 * 1024;
+
 /// Shared state of the WebSocket endpoint.
 pub struct Gateway {
     pub settings: Arc<Settings>,
@@ -53,7 +58,8 @@ pub struct Gateway {
     pub sessions: TaskTracker,
     /// Cancelled when the node starts draining: new upgrades are refused with 503.
     pub stopping: CancellationToken,
-    /// Cancelled to close every remaining session with 1012 at once (the end of a drain).
+    /// Cancelled at the end of a drain: a session registered after that closes with 1012
+    /// at once (the others were closed through the registry).
     pub drain: CancellationToken,
     /// Preferences: loaded for a user's first connection here, changed by `prefs.set`.
     pub prefs: Arc<Prefs>,
@@ -242,7 +248,7 @@ impl Gateway {
         let limit = self.settings.server.max_frame_bytes;
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER)
-            .write_buffer_size(0)
+            .write_buffer_size(WRITE_BUFFER)
             .max_message_size(Some(limit))
             .max_frame_size(Some(limit));
         let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
@@ -278,6 +284,9 @@ impl Gateway {
             }
         };
         self.metrics.connections_opened.inc();
+        if self.drain.is_cancelled() {
+            conn.close(1012); // registered after the drain went through the registry
+        }
         // Registered first, so live messages queue up while the history is read; the
         // session skips those the replay already covers.
         let (resume, replay, skip_through) = match &connect.since {
@@ -308,7 +317,6 @@ impl Gateway {
             max_frames_per_sec: self.settings.server.max_frames_per_sec,
             handler: self.clone(),
             metrics: self.metrics.clone(),
-            drain: self.drain.clone(),
         };
         let end = session.run(ws).await;
         tracing::debug!(conn = %conn.id, user = %conn.user, ?end, "session ended");

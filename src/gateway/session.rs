@@ -1,28 +1,31 @@
 //! One WebSocket session: a `select!` loop over its queue, its socket, the heartbeat, the
-//! token expiry, its close signal and shutdown.
+//! token expiry and its close signal (overflow, drain, limits all close through it).
 //!
 //! Invariant: the session is the only writer of its socket and never touches the registry
 //! while awaiting it; a slow client fills only its own queue and, when that overflows, is
 //! closed with 4001 — it can only lose its own messages.
+//!
+//! Cost per wake-up (this loop runs once per delivered batch): the futures that outlive an
+//! iteration — close signal, token expiry, silence timeout — are made once and pinned, so a
+//! wake-up registers no timer and takes no shared lock; only the queue's own wait is made
+//! anew. Queued frames are fed into tungstenite's write buffer and written with one flush.
 //!
 //! Generic over any `Sink + Stream` of WebSocket messages, so tests drive it with channels.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::{Sink, SinkExt, Stream, StreamExt};
-use tokio::time::{sleep_until, Instant};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
-use tokio_util::sync::CancellationToken;
-
 use super::error_frame;
 use super::protocol::{self, ClientFrame};
 use crate::config::HeartbeatConfig;
 use crate::metrics::Metrics;
 use crate::registry::{ConnHandle, QueueRx, Queued};
-use crate::router::now_ms;
+use crate::router::{now_ms, now_us};
+use futures::{Sink, SinkExt, Stream, StreamExt};
+use tokio::time::{sleep_until, Instant};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 /// Most queued frames written before one flush.
 const BATCH: usize = 64;
@@ -87,8 +90,6 @@ pub struct Session {
     pub max_frames_per_sec: u32,
     pub handler: Arc<dyn FrameHandler>,
     pub metrics: Arc<Metrics>,
-    /// Cancelled when the node closes this connection for draining.
-    pub drain: CancellationToken,
 }
 
 fn expiry_instant(exp: Option<u64>) -> Instant {
@@ -158,22 +159,25 @@ impl Session {
         let interval = self.heartbeat.interval;
         let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let expiry = expiry_instant(self.token_exp);
         let mut last_seen = Instant::now();
         let mut rate = (Instant::now(), 0u32);
         let mut bad_frames = 0u32;
         let conn = self.conn.clone();
+        let closed = conn.closed();
+        let expiry = sleep_until(expiry_instant(self.token_exp));
+        // Re-armed only when it fires early: a frame just moves `last_seen`.
+        let silence = sleep_until(last_seen + self.heartbeat.timeout);
+        tokio::pin!(closed, expiry, silence);
         loop {
             tokio::select! {
                 biased;
-                code = conn.closed() => return self.end_with(code),
-                _ = self.drain.cancelled() => return self.end_with(1012),
-                _ = sleep_until(expiry) => return End::close(4003),
+                code = &mut closed => return self.end_with(code),
+                _ = &mut expiry => return End::close(4003),
                 queued = self.queue.recv() => {
                     let Some(first) = queued else { return End::close(1011) };
                     tokio::select! {
                         written = self.write_batch(ws, first) => if written.is_err() { return End::ClientGone },
-                        code = conn.closed() => return self.end_with(code),
+                        code = &mut closed => return self.end_with(code),
                     }
                 }
                 incoming = ws.next() => {
@@ -212,7 +216,13 @@ impl Session {
                         }
                     }
                 }
-                _ = sleep_until(last_seen + self.heartbeat.timeout) => return End::close(4000),
+                _ = &mut silence => {
+                    let deadline = last_seen + self.heartbeat.timeout;
+                    if deadline <= Instant::now() {
+                        return End::close(4000);
+                    }
+                    silence.as_mut().reset(deadline);
+                }
                 _ = heartbeat.tick() => {
                     if ws.send(Message::Ping(Default::default())).await.is_err() {
                         return End::ClientGone;
@@ -222,8 +232,7 @@ impl Session {
         }
     }
 
-    /// The end for a close asked through the connection's handle or the drain; a drain's
-    /// 1012 carries a jittered `retry_ms` (made now: no string held by every idle session).
+    /// The end for a close asked through the connection's handle; a drain's 1012 carries a jittered `retry_ms` (made now: no string held by every idle session).
     fn end_with(&self, code: u16) -> End {
         if code == 1012 {
             let retry_ms = 1000 + rand::random::<u64>() % 4000;
@@ -256,24 +265,27 @@ impl Session {
     }
 
     /// Feeds `first` and whatever else is queued (up to [`BATCH`]), then flushes once.
-    /// With no write buffer, a fed frame is on the socket: its latency is taken then (kept
-    /// out of an array, which would make every idle session's future larger).
+    /// Latency is taken as each frame is fed, with one clock reading for the batch (the
+    /// batch is written within microseconds; an array of stamps would make every idle
+    /// session's future larger).
     async fn write_batch<S>(&mut self, ws: &mut S, first: Queued) -> Result<(), WsError>
     where
         S: Sink<Message, Error = WsError> + Unpin,
     {
         let mut next = Some(first);
         let mut fed = 0;
+        let (now_us, now_ms) = (now_us(), now_ms());
         while let Some(q) = next.take() {
-            self.conn.dequeued(q.frame.len());
             if q.seq != 0 && q.seq <= self.skip_through {
                 next = self.queue.try_recv().ok();
                 continue;
             }
             ws.feed(Message::Text(q.frame)).await?;
             if q.ts_ms != 0 {
-                let latency = (now_ms() - q.ts_ms).max(0) as f64 / 1000.0;
+                let latency = (now_ms - q.ts_ms).max(0) as f64 / 1000.0;
                 self.metrics.delivery_latency.observe(latency);
+                let queued_us = now_us.saturating_sub(q.routed_us);
+                self.metrics.stage_send.observe(queued_us as f64 / 1e6);
             }
             fed += 1;
             if fed < BATCH {
@@ -365,7 +377,6 @@ mod tests {
             max_frames_per_sec: 100,
             handler: Arc::new(NoHandler),
             metrics,
-            drain: CancellationToken::new(),
         };
         let task = tokio::spawn(session.run(Fake { out: out_tx, inc }));
         Harness {
@@ -430,7 +441,9 @@ mod tests {
     async fn queued_frames_are_written_and_bad_frames_answered() {
         let mut h = start(None);
         h.out.next().await.unwrap();
-        h.conn.push_msg("one".into(), 1, now_ms()).unwrap();
+        h.conn
+            .push_msg("one".into(), 1, now_ms(), now_us())
+            .unwrap();
         h.conn.push("two".into()).unwrap();
         assert_eq!(h.out.next().await.unwrap(), Message::Text("one".into()));
         assert_eq!(h.out.next().await.unwrap(), Message::Text("two".into()));

@@ -2,10 +2,13 @@
 //! preference bits, and its bounded outbound queue with a close signal.
 //!
 //! The queue is a `VecDeque` behind an uncontended lock, not a channel: it allocates
-//! nothing until something is queued, which keeps an idle connection small.
+//! nothing until something is queued, which keeps an idle connection small. Its byte count
+//! lives under the same lock. The session is woken only when a frame lands in an empty
+//! queue: it always drains the queue before it waits again, so a frame pushed behind
+//! others needs no wake-up of its own (under load that spares most of them).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -19,11 +22,20 @@ use crate::envelope::{Platform, Target};
 pub struct Queued {
     pub frame: Utf8Bytes,
     /// Kafka timestamp of a `msg` frame (for the latency histogram); 0 for other frames.
-    /// Not an `Option`: every idle connection's queue reserves a block of these.
     pub ts_ms: i64,
+    /// When the router queued a `msg` frame, µs since the epoch (the `send` stage); 0 for
+    /// other frames.
+    pub routed_us: u64,
     /// Bus sequence number of a `msg` frame (a resuming session skips what it replayed);
     /// 0 for other frames.
     pub seq: u64,
+}
+
+/// A connection's queued frames and their size in bytes.
+#[derive(Default)]
+struct Queue {
+    frames: VecDeque<Queued>,
+    bytes: usize,
 }
 
 /// Why a frame could not be queued.
@@ -80,12 +92,12 @@ pub struct ConnHandle {
     pub prefs: Arc<UserPrefs>,
     pub platform: Option<Platform>,
     pub tab: Option<Box<str>>,
-    queue: Mutex<VecDeque<Queued>>,
-    /// Woken for every queued frame (a permit is kept if the session is not waiting).
+    queue: Mutex<Queue>,
+    /// Woken when a frame lands in an empty queue (a permit is kept if the session is not
+    /// waiting).
     queued: Notify,
     /// Set when the session's [`QueueRx`] is gone: nothing is queued any more.
     receiver_gone: AtomicBool,
-    queued_bytes: AtomicUsize,
     max_messages: usize,
     max_bytes: usize,
     close_code: AtomicU16,
@@ -109,10 +121,9 @@ impl ConnHandle {
             prefs,
             platform,
             tab,
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Queue::default()),
             queued: Notify::new(),
             receiver_gone: AtomicBool::new(false),
-            queued_bytes: AtomicUsize::new(0),
             max_messages,
             max_bytes,
             close_code: AtomicU16::new(0),
@@ -125,13 +136,25 @@ impl ConnHandle {
         self.enqueue(Queued {
             frame,
             ts_ms: 0,
+            routed_us: 0,
             seq: 0,
         })
     }
 
-    /// Queues a `msg` frame with its bus sequence number and Kafka timestamp.
-    pub fn push_msg(&self, frame: Utf8Bytes, seq: u64, ts_ms: i64) -> Result<(), PushError> {
-        self.enqueue(Queued { frame, ts_ms, seq })
+    /// Queues a `msg` frame with its bus sequence number, Kafka timestamp and routing time.
+    pub fn push_msg(
+        &self,
+        frame: Utf8Bytes,
+        seq: u64,
+        ts_ms: i64,
+        routed_us: u64,
+    ) -> Result<(), PushError> {
+        self.enqueue(Queued {
+            frame,
+            ts_ms,
+            routed_us,
+            seq,
+        })
     }
 
     /// Queues without waiting. On overflow, asks the session to close with 4001.
@@ -142,37 +165,31 @@ impl ConnHandle {
             return Err(PushError::Closed);
         }
         let len = queued.frame.len();
-        if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > self.max_bytes {
-            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            self.close(4001);
-            return Err(PushError::Overflow);
-        }
         let mut queue = self.queue.lock();
-        if queue.len() >= self.max_messages {
+        if queue.frames.len() >= self.max_messages || queue.bytes + len > self.max_bytes {
             drop(queue);
-            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             self.close(4001);
             return Err(PushError::Overflow);
         }
-        queue.push_back(queued);
+        let was_empty = queue.frames.is_empty();
+        queue.frames.push_back(queued);
+        queue.bytes += len;
         drop(queue);
-        self.queued.notify_one();
+        if was_empty {
+            self.queued.notify_one();
+        }
         Ok(())
     }
 
     /// Takes the oldest queued frame; an emptied queue gives back a large buffer.
     fn pop(&self) -> Option<Queued> {
         let mut queue = self.queue.lock();
-        let next = queue.pop_front();
-        if queue.is_empty() && queue.capacity() > 64 {
-            *queue = VecDeque::new();
+        let next = queue.frames.pop_front()?;
+        queue.bytes -= next.frame.len();
+        if queue.frames.is_empty() && queue.frames.capacity() > 64 {
+            queue.frames = VecDeque::new();
         }
-        next
-    }
-
-    /// Called by the session for every frame it takes off the queue.
-    pub fn dequeued(&self, frame_len: usize) {
-        self.queued_bytes.fetch_sub(frame_len, Ordering::Relaxed);
+        Some(next)
     }
 
     /// Asks the session to close with `code`; the first request wins.
@@ -251,9 +268,6 @@ impl QueueRx {
 impl Drop for QueueRx {
     fn drop(&mut self) {
         self.conn.receiver_gone.store(true, Ordering::Relaxed);
-        let mut queue = self.conn.queue.lock();
-        queue.clear();
-        queue.shrink_to_fit();
-        self.conn.queued_bytes.store(0, Ordering::Relaxed);
+        *self.conn.queue.lock() = Queue::default();
     }
 }

@@ -76,6 +76,15 @@ impl RecentIds {
     }
 }
 
+/// Microseconds since the Unix epoch (stage latencies are measured across nodes, so with
+/// the wall clock).
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -231,6 +240,10 @@ impl Router {
     /// Routes a message in sequence; a jump or a step back starts a recovery (and the
     /// message, as `payload`, waits for it).
     fn on_message(&mut self, msg: BusMessage, payload: Bytes) -> Option<Recovery> {
+        if msg.header.at_us != 0 {
+            let on_bus_us = now_us().saturating_sub(msg.header.at_us);
+            self.metrics.stage_bus.observe(on_bus_us as f64 / 1e6);
+        }
         let Some(last) = self.last_seq else {
             self.last_seq = Some(msg.seq);
             self.route(&msg);
@@ -285,13 +298,14 @@ impl Router {
             return;
         }
         let slot = self.types.slot(&h.msg_type);
+        let routed_us = now_us();
         let (mut queued, mut filtered, mut full, mut closed) = (0u64, 0u64, 0u64, 0u64);
         self.registry.for_each_target(&h.to, |conn| {
             if !types::accepts(conn.prefs.get(), slot) {
                 filtered += 1;
                 return;
             }
-            match conn.push_msg(msg.frame.clone(), msg.seq, h.ts) {
+            match conn.push_msg(msg.frame.clone(), msg.seq, h.ts, routed_us) {
                 Ok(()) => queued += 1,
                 Err(PushError::Overflow) => full += 1,
                 Err(PushError::Closed) => closed += 1,

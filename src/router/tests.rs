@@ -114,6 +114,7 @@ fn msg(id: &str, to: Target, ts: i64, ttl_ms: Option<u64>) -> BusMessage {
             to,
             ts,
             ttl_ms,
+            at_us: 0,
         },
         frame: format!("frame-{id}").into(),
     }
@@ -168,6 +169,7 @@ async fn publish_for_alice(bus: &dyn Bus, n: usize, tag: &str) -> Vec<bytes::Byt
                 to: alice(),
                 ts: now_ms(),
                 ttl_ms: None,
+                at_us: 0,
             },
             &format!("{tag}-{i}"),
         );

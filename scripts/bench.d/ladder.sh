@@ -1,0 +1,200 @@
+# Sourced by the message scenarios (s2, s3, s4): one side's cluster on a fresh topic,
+# load generators connected to it, and rate steps, each measured as one loadgen interval.
+#
+#   cluster_up SIDE NODES DIR     fanout or peer servers in one cluster (same topic, group,
+#                                 Redis); sets cluster_pids, cluster_targets, cluster_admins
+#   clients_up N [loadgen args]   N connections spread evenly over the nodes, at most
+#                                 $per_shard per generator process; users u0…u(N-1)
+#   warm_up                       until every consumer owns its partitions (see publisher.rs)
+#   step RATE SECONDS [publisher args]
+#                                 one measured step; sets step_json to its figures
+#   cluster_down                  stops generators and servers
+#
+# Figures of a step (step_json): messages, expected deliveries (messages × connections
+# they target, given as $step_targets), received (first copies), lost, dups, wrong,
+# dropped (connections closed meanwhile), deliveries_per_s, server_cpu_s (utime+stime of
+# every server process over the step and its drain), cpu_s_per_million,
+# deliveries_per_core_s, gen_cpu_s_per_million, p50/p99/p99.9/max latency in ms
+# (produce → client, the highest of the generator processes' figures) and, for fanout,
+# "stages": the same quantiles of each stage from the nodes' histograms (stages.py). A step is
+# **sustained** when nothing was lost, duplicated or wrong and no connection was dropped,
+# with every delivery in by $drain seconds after the last record was produced.
+
+per_shard=${BENCH_PER_SHARD:-9500}
+sources=${BENCH_SOURCES:-16}
+drain=${BENCH_DRAIN:-2}
+partitions=4
+secret=bench-secret
+shared_db=""
+
+cat >"$work/types.toml" <<TOML
+[kafka.options]
+"fetch.wait.max.ms" = "$fetch_wait_ms"
+
+[[types]]
+name = "robot.reply"
+default = true
+TOML
+
+cluster_up() {
+  local side=$1 nodes=$2 dir=$3 i
+  cluster_side=$side cluster_dir=$dir cluster_pids=() cluster_targets=() cluster_admins=()
+  topic=bench-$side-$RANDOM$RANDOM
+  new_topic "$topic" "$partitions"
+  for i in $(seq 0 $((nodes - 1))); do
+    if [ "$side" = fanout ]; then
+      [ -n "$shared_db" ] || shared_db=$(new_database)
+      node_config=$work/types.toml start_fanout "$dir/node$i" \
+        FANOUT__NODE__ID="bench-$i" FANOUT__KAFKA__BROKERS="$kafka" FANOUT__KAFKA__TOPICS="$topic" \
+        FANOUT__KAFKA__GROUP_ID="$topic" FANOUT__REDIS__URL="$redis_url" FANOUT__REDIS__PREFIX="$topic" \
+        FANOUT__DATABASE__URL="$shared_db" FANOUT__AUTH__JWT_SECRET="$secret" \
+        FANOUT__SERVER__MAX_CONNECTIONS=20000 FANOUT__SERVER__MAX_FRAMES_PER_SEC=1000
+      cluster_admins+=("$node_admin")
+    else
+      start_peer "$dir/node$i" "$topic" "$topic"
+    fi
+    cluster_pids+=("$node_pid")
+    cluster_targets+=("$node_public")
+  done
+}
+
+clients_up() {
+  local n=$1 nodes=${#cluster_targets[@]} i k per shards proto=fanout auth=()
+  shift
+  [ "$cluster_side" = peer ] && proto=socketio
+  [ "$cluster_side" = fanout ] && auth=(--token-secret "$secret")
+  gen_pids=() gen_out=() gen_warm=() gen_connected=0
+  per=$(( (n + nodes - 1) / nodes ))
+  for i in $(seq 0 $((nodes - 1))); do
+    local count=$(( n - i * per < per ? n - i * per : per ))
+    shards=$(( (count + per_shard - 1) / per_shard ))
+    for k in $(seq 1 "$shards"); do
+      local tag="$cluster_dir/gen$i-$k"
+      "$examples/loadgen" --proto "$proto" --target "${cluster_targets[$i]}" --connections "$count" \
+        --offset $((i * per)) --shard "$k/$shards" --sources "$sources" "${auth[@]}" \
+        --ready-file "$tag.ready" --warm-file "$tag.warm" "$@" >"$tag.out" 2>"$tag.log" &
+      gen_pids+=($!)
+      track $!
+      gen_out+=("$tag.out")
+      gen_warm+=("$tag.warm")
+    done
+  done
+  for _ in $(seq 1 1200); do
+    local all=1 f
+    for f in "${gen_out[@]}"; do [ -s "${f%.out}.ready" ] || all=0; done
+    [ $all = 1 ] && break
+    sleep 0.1
+  done
+  for f in "${gen_out[@]}"; do
+    [ -s "${f%.out}.ready" ] || { echo "a load generator did not finish connecting: ${f%.out}.log" >&2; exit 1; }
+    gen_connected=$(( gen_connected + $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["connected"])' "${f%.out}.ready") ))
+  done
+  [ "$gen_connected" = "$n" ] || { echo "only $gen_connected of $n connections connected (see $cluster_dir/gen*.log)" >&2; exit 1; }
+}
+
+warm_up() {
+  local f all
+  "$examples/publisher" --brokers "$kafka" --topic "$topic" --partitions "$partitions" \
+    --warmup "${gen_warm[0]}" >"$cluster_dir/warmup.json"
+  for _ in $(seq 1 300); do
+    all=1
+    for f in "${gen_warm[@]}"; do [ -s "$f" ] || all=0; done
+    [ $all = 1 ] && break
+    sleep 0.1
+  done
+  [ $all = 1 ] || { echo "warm-up did not reach every generator" >&2; exit 1; }
+  sleep 1
+}
+
+sum_cpu_ms() { local t=0 p; for p in "$@"; do t=$(( t + $(cpu_ms "$p") )); done; echo "$t"; }
+
+# step RATE SECONDS [publisher args]: $step_targets = connections each message targets, or
+# users:U when message k is for user k mod U and only even users accept its type.
+step() {
+  local rate=$1 seconds=$2 cpu0 cpu1 gcpu0 gcpu1 lines=() f p
+  shift 2
+  for f in "${gen_out[@]}"; do lines+=("$(wc -l <"$f")"); done
+  [ "$cluster_side" = fanout ] && node_metrics >"$cluster_dir/metrics0"
+  cpu0=$(sum_cpu_ms "${cluster_pids[@]}") gcpu0=$(sum_cpu_ms "${gen_pids[@]}")
+  "$examples/publisher" --brokers "$kafka" --topic "$topic" --rate "$rate" --seconds "$seconds" "$@" \
+    >"$cluster_dir/publish.json"
+  sleep "$drain"
+  cpu1=$(sum_cpu_ms "${cluster_pids[@]}") gcpu1=$(sum_cpu_ms "${gen_pids[@]}")
+  [ "$cluster_side" = fanout ] && node_metrics >"$cluster_dir/metrics1"
+  for p in "${gen_pids[@]}"; do kill -USR1 "$p"; done
+  local i=0
+  for f in "${gen_out[@]}"; do
+    for _ in $(seq 1 100); do [ "$(wc -l <"$f")" -gt "${lines[$i]}" ] && break; sleep 0.05; done
+    i=$((i + 1))
+  done
+  step_json=$(python3 - "$rate" "$seconds" "$step_targets" "$gen_connected" $((cpu1 - cpu0)) $((gcpu1 - gcpu0)) \
+    "$cluster_dir/publish.json" "${gen_out[@]}" <<'PY'
+import json, sys
+rate, seconds, targets, connected = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+cpu_s, gen_cpu_s = int(sys.argv[5]) / 1000, int(sys.argv[6]) / 1000
+pub = json.load(open(sys.argv[7]))
+shards = [json.loads(open(f).read().strip().splitlines()[-1]) for f in sys.argv[8:]]
+messages = pub["sent"]
+if targets.startswith("users:"):
+    # Message k is for user k mod U, and only even users accept it (s3).
+    users = int(targets[6:])
+    full, rest = divmod(messages, users)
+    expected = full * ((users + 1) // 2) + (rest + 1) // 2
+else:
+    expected = messages * int(targets)
+received = sum(s["distinct"] for s in shards)
+dups = sum(s["dups"] for s in shards)
+wrong = sum(s["wrong"] for s in shards)
+dropped = sum(s["dropped"] for s in shards)
+worst = lambda k: max((s[k] for s in shards if s.get(k) is not None), default=None)
+per_million = lambda c: round(c / (received / 1e6), 3) if received else None
+print(json.dumps({
+    "rate": rate, "seconds": seconds, "messages": messages, "connections": connected,
+    "expected": expected, "received": received, "lost": expected - received, "dups": dups,
+    "wrong": wrong, "dropped": dropped,
+    "deliveries_per_s": round(received / pub["seconds"]) if pub["seconds"] else None,
+    "server_cpu_s": cpu_s, "cpu_s_per_million": per_million(cpu_s),
+    "deliveries_per_core_s": round(received / cpu_s) if cpu_s else None,
+    "gen_cpu_s_per_million": per_million(gen_cpu_s),
+    "p50_ms": worst("p50_ms"), "p99_ms": worst("p99_ms"), "p999_ms": worst("p999_ms"), "max_ms": worst("max_ms"),
+    "sustained": expected == received and dups == 0 and wrong == 0 and dropped == 0,
+}))
+PY
+)
+  if [ "$cluster_side" = fanout ]; then
+    step_json=$(python3 scripts/bench.d/stages.py "$cluster_dir/metrics0" "$cluster_dir/metrics1" "$step_json")
+  fi
+}
+
+# The Prometheus text of every fanout node of the cluster.
+node_metrics() { local a; for a in "${cluster_admins[@]}"; do curl -sf "http://$a/metrics"; done; }
+
+# record SCENARIO SIDE RUN [JSON fields...]: prints the step and appends it to the results.
+record() {
+  local scenario=$1 side=$2 run=$3 row
+  shift 3
+  row=$(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r.update(json.loads(sys.argv[2])); print(json.dumps(r))' \
+    "{\"scenario\":\"$scenario\",\"side\":\"$side\",\"run\":$run,\"commit\":\"$(git rev-parse --short HEAD)\"}" "$step_json")
+  [ -z "${BENCH_RESULTS:-}" ] || { mkdir -p "$BENCH_RESULTS"; echo "$row" >>"$BENCH_RESULTS/$scenario.jsonl"; }
+  echo "$row" >>"$work/$scenario.jsonl"
+  python3 - "$row" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1])
+verdict = "sustained" if r["sustained"] else "NOT sustained"
+print(f"    {r['side']:6} run {r['run']}: {r['rate']:g}/s x {r['seconds']:g} s -> {r['received']}/{r['expected']} delivered"
+      f" ({r['deliveries_per_s']}/s), lost {r['lost']}, dups {r['dups']}, wrong {r['wrong']}, dropped {r['dropped']};"
+      f" server {r['server_cpu_s']} CPU-s = {r['cpu_s_per_million']} per million (generators"
+      f" {r['gen_cpu_s_per_million']}); p50/p99/p99.9"
+      f" {r['p50_ms']}/{r['p99_ms']}/{r['p999_ms']} ms; {verdict}")
+for stage, q in r.get("stages", {}).items():
+    print(f"           stage {stage}: p50/p99/p99.9 {q['p50_ms']}/{q['p99_ms']}/{q['p999_ms']} ms ({q['count']} samples)")
+PY
+}
+
+cluster_down() {
+  local p
+  for p in "${gen_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${gen_pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  for p in "${cluster_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${cluster_pids[@]}"; do wait "$p" 2>/dev/null || true; done
+}

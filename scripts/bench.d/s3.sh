@@ -1,0 +1,39 @@
+# scripts/bench s3 [runs] [users] [nodes]: personal messages (issue 7, S3). Each of `users`
+# users (default 20000, over 2 nodes of each side: one process may hold 20,000 files) has one
+# connection; odd users switched robot.reply off (fanout: rows in its preference table;
+# the peer: mute=robot.reply in the query). Record k is for user k mod users. Rate steps
+# (BENCH_RATES records/s, BENCH_STEP seconds each) until one is not sustained. Wrong
+# deliveries (a muted user or another user getting a message) must be zero.
+runs=${1:-${BENCH_RUNS:-3}} users=${2:-20000} nodes=${3:-2}
+rates=${BENCH_RATES:-1000 2000 5000 10000 20000}
+seconds=${BENCH_STEP:-10}
+sides=${BENCH_SIDES:-fanout peer}
+need_redis
+need_kafka
+[[ " $sides " = *" fanout "* ]] && need_postgres
+[[ " $sides " = *" peer "* ]] && need_peer
+build loadgen publisher
+source scripts/bench.d/ladder.sh
+step_targets=users:$users
+echo "==> S3 personal: $users users over $nodes nodes, odd users muted, steps of $seconds s at $rates records/s, $runs runs per side"
+for r in $(seq 1 "$runs"); do
+  for side in $sides; do
+    echo "  -- $side, run $r (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+    cluster_up "$side" "$nodes" "$work/s3-$side-$r"
+    if [ "$side" = fanout ]; then
+      psql "$shared_db" -qc "DELETE FROM fanout_preferences;
+        INSERT INTO fanout_preferences (user_id, msg_type, enabled)
+        SELECT 'u' || i, 'robot.reply', false FROM generate_series(1, $users - 1, 2) i" >/dev/null
+    fi
+    clients_up "$users" --mute-odd robot.reply
+    warm_up
+    for rate in $rates; do
+      step "$rate" "$seconds" --to users --users "$users"
+      record s3 "$side" "$r"
+      python3 -c 'import json,sys; sys.exit(0 if json.loads(sys.argv[1])["sustained"] else 1)' "$step_json" || break
+    done
+    cluster_down
+  done
+done
+python3 scripts/bench.d/summary.py s3 "$work/s3.jsonl"
+echo "(machine: $(machine_line))"
