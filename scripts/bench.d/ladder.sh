@@ -169,12 +169,12 @@ PY
 # The Prometheus text of every fanout node of the cluster.
 node_metrics() { local a; for a in "${cluster_admins[@]}"; do curl -sf "http://$a/metrics"; done; }
 
-# record SCENARIO SIDE RUN [JSON fields...]: prints the step and appends it to the results.
+# record SCENARIO SIDE RUN [JSON]: prints the step and appends it (with the fields of JSON,
+# if given) to the results.
 record() {
-  local scenario=$1 side=$2 run=$3 row
-  shift 3
-  row=$(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r.update(json.loads(sys.argv[2])); print(json.dumps(r))' \
-    "{\"scenario\":\"$scenario\",\"side\":\"$side\",\"run\":$run,\"commit\":\"$(git rev-parse --short HEAD)\"}" "$step_json")
+  local scenario=$1 side=$2 run=$3 extra=${4:-"{}"} row
+  row=$(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); [r.update(json.loads(a)) for a in sys.argv[2:]]; print(json.dumps(r))' \
+    "{\"scenario\":\"$scenario\",\"side\":\"$side\",\"run\":$run,\"commit\":\"$(git rev-parse --short HEAD)\"}" "$step_json" "$extra")
   [ -z "${BENCH_RESULTS:-}" ] || { mkdir -p "$BENCH_RESULTS"; echo "$row" >>"$BENCH_RESULTS/$scenario.jsonl"; }
   echo "$row" >>"$work/$scenario.jsonl"
   python3 - "$row" <<'PY'

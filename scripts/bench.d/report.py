@@ -103,7 +103,7 @@ def number(v):
 
 
 def get(rec, key):
-    """rec[key]; key may be a path "stages.ingest.p99_ms"."""
+    """rec[key]; key may be a path "stages.kafka.p99_ms"."""
     for part in key.split("."):
         if not isinstance(rec, dict):
             return None
@@ -338,7 +338,8 @@ def s2(recs):
 
 def s3(recs):
     out = {"groups": [], "chart": []}
-    for (users, nodes), rs in groups(recs, ("users", "nodes")):
+    # s3 runs rate steps (scripts/bench.d/ladder.sh): one table per rate, both sides at it.
+    for (users, nodes, _), rs in groups(recs, ("users", "nodes", "rate")):
         sides = by_side(rs)
         t = Table(sides)
         t.runs({s: runs_of(sides[s]) for s in SIDES})
@@ -389,7 +390,7 @@ def rate_notes(sides):
     return out
 
 
-STAGES = (("ingest", "Kafka → ingest"), ("bus", "bus"), ("send", "node → socket"))
+STAGES = (("kafka", "Kafka → ingest"), ("bus", "bus (ingest → router)"), ("send", "node → socket"))
 PCTS = (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9"))
 
 

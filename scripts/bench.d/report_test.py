@@ -93,7 +93,7 @@ def sample(d, scenarios=("s1", "s2", "s3", "s4")):
                 r = dict(scenario="s4", side=side, run=run, connections=10000, rate=50, p50_ms=p50, p99_ms=p99,
                          p999_ms=p99 * 2, max_ms=p99 * 4, commit=COMMIT)
                 if side == "fanout":
-                    r["stages"] = {"ingest": {"p50_ms": 0.4, "p99_ms": 1.5, "p999_ms": 3.0},
+                    r["stages"] = {"kafka": {"p50_ms": 0.4, "p99_ms": 1.5, "p999_ms": 3.0},
                                    "bus": {"p50_ms": 0.3, "p99_ms": 1.0, "p999_ms": 2.0},
                                    "send": {"p50_ms": 0.5, "p99_ms": 2.0, "p999_ms": 4.0}}
                 recs.append(r)

@@ -6,7 +6,7 @@
 # spaces them evenly. Per step: deliveries/s, server CPU-seconds per million deliveries,
 # latency produce → client. See docs/benchmarks.md, "S2 broadcast".
 runs=${1:-${BENCH_RUNS:-3}} n=${2:-10000}
-rates=${BENCH_RATES:-10 20 50 100 200 300 400 600 800 1000}
+rates=${BENCH_RATES:-1 2 5 10 20 50 100 200 300 400 600 800}
 seconds=${BENCH_STEP:-10}
 burst_ms=${BENCH_BURST_MS:-100}
 sides=${BENCH_SIDES:-fanout peer}

@@ -29,7 +29,7 @@ for r in $(seq 1 "$runs"); do
     warm_up
     for rate in $rates; do
       step "$rate" "$seconds" --to users --users "$users"
-      record s3 "$side" "$r"
+      record s3 "$side" "$r" "{\"users\":$users,\"nodes\":$nodes}"
       python3 -c 'import json,sys; sys.exit(0 if json.loads(sys.argv[1])["sustained"] else 1)' "$step_json" || break
     done
     cluster_down
