@@ -152,7 +152,9 @@ impl Session {
     where
         S: Sink<Message, Error = WsError> + Unpin,
     {
-        ws.feed(Message::Text(self.hello.clone())).await?;
+        // Taken, not cloned: an idle session does not keep its hello (~300 B) around.
+        ws.feed(Message::Text(std::mem::take(&mut self.hello)))
+            .await?;
         for frame in std::mem::take(&mut self.replay) {
             ws.feed(Message::Text(frame)).await?;
         }
