@@ -138,11 +138,13 @@ impl RedisBus {
                 c.max_command_attempts = 1;
             })
             .with_performance_config(|p| {
-                p.broadcast_channel_capacity = BROADCAST_CAPACITY;
                 p.default_command_timeout = Duration::from_secs(3);
             })
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
+        // fred gives each client nine broadcast channels of this capacity, allocated up
+        // front (~30 MB at 1 << 16): only the subscriber's pub/sub messages need it.
         let publisher = builder.build()?;
+        builder.with_performance_config(|p| p.broadcast_channel_capacity = BROADCAST_CAPACITY);
         let subscriber = builder.build_subscriber_client()?;
         publisher.init().await?;
         subscriber.init().await?;

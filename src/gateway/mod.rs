@@ -16,6 +16,7 @@ use axum::body::Body;
 use axum::extract::{Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -31,7 +32,7 @@ use crate::envelope::Platform;
 use crate::kafka::Producer;
 use crate::metrics::Metrics;
 use crate::prefs::Prefs;
-use crate::registry::{ConnHandle, RegisterError, Registry};
+use crate::registry::{ConnHandle, RegisterError, Registration, Registry};
 use auth::{Authenticator, Identity};
 use protocol::{ClientFrame, Hello};
 use session::{FrameHandler, Session};
@@ -205,13 +206,10 @@ pub async fn upgrade(
         tab: query.get("tab").cloned(),
         since: query.get("since").cloned(),
     };
-    let task_gw = gw.clone();
-    gw.sessions.spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => task_gw.run_session(TokioIo::new(upgraded), connect).await,
-            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-        }
-    });
+    // Boxed: the task's future keeps room for what it captured as long as the connection
+    // lives, and `Connect` is needed only until the session starts.
+    gw.sessions
+        .spawn(gw.clone().connection(on_upgrade, Box::new(connect)));
     let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
@@ -240,37 +238,77 @@ struct Connect {
     since: Option<String>,
 }
 
+/// The server side of an upgraded connection.
+type Ws = WebSocketStream<TokioIo<Upgraded>>;
+
 impl Gateway {
-    async fn run_session<IO>(self: Arc<Self>, io: IO, connect: Connect)
-    where
-        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
+    /// One connection's task: the upgrade and registration ([`Self::open`]), then its
+    /// session.
+    ///
+    /// This future lives as long as the connection, so its size counts per idle connection
+    /// (S1 in docs/benchmarks.md). Hence a function returning an `async move` block rather
+    /// than an `async fn` (whose future keeps its arguments twice: as captured, and as the
+    /// locals they are moved into), small captures, and the setup in a future of its own
+    /// whose locals are gone once the session runs.
+    #[allow(clippy::manual_async_fn)] // on purpose, as said above
+    fn connection(
+        self: Arc<Self>,
+        on_upgrade: OnUpgrade,
+        connect: Box<Connect>,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            let Some((session, ws, _registration)) = self.open(on_upgrade, connect).await else {
+                return;
+            };
+            let conn = session.conn.clone();
+            let end = session.run(ws).await;
+            tracing::debug!(conn = %conn.id, user = %conn.user, ?end, "session ended");
+        }
+    }
+
+    /// Completes the upgrade, registers the connection, reads what a resuming client
+    /// missed and renders `hello`: everything the session needs, or `None` when the
+    /// connection was refused (close 1013) or went away.
+    async fn open(
+        self: &Arc<Self>,
+        on_upgrade: OnUpgrade,
+        connect: Box<Connect>,
+    ) -> Option<(Session, Ws, Registration)> {
+        let io = match on_upgrade.await {
+            Ok(upgraded) => TokioIo::new(upgraded),
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return None;
+            }
+        };
+        let Connect {
+            identity,
+            bits,
+            version,
+            platform,
+            tab,
+            since,
+        } = *connect;
         let limit = self.settings.server.max_frame_bytes;
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER)
             .write_buffer_size(WRITE_BUFFER)
             .max_message_size(Some(limit))
             .max_frame_size(Some(limit));
-        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-        let user = connect.identity.user.clone();
-        let registered = self.registry.register(
-            &user,
-            connect.platform,
-            connect.tab,
-            connect.bits,
-            connect.version,
-        );
-        let (_registration, conn, queue) = match registered {
+        let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+        let registered = self
+            .registry
+            .register(&identity.user, platform, tab, bits, version);
+        let (registration, conn, queue) = match registered {
             Ok(r) => r,
             Err(e) => {
-                tracing::debug!(%user, error = %e, "connection refused after upgrade");
-                let (mut ws, code) = (ws, 1013u16);
+                tracing::debug!(user = %identity.user, error = %e, "connection refused after upgrade");
                 let reason = match e {
                     RegisterError::NodeFull => "node at its connection limit",
                     RegisterError::UserFull => "too many connections for this user",
                 };
                 let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
-                    code: code.into(),
+                    code: 1013u16.into(),
                     reason: reason.into(),
                 };
                 let _ =
@@ -280,7 +318,7 @@ impl Gateway {
                     .connections_closed
                     .with_label_values(&["1013"])
                     .inc();
-                return;
+                return None;
             }
         };
         self.metrics.connections_opened.inc();
@@ -289,7 +327,7 @@ impl Gateway {
         }
         // Registered first, so live messages queue up while the history is read; the
         // session skips those the replay already covers.
-        let (resume, replay, skip_through) = match &connect.since {
+        let (resume, replay, skip_through) = match &since {
             Some(since) => {
                 let r = self.resume(&conn, since).await;
                 (Some(r.resume), r.frames, r.skip_through)
@@ -307,19 +345,18 @@ impl Gateway {
         }
         .render();
         let session = Session {
-            conn: conn.clone(),
+            conn,
             queue,
             hello,
             replay,
             skip_through,
             heartbeat: self.settings.heartbeat.clone(),
-            token_exp: connect.identity.exp,
+            token_exp: identity.exp,
             max_frames_per_sec: self.settings.server.max_frames_per_sec,
             handler: self.clone(),
             metrics: self.metrics.clone(),
         };
-        let end = session.run(ws).await;
-        tracing::debug!(conn = %conn.id, user = %conn.user, ?end, "session ended");
+        Some((session, ws, registration))
     }
 
     fn ask(
