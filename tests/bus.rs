@@ -184,13 +184,8 @@ fn user(u: &str) -> Target {
     }
 }
 
-fn ids(messages: &[BusMessage]) -> Vec<String> {
-    messages.iter().map(|m| m.header.id.clone()).collect()
-}
-
-/// Messages are numbered in publish order, recorded per recipient, published once per id,
-/// and a resume returns exactly what came after `since` for that user, in order.
-async fn history_replays_exactly_what_a_user_missed(bus: Arc<dyn Bus>) {
+/// A recorder subscribed to `bus` (cancel the token to stop it), once the subscription is up.
+async fn subscribed(bus: &Arc<dyn Bus>) -> (Recorder, CancellationToken) {
     let stop = CancellationToken::new();
     let live = Recorder::default();
     tokio::spawn({
@@ -198,6 +193,17 @@ async fn history_replays_exactly_what_a_user_missed(bus: Arc<dyn Bus>) {
         async move { bus.subscribe(Box::new(rec), stop).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
+    (live, stop)
+}
+
+fn ids(messages: &[BusMessage]) -> Vec<String> {
+    messages.iter().map(|m| m.header.id.clone()).collect()
+}
+
+/// Messages are numbered in publish order, recorded per recipient, published once per id,
+/// and a resume returns exactly what came after `since` for that user, in order.
+async fn history_replays_exactly_what_a_user_missed(bus: Arc<dyn Bus>) {
+    let (live, stop) = subscribed(&bus).await;
     let first = bus
         .publish_message(&outgoing("a1", user("ann")))
         .await
@@ -340,13 +346,7 @@ async fn local_recovery_reads_what_a_node_missed() {
 /// the same batch again (ingest's retry after an error) publishes nothing twice, and a
 /// batch that overlaps it publishes only what is new.
 async fn a_batch_is_published_in_order_and_a_retry_adds_nothing(bus: Arc<dyn Bus>) {
-    let stop = CancellationToken::new();
-    let live = Recorder::default();
-    tokio::spawn({
-        let (bus, rec, stop) = (bus.clone(), live.clone(), stop.clone());
-        async move { bus.subscribe(Box::new(rec), stop).await }
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (live, stop) = subscribed(&bus).await;
     let batch = [
         outgoing("k0", user("kim")),
         outgoing("k-all", Target::All),

@@ -20,6 +20,13 @@
 # **sustained** when nothing was lost, duplicated or wrong and no connection was dropped,
 # with every delivery in by $drain seconds after the last record was produced.
 
+# What every message scenario needs, for the sides in $sides.
+need_redis
+need_kafka
+[[ " $sides " = *" fanout "* ]] && need_postgres
+[[ " $sides " = *" peer "* ]] && need_peer
+build loadgen publisher
+
 per_shard=${BENCH_PER_SHARD:-9500}
 sources=${BENCH_SOURCES:-16}
 drain=${BENCH_DRAIN:-2}

@@ -10,11 +10,6 @@ rates=${BENCH_RATES:-1 2 5 10 20 50 100 200 300 400 600 800}
 seconds=${BENCH_STEP:-10}
 burst_ms=${BENCH_BURST_MS:-100}
 sides=${BENCH_SIDES:-fanout peer}
-need_redis
-need_kafka
-[[ " $sides " = *" fanout "* ]] && need_postgres
-[[ " $sides " = *" peer "* ]] && need_peer
-build loadgen publisher
 source scripts/bench.d/ladder.sh
 step_targets=$n
 echo "==> S2 broadcast: $n connections, steps of $seconds s at $rates broadcasts/s (bursts every $burst_ms ms), $runs runs per side, alternating"

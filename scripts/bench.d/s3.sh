@@ -8,11 +8,6 @@ runs=${1:-${BENCH_RUNS:-3}} users=${2:-20000} nodes=${3:-2}
 rates=${BENCH_RATES:-1000 2000 5000 10000 20000}
 seconds=${BENCH_STEP:-10}
 sides=${BENCH_SIDES:-fanout peer}
-need_redis
-need_kafka
-[[ " $sides " = *" fanout "* ]] && need_postgres
-[[ " $sides " = *" peer "* ]] && need_peer
-build loadgen publisher
 source scripts/bench.d/ladder.sh
 step_targets=users:$users
 echo "==> S3 personal: $users users over $nodes nodes, odd users muted, steps of $seconds s at $rates records/s, $runs runs per side"

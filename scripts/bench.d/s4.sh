@@ -24,11 +24,6 @@ PY
   fi
 done
 rate[fanout]=${rate[fanout]:-100} rate[peer]=${rate[peer]:-5}
-need_redis
-need_kafka
-[[ " $sides " = *" fanout "* ]] && need_postgres
-[[ " $sides " = *" peer "* ]] && need_peer
-build loadgen publisher
 source scripts/bench.d/ladder.sh
 step_targets=$n
 echo "==> S4 latency: $n connections, $seconds s at fanout ${rate[fanout]}/s, peer ${rate[peer]}/s broadcasts, $runs runs per side"

@@ -175,12 +175,17 @@ impl RedisBus {
         }
     }
 
+    /// `<prefix>:m:<id>`: the sequence number an id was published with.
+    fn seen_key(&self, id: &str) -> String {
+        format!("{}:m:{id}", self.prefix)
+    }
+
     fn script_keys<'a>(
         &self,
         id: &str,
         streams: impl IntoIterator<Item = &'a StreamKey<'a>>,
     ) -> Vec<String> {
-        let mut keys = vec![self.seq_key.clone(), format!("{}:m:{id}", self.prefix)];
+        let mut keys = vec![self.seq_key.clone(), self.seen_key(id)];
         keys.extend(streams.into_iter().map(|k| self.stream_key(k)));
         keys
     }
@@ -270,7 +275,7 @@ impl Bus for RedisBus {
         ];
         for msg in msgs {
             let streams = msg.streams();
-            keys.push(format!("{}:m:{}", self.prefix, msg.header.id));
+            keys.push(self.seen_key(&msg.header.id));
             keys.extend(streams.iter().map(|k| self.stream_key(k)));
             args.push(Value::Integer(streams.len() as i64));
             args.push(Value::Bytes(msg.body().clone()));

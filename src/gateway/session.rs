@@ -16,17 +16,18 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::error_frame;
-use super::protocol::{self, ClientFrame};
-use crate::config::HeartbeatConfig;
-use crate::metrics::Metrics;
-use crate::registry::{ConnHandle, QueueRx, Queued};
-use crate::router::{now_ms, now_us};
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+
+use super::error_frame;
+use super::protocol::{self, ClientFrame};
+use crate::config::HeartbeatConfig;
+use crate::metrics::Metrics;
+use crate::registry::{ConnHandle, QueueRx, Queued};
+use crate::router::now_us;
 
 /// Most queued frames written before one flush.
 const BATCH: usize = 64;
@@ -242,7 +243,8 @@ impl Session {
         }
     }
 
-    /// The end for a close asked through the connection's handle; a drain's 1012 carries a jittered `retry_ms` (made now: no string held by every idle session).
+    /// The end for a close asked through the connection's handle; a drain's 1012 carries a
+    /// jittered `retry_ms` (made now: no string held by every idle session).
     fn end_with(&self, code: u16) -> End {
         if code == 1012 {
             let retry_ms = 1000 + rand::random::<u64>() % 4000;
@@ -284,7 +286,8 @@ impl Session {
     {
         let mut next = Some(first);
         let mut fed = 0;
-        let (now_us, now_ms) = (now_us(), now_ms());
+        let now_us = now_us();
+        let now_ms = (now_us / 1000) as i64;
         while let Some(q) = next.take() {
             if q.seq != 0 && q.seq <= self.skip_through {
                 next = self.queue.try_recv().ok();
@@ -452,7 +455,7 @@ mod tests {
         let mut h = start(None);
         h.out.next().await.unwrap();
         h.conn
-            .push_msg("one".into(), 1, now_ms(), now_us())
+            .push_msg("one".into(), 1, crate::router::now_ms(), now_us())
             .unwrap();
         h.conn.push("two".into()).unwrap();
         assert_eq!(h.out.next().await.unwrap(), Message::Text("one".into()));
