@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use axum::serve::ListenerExt as _;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use tokio::net::TcpListener;
@@ -380,11 +381,19 @@ fn spawn<F>(
     }
 }
 
+/// Serves `router` on `listener` until `stop`. Accepted sockets get `TCP_NODELAY`: a session
+/// writes each batch of frames in one call, so Nagle's algorithm would only hold a small frame
+/// back until the client's (delayed) ACK of the one before, for up to 40 ms.
 async fn serve(
     listener: TcpListener,
     router: axum::Router,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY on an accepted connection");
+        }
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await

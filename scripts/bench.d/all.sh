@@ -1,5 +1,5 @@
-# scripts/bench all [runs]: every scenario of issue 7, then the report; see docs/benchmarks.md,
-# "Running everything". Each scenario is a child `scripts/bench <scenario> ...` with
+# scripts/bench all [runs]: every scenario of issue 7 and the ceiling, then the report; see
+# docs/benchmarks.md, "Running everything". Each scenario is a child `scripts/bench <scenario> ...` with
 # BENCH_RESULTS set to one fresh results directory (BENCH_OUT, default
 # target/bench/<UTC date and time>-<commit>/) and BENCH_RUNS=runs; its console output is also
 # in <dir>/<step>.log. A scenario whose script is not there is skipped and the report says so.
@@ -14,6 +14,7 @@ steps=(
   "s2 s2"
   "s3 s3"
   "s4 s4"
+  "ceiling ceiling $runs"
 )
 
 started=$SECONDS

@@ -8,6 +8,7 @@
 #   need_redis              $redis_url answers, or fail saying how to get it
 #   need_postgres           $db_admin is ready, or fail
 #   need_kafka              $kafka: FANOUT_TEST_KAFKA, else a private tansu broker
+#                           (installed with cargo install when missing)
 #   new_topic NAME PARTS    creates a topic on the private tansu broker
 #   need_peer               ../shared/peers/socketio with its node_modules
 #   rss_kib PID, cpu_ms PID VmRSS, and utime+stime in ms, from /proc
@@ -70,7 +71,11 @@ kafka=${FANOUT_TEST_KAFKA:-}
 private_kafka=0
 need_kafka() {
   [ -n "$kafka" ] && return 0
-  command -v tansu >/dev/null || { echo "tansu is missing: run ./scripts/test once (it installs it), or set FANOUT_TEST_KAFKA" >&2; exit 1; }
+  if ! command -v tansu >/dev/null; then
+    echo "==> installing tansu: cargo install tansu --features dynostore --locked (takes ~7 minutes)"
+    cargo install tansu --features dynostore --locked \
+      || { echo "cargo install tansu failed (or set FANOUT_TEST_KAFKA=host:port to use another broker)" >&2; exit 1; }
+  fi
   local port
   port=$(free_port)
   tansu broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \

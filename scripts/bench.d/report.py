@@ -495,6 +495,39 @@ def machine_line(machine, commits):
     return line
 
 
+def ceiling(results_dir):
+    """Markdown lines for S4 from RESULTS_DIR/ceiling.jsonl (scripts/bench ceiling: bare
+    sockets, no server), or [] without it: the floor under a broadcast's latency."""
+    path = os.path.join(results_dir, "ceiling.jsonl")
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and number(obj.get("writers")) is not None:
+                rows.append(obj)
+    if not rows:
+        return []
+    out = ["The floor on this machine (`scripts/bench ceiling`, no server: one bare 160-byte write "
+           "per loopback TCP connection and its read, in one process, rounds 100 ms apart):", "",
+           "| writer threads | connections | runs | round read back: p50, ms | p99, ms | writes issued by, ms "
+           "| CPU per delivery: write + read, µs |", "|---|---|---|---|---|---|---|"]
+    for w in sorted({int(number(r["writers"])) for r in rows}):
+        rs = [r for r in rows if number(r.get("writers")) == w]
+        conns = sorted({int(number(r.get("connections")) or 0) for r in rs})
+        out.append(f"| {w} | {', '.join(fmt(c, 'int') for c in conns)} | {runs_of(rs)} | "
+                   f"{fmt(median(rs, 'p50_ms'), '.1f')} | {fmt(median(rs, 'p99_ms'), '.1f')} | "
+                   f"{fmt(median(rs, 'write_ms_p50'), '.1f')} | {fmt(median(rs, 'write_us_per_frame'), '.2f')} + "
+                   f"{fmt(median(rs, 'read_us_per_frame'), '.2f')} |")
+    out += ["", "A broadcast is one write per connection: its p99 can be no lower than the time this machine "
+            "takes to make 99% of those writes and reads, whatever the server does."]
+    return out
+
+
 def build(results_dir):
     data, problems = load(results_dir)
     machine = load_machine(results_dir)
@@ -504,6 +537,9 @@ def build(results_dir):
     for s in SCENARIOS:
         ran, status = status_of(s, data[s], steps)
         sections[s] = dict(ran=ran, status=status, body=BUILDERS[s](data[s]) if ran else None)
+    floor = ceiling(results_dir)
+    if floor and sections["s4"]["ran"] and sections["s4"]["body"]["groups"]:
+        sections["s4"]["body"]["groups"][0]["extra"] += [""] + floor
     return dict(data=data, problems=problems, machine=machine, steps=steps, elapsed=elapsed,
                 commits=commits, sections=sections)
 

@@ -185,6 +185,17 @@ class ReportTest(unittest.TestCase):
         self.assertIn("- ✅ p99 ≤ 10 ms: 4.20 ms", s)
         self.assertIn("- ✅ p99 ≥ 3× lower than the peer's: 7.62×", s)
 
+    def test_s4_shows_the_ceiling_when_measured(self):
+        self.assertNotIn("The floor on this machine", section(self.md(), "S4 latency"))
+        rows = [dict(scenario="ceiling", side="bare", run=run, connections=9500, writers=w, p50_ms=20.0 + run,
+                     p99_ms=60.0 + run, write_ms_p50=45.0, write_us_per_frame=5.0 + w, read_us_per_frame=5.25)
+                for run in (1, 2, 3) for w in (1, 2)]
+        write_jsonl(os.path.join(self.dir, "ceiling.jsonl"), rows)
+        s = section(report.markdown(report.build(self.dir), self.dir), "S4 latency")
+        self.assertIn("The floor on this machine", s)
+        self.assertIn("| 1 | 9,500 | 3 | 22.0 | 62.0 | 45.0 | 6.00 + 5.25 |", s)
+        self.assertIn("| 2 | 9,500 | 3 | 22.0 | 62.0 | 45.0 | 7.00 + 5.25 |", s)
+
     def test_missing_scenarios_say_not_run(self):
         md = self.md(scenarios=("s1",))
         for title in ("S2 broadcast", "S3 personal", "S4 latency"):
