@@ -373,11 +373,12 @@ def s3(recs):
 
 
 def rate_label(rate):
-    """'1,000' when both sides ran at one rate, 'fanout 1,000 / peer 500' when not."""
+    """'1,000' when both sides ran at one rate, 'fanout 1,000 / peer 2.5' when not."""
     f, p = rate["fanout"], rate["peer"]
+    r = lambda v: fmt(v, "int") if v == int(v) else f"{v:g}"  # noqa: E731
     if f is None or p is None or f == p:
-        return fmt(f if f is not None else p, "int") if (f, p) != (None, None) else ""
-    return f"fanout {fmt(f, 'int')} / peer {fmt(p, 'int')}"
+        return r(f if f is not None else p) if (f, p) != (None, None) else ""
+    return f"fanout {r(f)} / peer {r(p)}"
 
 
 def rate_notes(sides):
@@ -400,7 +401,7 @@ def s4(recs):
         sides = by_side(rs)
         t = Table(sides)
         t.runs({s: runs_of(sides[s]) for s in SIDES})
-        rate = t.add("rate, broadcasts/s", "rate", "int")
+        rate = t.add("rate, broadcasts/s", "rate", "g")
         t.add("latency p50, ms", "p50_ms", ".2f", "lower")
         p99 = t.add("latency p99, ms", "p99_ms", ".2f", "lower", bold=True)
         t.add("latency p99.9, ms", "p999_ms", ".2f", "lower")
@@ -707,14 +708,24 @@ def chart(rep, path):
     # S3: p99 per group, wrong deliveries written under the bars.
     if secs["s3"]["ran"]:
         groups_ = secs["s3"]["body"]["chart"]
-        labels = [g[0].replace(", ", "\n", 1) + "\nwrong: " + " / ".join(fmt(g[2][s], "int") for s in SIDES)
-                  for g in groups_]
-        bars(a4, labels, {s: [g[1][s] for g in groups_] for s in SIDES}, ".1f")
+        # Groups differ by rate (one per step): the rate names a bar pair, the rest the title.
+        heads = {g[0].rsplit(", ", 1)[0] for g in groups_}
+        by_rate = len(groups_) > 1 and len(heads) == 1 and all(g[0].endswith(" messages/s") for g in groups_)
+        short = (lambda label: label.rsplit(", ", 1)[1].replace(" messages/s", "/s")) if by_rate \
+            else (lambda label: label.replace(", ", "\n", 1))
+        labels = [short(g[0]) + "\nwrong\n" + " / ".join(fmt(g[2][s], "int") for s in SIDES) for g in groups_]
+        bars(a4, labels, {s: [g[1][s] for g in groups_] for s in SIDES}, ".0f" if by_rate else ".1f")
+        for t in a4.texts:
+            t.set_fontsize(7)
+        a4.tick_params(axis="x", labelsize=8)
         a4.axhline(20, color="#2a2", ls="--", lw=1.2, label="target p99 20 ms")
-        a4.set_ylabel("latency p99, ms (lower is better)")
-        a4.set_title("S3 personal: latency p99\nand wrong deliveries (fanout / peer)")
-        a4.set_ylim(0, max([22] + [v * 1.45 for g in groups_ for v in g[1].values() if v]))
-        legend(a4, loc="upper left", ncol=2)
+        log_y(a4)
+        vals = [v for g in groups_ for v in g[1].values() if v and v > 0]
+        a4.set_ylim(min(vals + [20]) / 2, max(vals + [20]) * 4)
+        a4.set_ylabel("latency p99, ms (log; lower is better)")
+        a4.set_title(f"S3 personal{', ' + heads.pop() if by_rate else ''}:\n"
+                     "latency p99 by rate, and wrong deliveries (fanout / peer)")
+        legend(a4, loc="upper left", ncol=3)
     else:
         not_run(a4, "s3")
 
@@ -739,7 +750,7 @@ def chart(rep, path):
         handles = [Patch(facecolor="#555", alpha=shades[p], edgecolor="#333", label=pname) for p, pname in PCTS]
         handles.append(a5.axhline(10, color="#2a2", ls="--", lw=1.2, label="target p99 10 ms"))
         a5.set_xticks(range(len(cats)))
-        a5.set_xticklabels([c for c, _ in cats], fontsize=9)
+        a5.set_xticklabels([c.replace(" (", "\n(") for c, _ in cats], fontsize=8)
         log_y(a5)
         tops = [v for _, vals in cats for v in vals.values() if v and v > 0]
         if tops:
@@ -767,7 +778,9 @@ def chart(rep, path):
                                        subsequent_indent=" " * 11)
     if s2_best:
         lines += ["", s2_best]
-    a6.text(-0.05, 1.05, "Targets of issue 7, for fanout\n\n" + "\n".join(lines), va="top", ha="left", fontsize=8.5,
+    # 8.5 pt fits ~34 lines in the panel; more (an S3 ladder of many steps) get a smaller font.
+    size = 8.5 if len(lines) <= 32 else max(5.0, 8.5 * 32 / len(lines))
+    a6.text(-0.05, 1.05, "Targets of issue 7, for fanout\n\n" + "\n".join(lines), va="top", ha="left", fontsize=size,
             family="monospace", transform=a6.transAxes)
 
     m = rep["machine"]
