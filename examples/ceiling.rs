@@ -83,14 +83,8 @@ fn main() -> anyhow::Result<()> {
     let frames = (args.connections * args.rounds) as u64;
     let read = Arc::new(AtomicU64::new(0));
     let histogram = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
-    let reader_cpu = Arc::new(AtomicU64::new(0));
     let reader = {
-        let (read, histogram, reader_cpu, size) = (
-            read.clone(),
-            histogram.clone(),
-            reader_cpu.clone(),
-            args.size,
-        );
+        let (read, histogram, size) = (read.clone(), histogram.clone(), args.size);
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -119,32 +113,33 @@ fn main() -> anyhow::Result<()> {
                 while read.load(Ordering::Acquire) < frames {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                reader_cpu.store(thread_cpu_us() - cpu0, Ordering::Relaxed);
                 drop(tasks);
-            });
+                thread_cpu_us() - cpu0
+            })
         })
     };
 
-    // Writers: each its slice; a barrier starts a round, the main thread paces them.
+    // Writers: each its slice; a barrier starts a round, the main thread paces them. Each
+    // returns its CPU time and, per round, when its last write was made.
     let per = args.connections.div_ceil(args.writers);
-    let start_round = Arc::new(Barrier::new(args.writers + 1));
-    let end_round = Arc::new(Barrier::new(args.writers + 1));
+    let mut slices = Vec::new();
+    let mut sockets = servers.into_iter().peekable();
+    while sockets.peek().is_some() {
+        slices.push(sockets.by_ref().take(per).collect::<Vec<TcpStream>>());
+    }
+    let writer_count = slices.len();
+    let start_round = Arc::new(Barrier::new(writer_count + 1));
+    let end_round = Arc::new(Barrier::new(writer_count + 1));
     let round_start = Arc::new(AtomicU64::new(0));
-    let write_done = Arc::new(Mutex::new(Vec::new()));
     let mut writers = Vec::new();
-    let mut slices = servers.into_iter().peekable();
-    while slices.peek().is_some() {
-        let mut slice: Vec<TcpStream> = slices.by_ref().take(per).collect();
-        let (start_round, end_round, round_start, write_done) = (
-            start_round.clone(),
-            end_round.clone(),
-            round_start.clone(),
-            write_done.clone(),
-        );
+    for mut slice in slices {
+        let (start_round, end_round, round_start) =
+            (start_round.clone(), end_round.clone(), round_start.clone());
         let (rounds, size) = (args.rounds, args.size);
         writers.push(std::thread::spawn(move || {
             let cpu0 = thread_cpu_us();
             let mut frame = vec![0u8; size];
+            let mut done = Vec::with_capacity(rounds);
             for round in 0..rounds {
                 start_round.wait();
                 let start = round_start.load(Ordering::Acquire);
@@ -153,14 +148,12 @@ fn main() -> anyhow::Result<()> {
                 for socket in &mut slice {
                     socket.write_all(&frame).expect("write");
                 }
-                let done = epoch.elapsed().as_micros() as u64 - start;
-                write_done.lock().unwrap().push(done);
+                done.push(epoch.elapsed().as_micros() as u64 - start);
                 end_round.wait();
             }
-            thread_cpu_us() - cpu0
+            (thread_cpu_us() - cpu0, done)
         }));
     }
-    let writer_count = writers.len();
     for round in 0..args.rounds {
         let due = Duration::from_millis(args.gap_ms * round as u64 + 200);
         if let Some(wait) = due.checked_sub(epoch.elapsed()) {
@@ -175,20 +168,19 @@ fn main() -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_micros(200));
         }
     }
-    let write_cpu: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
-    reader.join().unwrap();
-
-    // The last write of each round: the slowest writer's.
-    let mut by_round: Vec<u64> = write_done
-        .lock()
-        .unwrap()
-        .chunks(writer_count)
-        .map(|c| *c.iter().max().unwrap())
-        .collect();
+    let (mut write_cpu, mut by_round) = (0, vec![0u64; args.rounds]);
+    for writer in writers {
+        let (cpu, done) = writer.join().unwrap();
+        write_cpu += cpu;
+        // The last write of each round: the slowest writer's.
+        for (last, d) in by_round.iter_mut().zip(done) {
+            *last = (*last).max(d);
+        }
+    }
+    let read_cpu = reader.join().unwrap();
     by_round.sort_unstable();
     let h = histogram.lock().unwrap();
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    let read_cpu = reader_cpu.load(Ordering::Relaxed);
     let per_frame = |us: u64| us as f64 / frames as f64;
     println!(
         "{}",

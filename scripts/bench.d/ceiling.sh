@@ -7,12 +7,9 @@ build ceiling
 echo "==> ceiling: $n connections, one frame each per round, $runs runs per writer count"
 for r in $(seq 1 "$runs"); do
   for writers in 1 2; do
-    step_json=$("$examples/ceiling" --connections "$n" --writers "$writers")
-    row=$(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r.update(json.loads(sys.argv[2])); print(json.dumps(r))' \
-      "{\"scenario\":\"ceiling\",\"side\":\"bare\",\"run\":$r,\"commit\":\"$(git rev-parse --short HEAD)\"}" "$step_json")
-    [ -z "${BENCH_RESULTS:-}" ] || { mkdir -p "$BENCH_RESULTS"; echo "$row" >>"$BENCH_RESULTS/ceiling.jsonl"; }
-    echo "$row" >>"$work/ceiling.jsonl"
-    echo "    run $r, $writers writer(s): $step_json"
+    out=$("$examples/ceiling" --connections "$n" --writers "$writers")
+    result ceiling bare "$r" "$out"
+    echo "    run $r, $writers writer(s): $out"
   done
 done
 python3 - "$work/ceiling.jsonl" <<'PY'

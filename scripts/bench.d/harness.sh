@@ -12,6 +12,10 @@
 #   new_topic NAME PARTS    creates a topic on the private tansu broker
 #   need_peer               ../shared/peers/socketio with its node_modules
 #   rss_kib PID, cpu_ms PID VmRSS, and utime+stime in ms, from /proc
+#   wait_files TRIES FILE...  until every FILE is non-empty, TRIES × 0.1 s at most
+#   result SCENARIO SIDE RUN JSON...
+#                           one results row in $row, appended to $work/SCENARIO.jsonl and
+#                           $BENCH_RESULTS/SCENARIO.jsonl (when set)
 #   start_fanout DIR ...    a release fanout node; sets $node_pid, $node_public, $node_admin
 #   start_peer DIR ...      a socket.io peer instance; sets $node_pid, $node_public
 
@@ -95,6 +99,30 @@ peer_dir=$(cd ../shared/peers/socketio 2>/dev/null && pwd || true)
 need_peer() {
   [ -n "$peer_dir" ] || { echo "../shared/peers/socketio is missing" >&2; exit 1; }
   [ -d "$peer_dir/node_modules" ] || npm install --prefix "$peer_dir" --no-audit --no-fund --loglevel=error
+}
+
+# wait_files TRIES FILE...: true once every FILE is non-empty, false after TRIES × 0.1 s.
+wait_files() {
+  local tries=$1 f all
+  shift
+  for _ in $(seq 1 "$tries"); do
+    all=1
+    for f in "$@"; do [ -s "$f" ] || { all=0; break; }; done
+    [ $all = 1 ] && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+# result SCENARIO SIDE RUN JSON...: $row = {scenario, side, run, commit} with the fields of
+# each JSON, appended to this run's and (with BENCH_RESULTS) the results' SCENARIO.jsonl.
+result() {
+  local scenario=$1 side=$2 run=$3
+  shift 3
+  row=$(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); [r.update(json.loads(a)) for a in sys.argv[2:]]; print(json.dumps(r))' \
+    "{\"scenario\":\"$scenario\",\"side\":\"$side\",\"run\":$run,\"commit\":\"$(git rev-parse --short HEAD)\"}" "$@")
+  [ -z "${BENCH_RESULTS:-}" ] || { mkdir -p "$BENCH_RESULTS"; echo "$row" >>"$BENCH_RESULTS/$scenario.jsonl"; }
+  echo "$row" >>"$work/$scenario.jsonl"
 }
 
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }

@@ -9,6 +9,11 @@
 #   step RATE SECONDS [publisher args]
 #                                 one measured step; sets step_json to its figures
 #   cluster_down                  stops generators and servers
+#   alternate SCENARIO NODES N [loadgen args]
+#                                 every run and side: cluster_up, clients_up, warm_up,
+#                                 the scenario's run_steps SIDE RUN, cluster_down
+#   record SCENARIO SIDE RUN [JSON], sustained
+#                                 the step's results row; whether the step was sustained
 #
 # Figures of a step (step_json): messages, expected deliveries (messages × connections
 # they target, given as $step_targets), received (first copies), lost, dups, wrong,
@@ -86,12 +91,8 @@ clients_up() {
       gen_warm+=("$tag.warm")
     done
   done
-  for _ in $(seq 1 1200); do
-    local all=1 f
-    for f in "${gen_out[@]}"; do [ -s "${f%.out}.ready" ] || all=0; done
-    [ $all = 1 ] && break
-    sleep 0.1
-  done
+  local f
+  wait_files 1200 "${gen_out[@]/%.out/.ready}" || true
   for f in "${gen_out[@]}"; do
     [ -s "${f%.out}.ready" ] || { echo "a load generator did not finish connecting: ${f%.out}.log" >&2; exit 1; }
     gen_connected=$(( gen_connected + $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["connected"])' "${f%.out}.ready") ))
@@ -100,18 +101,33 @@ clients_up() {
 }
 
 warm_up() {
-  local f all
   "$examples/publisher" --brokers "$kafka" --topic "$topic" --partitions "$partitions" \
     --warmup "${gen_warm[0]}" >"$cluster_dir/warmup.json"
-  for _ in $(seq 1 300); do
-    all=1
-    for f in "${gen_warm[@]}"; do [ -s "$f" ] || all=0; done
-    [ $all = 1 ] && break
-    sleep 0.1
-  done
-  [ $all = 1 ] || { echo "warm-up did not reach every generator" >&2; exit 1; }
+  wait_files 300 "${gen_warm[@]}" || { echo "warm-up did not reach every generator" >&2; exit 1; }
   sleep 1
 }
+
+# alternate SCENARIO NODES N [loadgen args]: for each run 1…$runs and each side of $sides, a
+# fresh cluster of NODES with N connections, warmed up, then `run_steps SIDE RUN` (the
+# scenario's); `before_clients SIDE`, when the scenario defines it, runs before connecting.
+alternate() {
+  local scenario=$1 nodes=$2 n=$3 r side
+  shift 3
+  for r in $(seq 1 "$runs"); do
+    for side in $sides; do
+      echo "  -- $side, run $r (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+      cluster_up "$side" "$nodes" "$work/$scenario-$side-$r"
+      if declare -F before_clients >/dev/null; then before_clients "$side"; fi
+      clients_up "$n" "$@"
+      warm_up
+      run_steps "$side" "$r"
+      cluster_down
+    done
+  done
+}
+
+# sustained: whether the last step ($step_json) was sustained.
+sustained() { python3 -c 'import json,sys; sys.exit(0 if json.loads(sys.argv[1])["sustained"] else 1)' "$step_json"; }
 
 sum_cpu_ms() { local t=0 p; for p in "$@"; do t=$(( t + $(cpu_ms "$p") )); done; echo "$t"; }
 
@@ -179,11 +195,7 @@ node_metrics() { local a; for a in "${cluster_admins[@]}"; do curl -sf "http://$
 # record SCENARIO SIDE RUN [JSON]: prints the step and appends it (with the fields of JSON,
 # if given) to the results.
 record() {
-  local scenario=$1 side=$2 run=$3 extra=${4:-"{}"} row
-  row=$(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); [r.update(json.loads(a)) for a in sys.argv[2:]]; print(json.dumps(r))' \
-    "{\"scenario\":\"$scenario\",\"side\":\"$side\",\"run\":$run,\"commit\":\"$(git rev-parse --short HEAD)\"}" "$step_json" "$extra")
-  [ -z "${BENCH_RESULTS:-}" ] || { mkdir -p "$BENCH_RESULTS"; echo "$row" >>"$BENCH_RESULTS/$scenario.jsonl"; }
-  echo "$row" >>"$work/$scenario.jsonl"
+  result "$1" "$2" "$3" "$step_json" "${4:-"{}"}"
   python3 - "$row" <<'PY'
 import json, sys
 r = json.loads(sys.argv[1])

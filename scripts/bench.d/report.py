@@ -32,31 +32,44 @@ def load(results_dir):
     """{scenario: [records] or None when its file is missing}, [problems]."""
     data, problems = {}, []
     for s in SCENARIOS:
-        path = os.path.join(results_dir, f"{s}.jsonl")
-        if not os.path.exists(path):
+        objects = read_objects(results_dir, s, problems)
+        if objects is None:
             data[s] = None
             continue
         rows = []
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for i, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    problems.append(f"{s}.jsonl line {i}: not JSON, skipped")
-                    continue
-                if not isinstance(obj, dict):
-                    problems.append(f"{s}.jsonl line {i}: not a JSON object, skipped")
-                elif obj.get("scenario", s) != s:
-                    problems.append(f"{s}.jsonl line {i}: scenario {obj.get('scenario')!r}, skipped")
-                elif obj.get("side") not in SIDES:
-                    problems.append(f"{s}.jsonl line {i}: side {obj.get('side')!r} is not fanout or peer, skipped")
-                else:
-                    rows.append(obj)
+        for i, obj in objects:
+            if obj.get("side") not in SIDES:
+                problems.append(f"{s}.jsonl line {i}: side {obj.get('side')!r} is not fanout or peer, skipped")
+            else:
+                rows.append(obj)
         data[s] = rows
     return data, problems
+
+
+def read_objects(results_dir, scenario, problems):
+    """[(line number, object)] of RESULTS_DIR/<scenario>.jsonl, None when it is missing; a
+    line that is not a JSON object of this scenario is skipped and added to problems."""
+    path = os.path.join(results_dir, f"{scenario}.jsonl")
+    if not os.path.exists(path):
+        return None
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                problems.append(f"{scenario}.jsonl line {i}: not JSON, skipped")
+                continue
+            if not isinstance(obj, dict):
+                problems.append(f"{scenario}.jsonl line {i}: not a JSON object, skipped")
+            elif obj.get("scenario", scenario) != scenario:
+                problems.append(f"{scenario}.jsonl line {i}: scenario {obj.get('scenario')!r}, skipped")
+            else:
+                out.append((i, obj))
+    return out
 
 
 def load_machine(results_dir):
@@ -496,21 +509,11 @@ def machine_line(machine, commits):
     return line
 
 
-def ceiling(results_dir):
+def ceiling(results_dir, problems):
     """Markdown lines for S4 from RESULTS_DIR/ceiling.jsonl (scripts/bench ceiling: bare
     sockets, no server), or [] without it: the floor under a broadcast's latency."""
-    path = os.path.join(results_dir, "ceiling.jsonl")
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict) and number(obj.get("writers")) is not None:
-                rows.append(obj)
+    rows = [obj for _, obj in read_objects(results_dir, "ceiling", problems) or []
+            if number(obj.get("writers")) is not None]
     if not rows:
         return []
     out = ["The floor on this machine (`scripts/bench ceiling`, no server: one bare 160-byte write "
@@ -538,7 +541,7 @@ def build(results_dir):
     for s in SCENARIOS:
         ran, status = status_of(s, data[s], steps)
         sections[s] = dict(ran=ran, status=status, body=BUILDERS[s](data[s]) if ran else None)
-    floor = ceiling(results_dir)
+    floor = ceiling(results_dir, problems)
     if floor and sections["s4"]["ran"] and sections["s4"]["body"]["groups"]:
         sections["s4"]["body"]["groups"][0]["extra"] += [""] + floor
     return dict(data=data, problems=problems, machine=machine, steps=steps, elapsed=elapsed,

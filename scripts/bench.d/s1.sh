@@ -76,13 +76,7 @@ run() {
       ready+=("$dir/ready$j-$k")
     done
   done
-  local f all
-  for _ in $(seq 1 3000); do
-    all=1
-    for f in "${ready[@]}"; do [ -s "$f" ] || all=0; done
-    [ $all = 1 ] && break
-    sleep 0.1
-  done
+  wait_files 3000 "${ready[@]}" || true
   sleep "$settle"
   for j in "${!pids_[@]}"; do
     readings+=("${before[$j]} $(rss_kib "${pids_[$j]}") $(cpu_ms "${pids_[$j]}") $(find "/proc/${pids_[$j]}/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)")

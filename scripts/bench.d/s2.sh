@@ -13,19 +13,14 @@ sides=${BENCH_SIDES:-fanout peer}
 source scripts/bench.d/ladder.sh
 step_targets=$n
 echo "==> S2 broadcast: $n connections, steps of $seconds s at $rates broadcasts/s (bursts every $burst_ms ms), $runs runs per side, alternating"
-for r in $(seq 1 "$runs"); do
-  for side in $sides; do
-    echo "  -- $side, run $r (load average $(cut -d' ' -f1-3 /proc/loadavg))"
-    cluster_up "$side" 1 "$work/s2-$side-$r"
-    clients_up "$n"
-    warm_up
-    for rate in $rates; do
-      step "$rate" "$seconds" --to all --burst-every-ms "$burst_ms"
-      record s2 "$side" "$r"
-      python3 -c 'import json,sys; sys.exit(0 if json.loads(sys.argv[1])["sustained"] else 1)' "$step_json" || break
-    done
-    cluster_down
+run_steps() {
+  local rate
+  for rate in $rates; do
+    step "$rate" "$seconds" --to all --burst-every-ms "$burst_ms"
+    record s2 "$1" "$2"
+    sustained || break
   done
-done
+}
+alternate s2 1 "$n"
 python3 scripts/bench.d/summary.py s2 "$work/s2.jsonl"
 echo "(machine: $(machine_line))"

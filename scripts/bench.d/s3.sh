@@ -16,24 +16,21 @@ sides=${BENCH_SIDES:-fanout peer}
 source scripts/bench.d/ladder.sh
 step_targets=users:$users
 echo "==> S3 personal: $users users over $nodes nodes, odd users muted, steps of $seconds s at $rates records/s (linger ${BENCH_LINGER_MS:-2/10} ms), $runs runs per side"
-for r in $(seq 1 "$runs"); do
-  for side in $sides; do
-    echo "  -- $side, run $r (load average $(cut -d' ' -f1-3 /proc/loadavg))"
-    cluster_up "$side" "$nodes" "$work/s3-$side-$r"
-    if [ "$side" = fanout ]; then
-      psql "$shared_db" -qc "DELETE FROM fanout_preferences;
-        INSERT INTO fanout_preferences (user_id, msg_type, enabled)
-        SELECT 'u' || i, 'robot.reply', false FROM generate_series(1, $users - 1, 2) i" >/dev/null
-    fi
-    clients_up "$users" --mute-odd robot.reply
-    warm_up
-    for rate in $rates; do
-      step "$rate" "$seconds" --to users --users "$users" --linger-ms "$(linger_for "$rate")"
-      record s3 "$side" "$r" "{\"users\":$users,\"nodes\":$nodes,\"linger_ms\":$(linger_for "$rate")}"
-      python3 -c 'import json,sys; sys.exit(0 if json.loads(sys.argv[1])["sustained"] else 1)' "$step_json" || break
-    done
-    cluster_down
+before_clients() {
+  [ "$1" = fanout ] || return 0
+  psql "$shared_db" -qc "DELETE FROM fanout_preferences;
+    INSERT INTO fanout_preferences (user_id, msg_type, enabled)
+    SELECT 'u' || i, 'robot.reply', false FROM generate_series(1, $users - 1, 2) i" >/dev/null
+}
+run_steps() {
+  local rate linger
+  for rate in $rates; do
+    linger=$(linger_for "$rate")
+    step "$rate" "$seconds" --to users --users "$users" --linger-ms "$linger"
+    record s3 "$1" "$2" "{\"users\":$users,\"nodes\":$nodes,\"linger_ms\":$linger}"
+    sustained || break
   done
-done
+}
+alternate s3 "$nodes" "$users" --mute-odd robot.reply
 python3 scripts/bench.d/summary.py s3 "$work/s3.jsonl"
 echo "(machine: $(machine_line))"

@@ -27,17 +27,11 @@ rate[fanout]=${rate[fanout]:-100} rate[peer]=${rate[peer]:-5}
 source scripts/bench.d/ladder.sh
 step_targets=$n
 echo "==> S4 latency: $n connections, $seconds s at fanout ${rate[fanout]}/s, peer ${rate[peer]}/s broadcasts, $runs runs per side"
-for r in $(seq 1 "$runs"); do
-  for side in $sides; do
-    echo "  -- $side, run $r (load average $(cut -d' ' -f1-3 /proc/loadavg))"
-    cluster_up "$side" 1 "$work/s4-$side-$r"
-    clients_up "$n"
-    warm_up
-    step "${rate[$side]}" "$seconds" --to all
-    record s4 "$side" "$r"
-    cluster_down
-  done
-done
+run_steps() {
+  step "${rate[$1]}" "$seconds" --to all
+  record s4 "$1" "$2"
+}
+alternate s4 1 "$n"
 python3 - "$work/s4.jsonl" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
