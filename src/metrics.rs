@@ -9,9 +9,10 @@ use prometheus::{
 use crate::envelope::Reject;
 
 /// Buckets of the stage histograms: fine enough to read sub-millisecond quantiles.
-const STAGE_BUCKETS: [f64; 26] = [
+const STAGE_BUCKETS: [f64; 31] = [
     0.000_05, 0.000_1, 0.000_2, 0.000_3, 0.000_5, 0.000_75, 0.001, 0.001_5, 0.002, 0.003, 0.004,
-    0.005, 0.007_5, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.005, 0.007_5, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.35, 0.5,
+    0.75, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// The metrics of one node.
