@@ -1,14 +1,19 @@
-//! One WebSocket session: a `select!` loop over its queue, its socket, the heartbeat, the
-//! token expiry and its close signal (overflow, drain, limits all close through it).
+//! One WebSocket session: a `select!` loop over its timer (heartbeat, token expiry), its
+//! queue and its socket. A close request (overflow, drain, limits all close through the
+//! connection's handle) wakes the session as a queued frame does, and is checked first.
 //!
 //! Invariant: the session is the only writer of its socket and never touches the registry
 //! while awaiting it; a slow client fills only its own queue and, when that overflows, is
 //! closed with 4001 — it can only lose its own messages.
 //!
-//! Cost per wake-up (this loop runs once per delivered batch): the futures that outlive an
-//! iteration — close signal, token expiry, silence timeout — are made once and pinned, so a
-//! wake-up registers no timer and takes no shared lock; only the queue's own wait is made
-//! anew. Queued frames are fed into tungstenite's write buffer and written with one flush.
+//! Cost per wake-up (this loop runs once per delivered batch): the timer outlives an
+//! iteration — made once and pinned, so a wake-up registers no timer and takes no shared
+//! lock; only the queue's own wait is made anew. Queued frames are fed into tungstenite's
+//! write buffer and written with one flush.
+//!
+//! Size: this future is most of every idle connection's memory (S1 in docs/benchmarks.md).
+//! A wait holds no frame (the queue is read after the wake-up), and there is one wake-up
+//! signal for frames and close requests; a test keeps its size in check.
 //!
 //! Generic over any `Sink + Stream` of WebSocket messages, so tests drive it with channels.
 
@@ -26,7 +31,7 @@ use super::error_frame;
 use super::protocol::{self, ClientFrame};
 use crate::config::HeartbeatConfig;
 use crate::metrics::Metrics;
-use crate::registry::{ConnHandle, QueueRx, Queued};
+use crate::registry::{ConnHandle, QueueRx};
 use crate::router::now_us;
 
 /// Most queued frames written before one flush.
@@ -174,17 +179,15 @@ impl Session {
         let mut rate = (Instant::now(), 0u32);
         let mut bad_frames = 0u32;
         let conn = self.conn.clone();
-        let closed = conn.closed();
         // One timer for three deadlines (the token's expiry, too long a silence, the next
         // Ping): every idle connection holds it, and one is ~250 B smaller than three. A
         // frame from the client only moves `last_seen`; when the timer fires, it checks
         // what is due and is re-armed for the earliest deadline left.
         let timer = sleep_until(expires.min(last_seen + timeout).min(next_ping));
-        tokio::pin!(closed, timer);
+        tokio::pin!(timer);
         loop {
             tokio::select! {
                 biased;
-                code = &mut closed => return self.end_with(code),
                 _ = &mut timer => {
                     let now = Instant::now();
                     if now >= expires {
@@ -201,11 +204,28 @@ impl Session {
                     }
                     timer.as_mut().reset(expires.min(last_seen + timeout).min(next_ping));
                 }
-                queued = self.queue.recv() => {
-                    let Some(first) = queued else { return End::close(1011) };
-                    tokio::select! {
-                        written = self.write_batch(ws, first) => if written.is_err() { return End::ClientGone },
-                        code = &mut closed => return self.end_with(code),
+                _ = self.queue.ready() => {
+                    if let Some(code) = conn.close_code() {
+                        return self.end_with(code);
+                    }
+                    // A close asked for while the batch waits on a full socket ends it.
+                    let closing = {
+                        let batch = self.write_batch(ws);
+                        tokio::pin!(batch);
+                        loop {
+                            tokio::select! {
+                                biased;
+                                written = &mut batch => break written.map(|()| None),
+                                _ = conn.woken() => if let Some(code) = conn.close_code() {
+                                    break Ok(Some(code));
+                                },
+                            }
+                        }
+                    };
+                    match closing {
+                        Ok(None) => {}
+                        Ok(Some(code)) => return self.end_with(code),
+                        Err(_) => return End::ClientGone,
                     }
                 }
                 incoming = ws.next() => {
@@ -281,34 +301,33 @@ impl Session {
         }
     }
 
-    /// Feeds `first` and whatever else is queued (up to [`BATCH`]), then flushes once.
-    /// Latency is taken as each frame is fed, with one clock reading for the batch (the
-    /// batch is written within microseconds; an array of stamps would make every idle
-    /// session's future larger).
-    async fn write_batch<S>(&mut self, ws: &mut S, first: Queued) -> Result<(), WsError>
+    /// Feeds what is queued (up to [`BATCH`] frames), then flushes once. Latency is taken
+    /// as each frame is taken, with one clock reading for the batch (the batch is written
+    /// within microseconds; an array of stamps would make every idle session's future
+    /// larger). Only the frame being fed is held across an `.await`: this future is part of
+    /// every connection's task (S1 in docs/benchmarks.md).
+    async fn write_batch<S>(&mut self, ws: &mut S) -> Result<(), WsError>
     where
         S: Sink<Message, Error = WsError> + Unpin,
     {
-        let mut next = Some(first);
-        let mut fed = 0;
         let now_us = now_us();
-        let now_ms = (now_us / 1000) as i64;
-        while let Some(q) = next.take() {
+        let mut fed = 0;
+        while fed < BATCH {
+            let Ok(q) = self.queue.try_recv() else { break };
             if q.seq != 0 && q.seq <= self.skip_through {
-                next = self.queue.try_recv().ok();
                 continue;
             }
-            ws.feed(Message::Text(q.frame)).await?;
             if q.ts_ms != 0 {
-                let latency = (now_ms - q.ts_ms).max(0) as f64 / 1000.0;
+                let latency = ((now_us / 1000) as i64 - q.ts_ms).max(0) as f64 / 1000.0;
                 self.metrics.delivery_latency.observe(latency);
                 let queued_us = now_us.saturating_sub(q.routed_us);
                 self.metrics.stage_send.observe(queued_us as f64 / 1e6);
             }
+            ws.feed(Message::Text(q.frame)).await?;
             fed += 1;
-            if fed < BATCH {
-                next = self.queue.try_recv().ok();
-            }
+        }
+        if fed == 0 {
+            return Ok(());
         }
         ws.flush().await
     }
@@ -453,6 +472,49 @@ mod tests {
         let mut h = start(Some(exp));
         h.out.next().await.unwrap();
         assert_eq!(close_code(&h.out.next().await.unwrap()), Some(4003));
+    }
+
+    /// The session's future is most of an idle connection's memory: 1408 B before the
+    /// queue's wait stopped holding a frame and the close signal shared the queue's
+    /// wake-up (1144 B after, over an in-memory stream).
+    #[test]
+    fn the_session_future_stays_small() {
+        type Ws = tokio_tungstenite::WebSocketStream<tokio::io::DuplexStream>;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let registry = Registry::new(Limits::small(), metrics.clone());
+        let (_guard, conn, queue) = registry.register("alice", None, None, 0, 0).unwrap();
+        let session = Session {
+            conn,
+            queue,
+            hello: "hello".into(),
+            replay: Vec::new(),
+            skip_through: 0,
+            heartbeat: HeartbeatConfig {
+                interval: Duration::from_secs(25),
+                timeout: Duration::from_secs(60),
+            },
+            token_exp: None,
+            max_frames_per_sec: 100,
+            handler: Arc::new(NoHandler),
+            metrics,
+        };
+        let (io, _peer) = tokio::io::duplex(64);
+        let ws = rt.block_on(Ws::from_raw_socket(
+            io,
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        ));
+        let stream = std::mem::size_of::<Ws>();
+        let future = session.run(ws);
+        let size = std::mem::size_of_val(&future);
+        assert!(
+            size <= stream + 900,
+            "the session future is {size} B ({stream} B of it the stream): it grew; see S1"
+        );
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -93,15 +94,14 @@ pub struct ConnHandle {
     pub platform: Option<Platform>,
     pub tab: Option<Box<str>>,
     queue: Mutex<Queue>,
-    /// Woken when a frame lands in an empty queue (a permit is kept if the session is not
-    /// waiting).
+    /// Woken when a frame lands in an empty queue or a close is asked for (a permit is
+    /// kept if the session is not waiting).
     queued: Notify,
     /// Set when the session's [`QueueRx`] is gone: nothing is queued any more.
     receiver_gone: AtomicBool,
     max_messages: usize,
     max_bytes: usize,
     close_code: AtomicU16,
-    close_notify: Notify,
 }
 
 impl ConnHandle {
@@ -127,7 +127,6 @@ impl ConnHandle {
             max_messages,
             max_bytes,
             close_code: AtomicU16::new(0),
-            close_notify: Notify::new(),
         }
     }
 
@@ -192,26 +191,32 @@ impl ConnHandle {
         Some(next)
     }
 
-    /// Asks the session to close with `code`; the first request wins.
+    /// Asks the session to close with `code`; the first request wins. The session hears
+    /// it as it hears a queued frame (one wake-up signal for both: one waiting future less
+    /// in every idle session).
     pub fn close(&self, code: u16) {
         if self
             .close_code
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
         {
-            self.close_notify.notify_one();
+            self.queued.notify_one();
         }
     }
 
-    /// Resolves once [`close`](Self::close) was called, with its code.
-    pub async fn closed(&self) -> u16 {
-        loop {
-            let code = self.close_code.load(Ordering::Acquire);
-            if code != 0 {
-                return code;
-            }
-            self.close_notify.notified().await;
+    /// The code [`close`](Self::close) was called with, if it was.
+    pub fn close_code(&self) -> Option<u16> {
+        match self.close_code.load(Ordering::Acquire) {
+            0 => None,
+            code => Some(code),
         }
+    }
+
+    /// Resolves at the next frame queued into an empty queue or close request, or at once
+    /// if one came since the last such wake-up was taken (a stale one is possible: check
+    /// what is there).
+    pub fn woken(&self) -> Notified<'_> {
+        self.queued.notified()
     }
 
     /// True if `target` selects this connection (used when replaying history to it).
@@ -252,6 +257,17 @@ impl QueueRx {
     /// The next queued frame, if any, without waiting.
     pub fn try_recv(&mut self) -> Result<Queued, Empty> {
         self.conn.pop().ok_or(Empty)
+    }
+
+    /// Returns once something is queued or a close was asked for (or, rarely, for
+    /// nothing: a stale wake-up; the caller takes what there is with
+    /// [`try_recv`](Self::try_recv), maybe none, and checks
+    /// [`close_code`](ConnHandle::close_code)). Holds no frame, so a session waiting on it
+    /// is no larger for it.
+    pub async fn ready(&mut self) {
+        if self.conn.queue.lock().frames.is_empty() && self.conn.close_code().is_none() {
+            self.conn.queued.notified().await;
+        }
     }
 
     /// Waits for the next queued frame (always `Some`: the queue outlives its senders).
