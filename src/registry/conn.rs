@@ -271,6 +271,9 @@ impl QueueRx {
     }
 
     /// Waits for the next queued frame (always `Some`: the queue outlives its senders).
+    /// For tests: the session waits with [`ready`](Self::ready), which holds no frame and
+    /// also wakes for a close.
+    #[cfg(test)]
     pub async fn recv(&mut self) -> Option<Queued> {
         loop {
             if let Some(queued) = self.conn.pop() {

@@ -1,0 +1,199 @@
+//! The session against a fake socket (channels), with tokio's paused clock.
+
+use super::*;
+use crate::registry::{Limits, Registry};
+use futures::channel::mpsc as fmpsc;
+
+struct NoHandler;
+impl FrameHandler for NoHandler {
+    fn handle(&self, _: &Arc<ConnHandle>, _: ClientFrame<'_>) -> Option<Utf8Bytes> {
+        Some(protocol::error("x", "y", None))
+    }
+}
+
+/// A fake socket: what the session writes goes to `out`, what the test sends comes in.
+struct Fake {
+    out: fmpsc::UnboundedSender<Message>,
+    inc: fmpsc::UnboundedReceiver<Result<Message, WsError>>,
+}
+impl Sink<Message> for Fake {
+    type Error = WsError;
+    fn poll_ready(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), WsError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn start_send(self: std::pin::Pin<&mut Self>, item: Message) -> Result<(), WsError> {
+        let _ = self.out.unbounded_send(item);
+        Ok(())
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), WsError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), WsError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+impl Stream for Fake {
+    type Item = Result<Message, WsError>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.inc.poll_next_unpin(cx)
+    }
+}
+
+struct Harness {
+    conn: Arc<ConnHandle>,
+    out: fmpsc::UnboundedReceiver<Message>,
+    send: fmpsc::UnboundedSender<Result<Message, WsError>>,
+    task: tokio::task::JoinHandle<End>,
+    _guard: crate::registry::Registration,
+}
+
+/// A session of user `alice` (heartbeat every 25 s, 60 s of silence allowed) and the guard
+/// of its registration.
+fn session(exp: Option<u64>) -> (Session, crate::registry::Registration) {
+    let metrics = Arc::new(Metrics::new());
+    let registry = Registry::new(Limits::small(), metrics.clone());
+    let (guard, conn, queue) = registry.register("alice", None, None, 0, 0).unwrap();
+    let session = Session {
+        conn,
+        queue,
+        hello: "hello".into(),
+        replay: Vec::new(),
+        skip_through: 0,
+        heartbeat: HeartbeatConfig {
+            interval: Duration::from_secs(25),
+            timeout: Duration::from_secs(60),
+        },
+        token_exp: exp,
+        max_frames_per_sec: 100,
+        handler: Arc::new(NoHandler),
+        metrics,
+    };
+    (session, guard)
+}
+
+fn start(exp: Option<u64>) -> Harness {
+    let (session, guard) = session(exp);
+    let conn = session.conn.clone();
+    let (out_tx, out) = fmpsc::unbounded();
+    let (send, inc) = fmpsc::unbounded();
+    let task = tokio::spawn(session.run(Fake { out: out_tx, inc }));
+    Harness {
+        conn,
+        out,
+        send,
+        task,
+        _guard: guard,
+    }
+}
+
+fn close_code(m: &Message) -> Option<u16> {
+    match m {
+        Message::Close(Some(f)) => Some(f.code.into()),
+        _ => None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn silent_client_is_pinged_then_closed_with_4000() {
+    let mut h = start(None);
+    assert_eq!(h.out.next().await.unwrap(), Message::Text("hello".into()));
+    assert!(
+        matches!(h.out.next().await.unwrap(), Message::Ping(_)),
+        "ping after 25 s"
+    );
+    assert!(
+        matches!(h.out.next().await.unwrap(), Message::Ping(_)),
+        "ping after 50 s"
+    );
+    let close = h.out.next().await.unwrap();
+    assert_eq!(close_code(&close), Some(4000));
+    assert_eq!(h.task.await.unwrap().close_code(), Some(4000));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pong_keeps_the_connection_alive() {
+    let mut h = start(None);
+    h.out.next().await.unwrap();
+    for _ in 0..5 {
+        assert!(matches!(h.out.next().await.unwrap(), Message::Ping(_)));
+        h.send
+            .unbounded_send(Ok(Message::Pong(Default::default())))
+            .unwrap();
+    }
+    assert!(!h.task.is_finished());
+}
+
+#[tokio::test(start_paused = true)]
+async fn token_expiry_closes_with_4003() {
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 10;
+    let mut h = start(Some(exp));
+    h.out.next().await.unwrap();
+    assert_eq!(close_code(&h.out.next().await.unwrap()), Some(4003));
+}
+
+/// The session's future is most of an idle connection's memory: 1408 B before the
+/// queue's wait stopped holding a frame and the close signal shared the queue's
+/// wake-up (1144 B after, over an in-memory stream).
+#[test]
+fn the_session_future_stays_small() {
+    type Ws = tokio_tungstenite::WebSocketStream<tokio::io::DuplexStream>;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (session, _guard) = session(None);
+    let (io, _peer) = tokio::io::duplex(64);
+    let ws = rt.block_on(Ws::from_raw_socket(
+        io,
+        tokio_tungstenite::tungstenite::protocol::Role::Server,
+        None,
+    ));
+    let stream = std::mem::size_of::<Ws>();
+    let future = session.run(ws);
+    let size = std::mem::size_of_val(&future);
+    assert!(
+        size <= stream + 900,
+        "the session future is {size} B ({stream} B of it the stream): it grew; see S1"
+    );
+}
+
+#[tokio::test]
+async fn queued_frames_are_written_and_bad_frames_answered() {
+    let mut h = start(None);
+    h.out.next().await.unwrap();
+    h.conn
+        .push_msg("one".into(), 1, crate::router::now_ms(), now_us())
+        .unwrap();
+    h.conn.push("two".into()).unwrap();
+    assert_eq!(h.out.next().await.unwrap(), Message::Text("one".into()));
+    assert_eq!(h.out.next().await.unwrap(), Message::Text("two".into()));
+    h.send
+        .unbounded_send(Ok(Message::Text("garbage".into())))
+        .unwrap();
+    let Message::Text(reply) = h.out.next().await.unwrap() else {
+        panic!()
+    };
+    assert!(reply.as_str().contains("bad_frame"));
+    h.send
+        .unbounded_send(Ok(Message::Text(r#"{"t":"ping"}"#.into())))
+        .unwrap();
+    assert_eq!(h.out.next().await.unwrap(), Message::Text(protocol::pong()));
+    h.conn.close(4001);
+    assert_eq!(close_code(&h.out.next().await.unwrap()), Some(4001));
+}
