@@ -27,10 +27,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin, Health};
 use crate::bus::{local::LocalBus, redis::RedisBus, Bus, EventSender};
-use crate::config::Settings;
+use crate::config::{mask_url_password, RedisConfig, Settings};
 use crate::gateway::{auth::Authenticator, Gateway};
 use crate::ingest::{self, Ingest};
-use crate::kafka::Producer;
+use crate::kafka::{self, Producer};
 use crate::metrics::Metrics;
 use crate::prefs::{Prefs, Store};
 use crate::registry::{Limits, Registry};
@@ -48,7 +48,7 @@ pub fn open_store(settings: &Settings) -> anyhow::Result<Store> {
     } else {
         &settings.database.url
     };
-    Store::open(url).with_context(|| format!("opening database.url {url}"))
+    Store::open(url).with_context(|| format!("opening database.url {}", mask_url_password(url)))
 }
 
 /// Applies migrations, waiting up to 30 s in all for the database to come up.
@@ -58,6 +58,11 @@ pub async fn migrate(store: &Store) -> anyhow::Result<()> {
     loop {
         match store.migrate().await {
             Ok(()) => return Ok(()),
+            Err(e) if e.is_tls() => {
+                return Err(e).context(
+                    "invalid config key `database.url`: TLS to the database failed (check sslmode, sslrootcert, sslcert, sslkey)",
+                )
+            }
             Err(e) if tokio::time::Instant::now() < deadline => {
                 if !std::mem::replace(&mut warned, true) {
                     tracing::warn!(error = %e, "database not ready for migrations; retrying for 30 s");
@@ -71,6 +76,10 @@ pub async fn migrate(store: &Store) -> anyhow::Result<()> {
 
 /// Bus events buffered between the subscriber and the router (beyond: a gap, recovered).
 const BUS_EVENTS: usize = 1 << 16;
+
+/// How long a node waits at start for the brokers to accept or refuse its TLS and SASL
+/// settings, before starting anyway (readiness then waits for Kafka).
+const KAFKA_START_WAIT: Duration = Duration::from_secs(10);
 
 /// Partitions of each topic in the embedded in-process broker.
 const EMBEDDED_PARTITIONS: i32 = 4;
@@ -157,6 +166,12 @@ pub async fn run(
     if embedded {
         print_embedded_banner(&settings, &listeners);
     }
+    if embedded_kafka.is_none() {
+        let kafka = settings.kafka.clone();
+        tokio::task::spawn_blocking(move || kafka::check_access(&kafka, KAFKA_START_WAIT))
+            .await
+            .context("the Kafka start check panicked")??;
+    }
     let result = run_node(settings, listeners, shutdown).await;
     // Every Kafka client is gone by now, so none of them logs the broker's disappearance.
     drop(embedded_kafka);
@@ -176,15 +191,12 @@ async fn run_node(
     } else {
         // Connected from the pipeline runtime, where fred then runs its connection tasks.
         let (s, m) = (settings.clone(), metrics.clone());
-        let bus =
-            pipeline
-                .handle
-                .spawn(async move {
-                    RedisBus::connect(&s.redis.url, &s.redis.prefix, &s.recovery, m).await
-                })
-                .await
-                .context("the pipeline runtime stopped")?
-                .with_context(|| format!("connecting to redis.url {}", settings.redis.url))?;
+        let bus = pipeline
+            .handle
+            .spawn(async move { RedisBus::connect(&s.redis, &s.recovery, m).await })
+            .await
+            .context("the pipeline runtime stopped")?
+            .with_context(|| redis_context(&settings.redis))?;
         Arc::new(bus)
     };
     let auth = Arc::new(Authenticator::new(&settings.auth).map_err(anyhow::Error::msg)?);
@@ -424,6 +436,20 @@ where
             _ = tokio::time::sleep(Duration::from_secs(if ok { 5 } else { 1 })) => {}
         }
     }
+}
+
+/// What failed to connect to Redis, without the password and naming the TLS files.
+fn redis_context(cfg: &RedisConfig) -> String {
+    let mut context = format!("connecting to redis.url {}", mask_url_password(&cfg.url));
+    for (key, file) in [
+        ("redis.tls_ca_file", &cfg.tls_ca_file),
+        ("redis.tls_cert_file", &cfg.tls_cert_file),
+    ] {
+        if !file.is_empty() {
+            context.push_str(&format!(", {key} {file}"));
+        }
+    }
+    context
 }
 
 /// `SELECT 1` on the store.

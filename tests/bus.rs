@@ -9,7 +9,7 @@ use fanout::bus::history::{self, Replay};
 use fanout::bus::local::LocalBus;
 use fanout::bus::redis::RedisBus;
 use fanout::bus::{Bus, BusEvent, BusHandler, BusMessage, Channel, Header, Outgoing};
-use fanout::config::RecoveryConfig;
+use fanout::config::{RecoveryConfig, RedisConfig};
 use fanout::envelope::Target;
 use fanout::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
@@ -41,7 +41,12 @@ impl Recorder {
 async fn redis_bus(prefix: &str) -> Arc<dyn Bus> {
     let url =
         std::env::var("FANOUT_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let bus = RedisBus::connect(&url, prefix, &recovery(), Arc::new(Metrics::new()))
+    let cfg = RedisConfig {
+        url: url.clone(),
+        prefix: prefix.to_owned(),
+        ..RedisConfig::default()
+    };
+    let bus = RedisBus::connect(&cfg, &recovery(), Arc::new(Metrics::new()))
         .await
         .unwrap_or_else(|e| {
             panic!("Redis at {url} is needed for this test (./scripts/test starts it): {e}")

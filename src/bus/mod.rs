@@ -104,6 +104,9 @@ impl BusHandler for EventSender {
 pub enum BusError {
     #[error("redis: {0}")]
     Redis(#[from] fred::error::Error),
+    /// `redis.url` or a `redis.tls_*` file cannot be used.
+    #[error("{0}")]
+    Config(String),
     #[error("the bus is closed")]
     Closed,
     #[error("unexpected reply from redis: {0}")]

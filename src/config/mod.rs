@@ -13,8 +13,10 @@ use serde::{Deserialize, Serialize};
 mod sections;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 pub use sections::*;
+pub use tls::RedisScheme;
 
 /// Where `ask` frames go in the embedded default (unless `kafka.upstream_topic` is given).
 pub const EMBEDDED_UPSTREAM_TOPIC: &str = "fanout.upstream";
@@ -196,14 +198,12 @@ impl Settings {
         if self.redis.prefix.is_empty() || self.redis.prefix.contains(char::is_whitespace) {
             return Err(invalid("redis.prefix", "must be a non-empty word"));
         }
-        if !self.redis.url.is_empty() && !self.redis.url.starts_with("redis") {
-            return Err(invalid(
-                "redis.url",
-                "must start with redis:// or rediss://",
-            ));
-        }
+        tls::check_kafka(&self.kafka, self.kafka.brokers.is_empty())?;
+        tls::check_redis(&self.redis)?;
         let db = &self.database.url;
-        if !db.is_empty() && !db.starts_with("postgres") && !db.starts_with("sqlite:") {
+        if db.starts_with("postgres") {
+            tls::check_postgres(db)?;
+        } else if !db.is_empty() && !db.starts_with("sqlite:") {
             return Err(invalid(
                 "database.url",
                 "must be postgres://… or sqlite://…",
@@ -302,7 +302,12 @@ impl Settings {
     /// The configuration as TOML with every secret replaced by `***`.
     pub fn to_masked_toml(&self) -> String {
         let mut masked = self.clone();
-        for secret in [&mut masked.auth.jwt_secret, &mut masked.auth.admin_token] {
+        for secret in [
+            &mut masked.auth.jwt_secret,
+            &mut masked.auth.admin_token,
+            &mut masked.kafka.sasl_password,
+            &mut masked.kafka.ssl_key_password,
+        ] {
             if !secret.is_empty() {
                 *secret = "***".to_owned();
             }
@@ -318,8 +323,8 @@ impl Settings {
     }
 }
 
-/// `scheme://user:secret@host` → `scheme://user:***@host`.
-fn mask_url_password(url: &str) -> String {
+/// `scheme://user:secret@host` → `scheme://user:***@host`: what logs and errors may show.
+pub fn mask_url_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };

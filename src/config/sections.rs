@@ -116,8 +116,88 @@ pub struct KafkaConfig {
     pub session_timeout: Duration,
     /// Largest record value accepted; a larger one is rejected with reason `too_large`.
     pub max_record_bytes: usize,
-    /// Extra librdkafka properties (e.g. `"security.protocol" = "SASL_SSL"`), TOML only.
+    /// How the brokers are reached: `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    pub security_protocol: SecurityProtocol,
+    /// With `sasl_*`: `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512` or `OAUTHBEARER` (OIDC).
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// SASL user name; with `OAUTHBEARER`, the OIDC client id.
+    pub sasl_username: String,
+    /// SASL password; with `OAUTHBEARER`, the OIDC client secret. Secret.
+    pub sasl_password: String,
+    /// With `OAUTHBEARER`: the OIDC token endpoint (client credentials grant).
+    pub sasl_oauthbearer_token_endpoint_url: String,
+    /// With `OAUTHBEARER`: the scope asked for, if the provider wants one.
+    pub sasl_oauthbearer_scope: String,
+    /// With `ssl`/`sasl_ssl`: PEM file of the CA(s) that signed the brokers' certificates.
+    /// Empty: the system's trust store.
+    pub ssl_ca_location: String,
+    /// With `ssl`/`sasl_ssl`: PEM client certificate, for brokers that require one (mTLS).
+    pub ssl_certificate_location: String,
+    /// With `ssl_certificate_location`: its PEM private key.
+    pub ssl_key_location: String,
+    /// Password of an encrypted `ssl_key_location`. Secret.
+    pub ssl_key_password: String,
+    /// Extra librdkafka properties (e.g. `"client.id" = "fanout"`), TOML only. Not for the
+    /// properties the keys above set.
     pub options: BTreeMap<String, String>,
+}
+
+/// `kafka.security_protocol`: librdkafka's `security.protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    #[default]
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// The value of librdkafka's `security.protocol`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plaintext => "plaintext",
+            Self::Ssl => "ssl",
+            Self::SaslPlaintext => "sasl_plaintext",
+            Self::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    /// True for `ssl` and `sasl_ssl`.
+    pub fn uses_tls(self) -> bool {
+        matches!(self, Self::Ssl | Self::SaslSsl)
+    }
+
+    /// True for `sasl_plaintext` and `sasl_ssl`.
+    pub fn uses_sasl(self) -> bool {
+        matches!(self, Self::SaslPlaintext | Self::SaslSsl)
+    }
+}
+
+/// `kafka.sasl_mechanism`: librdkafka's `sasl.mechanism`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+    #[serde(rename = "OAUTHBEARER")]
+    OauthBearer,
+}
+
+impl SaslMechanism {
+    /// The value of librdkafka's `sasl.mechanism`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+            Self::OauthBearer => "OAUTHBEARER",
+        }
+    }
 }
 
 impl Default for KafkaConfig {
@@ -131,6 +211,16 @@ impl Default for KafkaConfig {
             auto_offset_reset: OffsetReset::Earliest,
             session_timeout: Duration::from_secs(10),
             max_record_bytes: 256 * 1024,
+            security_protocol: SecurityProtocol::Plaintext,
+            sasl_mechanism: None,
+            sasl_username: String::new(),
+            sasl_password: String::new(),
+            sasl_oauthbearer_token_endpoint_url: String::new(),
+            sasl_oauthbearer_scope: String::new(),
+            ssl_ca_location: String::new(),
+            ssl_certificate_location: String::new(),
+            ssl_key_location: String::new(),
+            ssl_key_password: String::new(),
             options: BTreeMap::new(),
         }
     }
@@ -140,10 +230,19 @@ impl Default for KafkaConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://host:port/db`. Empty: the embedded default's in-process bus (one node).
+    /// `redis://[user:pass@]host:port[/db]`, `rediss://…` for TLS, or Sentinel as
+    /// `redis-sentinel://[user:pass@]host:port[,host:port…]/<service name>` (`rediss-sentinel`
+    /// for TLS). Empty: the embedded default's in-process bus (one node).
     pub url: String,
     /// Prefix of every channel and key, so several clusters can share one Redis.
     pub prefix: String,
+    /// With `rediss`: PEM file of the CA(s) that signed the server certificates. Empty: the
+    /// system's trust store.
+    pub tls_ca_file: String,
+    /// With `rediss`: PEM client certificate, for servers that require one (mTLS).
+    pub tls_cert_file: String,
+    /// With `tls_cert_file`: its PEM private key (unencrypted).
+    pub tls_key_file: String,
 }
 
 impl Default for RedisConfig {
@@ -151,6 +250,9 @@ impl Default for RedisConfig {
         Self {
             url: String::new(),
             prefix: "fanout".to_owned(),
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -159,7 +261,8 @@ impl Default for RedisConfig {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
-    /// `postgres://…` or `sqlite://…`. Empty: the embedded default's `sqlite://fanout.db`.
+    /// `postgres://…` (TLS with libpq's `sslmode`, `sslrootcert`, `sslcert`, `sslkey`
+    /// parameters) or `sqlite://…`. Empty: the embedded default's `sqlite://fanout.db`.
     pub url: String,
 }
 

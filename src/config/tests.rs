@@ -84,3 +84,191 @@ fn masked_toml_hides_secrets() {
     assert!(!text.contains("topsecret") && !text.contains("adm\"") && !text.contains(":pw@"));
     assert!(text.contains("redis://u:***@h:6379"));
 }
+
+/// A file of `tests/fixtures/tls`.
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/tls/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A cluster configuration with `extra` TOML appended (its `[redis]` or `[database]`
+/// replacing the plain ones).
+fn cluster(extra: &str) -> Result<Settings, ConfigError> {
+    let mut text = "[auth]\njwt_secret='s'\n".to_owned();
+    if !extra.contains("[redis]") {
+        text.push_str("[redis]\nurl='redis://r:6379'\n");
+    }
+    if !extra.contains("[database]") {
+        text.push_str("[database]\nurl='postgres://p/db'\n");
+    }
+    from_toml(&(text + extra))
+}
+
+fn kafka(extra: &str) -> Result<Settings, ConfigError> {
+    cluster(&format!("[kafka]\nbrokers='k:9092'\n{extra}"))
+}
+
+#[track_caller]
+fn refused_naming(result: Result<Settings, ConfigError>, key: &str) -> String {
+    let err = result.expect_err("must be refused").to_string();
+    assert!(err.contains(key), "error should name `{key}`: {err}");
+    err
+}
+
+#[test]
+fn kafka_sasl_ssl_with_scram_and_a_ca_file_is_accepted() {
+    let s = kafka(&format!(
+        "security_protocol='sasl_ssl'\nsasl_mechanism='SCRAM-SHA-512'\nsasl_username='u'\nsasl_password='p'\nssl_ca_location='{}'",
+        fixture("ca.pem")
+    ))
+    .unwrap();
+    assert_eq!(s.kafka.security_protocol, SecurityProtocol::SaslSsl);
+    assert_eq!(s.kafka.sasl_mechanism, Some(SaslMechanism::ScramSha512));
+}
+
+#[test]
+fn kafka_mutual_tls_checks_the_key_against_the_certificate() {
+    let mtls = |key: &str, password: &str| {
+        kafka(&format!(
+            "security_protocol='ssl'\nssl_ca_location='{}'\nssl_certificate_location='{}'\nssl_key_location='{}'\nssl_key_password='{password}'",
+            fixture("ca.pem"),
+            fixture("client.pem"),
+            fixture(key)
+        ))
+    };
+    mtls("client.key", "").unwrap();
+    mtls("client-enc.key", "keypass").unwrap();
+    refused_naming(mtls("client-enc.key", ""), "kafka.ssl_key_location");
+    let err = refused_naming(mtls("client-enc.key", "wrong"), "kafka.ssl_key_location");
+    assert!(err.contains("kafka.ssl_key_password"), "{err}");
+    let err = refused_naming(mtls("other.key", ""), "kafka.ssl_key_location");
+    assert!(err.contains("not the key of the certificate"), "{err}");
+    refused_naming(
+        kafka(&format!(
+            "security_protocol='ssl'\nssl_certificate_location='{}'",
+            fixture("client.pem")
+        )),
+        "kafka.ssl_key_location",
+    );
+}
+
+#[test]
+fn a_missing_or_unreadable_tls_file_is_refused_naming_its_key() {
+    refused_naming(
+        kafka("security_protocol='ssl'\nssl_ca_location='/nonexistent/ca.pem'"),
+        "kafka.ssl_ca_location",
+    );
+    refused_naming(
+        kafka(&format!(
+            "security_protocol='ssl'\nssl_ca_location='{}'",
+            fixture("client.key")
+        )),
+        "kafka.ssl_ca_location",
+    );
+    refused_naming(
+        cluster("[redis]\nurl='rediss://r:6380'\ntls_ca_file='/nonexistent/ca.pem'"),
+        "redis.tls_ca_file",
+    );
+}
+
+#[test]
+fn settings_that_would_be_ignored_are_refused_never_plaintext_by_surprise() {
+    let ca = fixture("ca.pem");
+    refused_naming(
+        kafka(&format!("ssl_ca_location='{ca}'")),
+        "kafka.ssl_ca_location",
+    );
+    refused_naming(
+        kafka("security_protocol='ssl'\nsasl_mechanism='PLAIN'"),
+        "kafka.sasl_mechanism",
+    );
+    refused_naming(
+        kafka("security_protocol='sasl_ssl'\nsasl_username='u'\nsasl_password='p'"),
+        "kafka.sasl_mechanism",
+    );
+    refused_naming(
+        kafka("security_protocol='sasl_ssl'\nsasl_mechanism='SCRAM-SHA-256'\nsasl_username='u'"),
+        "kafka.sasl_password",
+    );
+    refused_naming(
+        kafka("[kafka.options]\n'security.protocol'='SSL'"),
+        "kafka.options",
+    );
+    refused_naming(
+        from_toml("[kafka]\nsecurity_protocol='ssl'"),
+        "kafka.security_protocol",
+    );
+    refused_naming(
+        cluster(&format!(
+            "[redis]\nurl='redis://r:6379'\ntls_ca_file='{ca}'"
+        )),
+        "redis.tls_ca_file",
+    );
+    let err = refused_naming(
+        cluster(&format!(
+            "[database]\nurl='postgres://p/db?sslmode=require&sslrootcert={ca}'"
+        )),
+        "database.url",
+    );
+    assert!(err.contains("verify-ca"), "{err}");
+    refused_naming(
+        cluster(&format!(
+            "[database]\nurl='postgres://p/db?sslcert={}&sslkey={}'",
+            fixture("client.pem"),
+            fixture("client.key")
+        )),
+        "database.url",
+    );
+}
+
+#[test]
+fn oauthbearer_needs_a_client_and_a_token_endpoint() {
+    let base = "security_protocol='sasl_ssl'\nsasl_mechanism='OAUTHBEARER'";
+    refused_naming(
+        kafka(&format!(
+            "{base}\nsasl_username='id'\nsasl_password='secret'"
+        )),
+        "kafka.sasl_oauthbearer_token_endpoint_url",
+    );
+    kafka(&format!(
+        "{base}\nsasl_username='id'\nsasl_password='secret'\nsasl_oauthbearer_token_endpoint_url='https://idp.example/token'"
+    ))
+    .unwrap();
+}
+
+#[test]
+fn redis_and_postgres_tls_settings_are_accepted() {
+    let s = cluster(&format!(
+        "[redis]\nurl='rediss-sentinel://u:p@s1:26379,s2:26379/main'\ntls_ca_file='{}'\ntls_cert_file='{}'\ntls_key_file='{}'",
+        fixture("ca.pem"),
+        fixture("client.pem"),
+        fixture("client.key")
+    ))
+    .unwrap();
+    assert_eq!(
+        RedisScheme::of(&s.redis.url).unwrap(),
+        RedisScheme::SentinelTls
+    );
+    cluster(&format!(
+        "[database]\nurl='postgres://u:p@h/db?sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}'",
+        fixture("ca.pem"),
+        fixture("client.pem"),
+        fixture("client.key")
+    ))
+    .unwrap();
+    refused_naming(cluster("[redis]\nurl='redis-cluster://h:1'"), "redis.url");
+}
+
+#[test]
+fn masked_toml_hides_kafka_secrets() {
+    let s = kafka(&format!(
+        "security_protocol='sasl_ssl'\nsasl_mechanism='PLAIN'\nsasl_username='u'\nsasl_password='hunter2'\nssl_certificate_location='{}'\nssl_key_location='{}'\nssl_key_password='keypass'",
+        fixture("client.pem"),
+        fixture("client-enc.key")
+    ))
+    .unwrap();
+    let text = s.to_masked_toml();
+    assert!(
+        !text.contains("hunter2") && !text.contains("keypass"),
+        "{text}"
+    );
+}

@@ -67,6 +67,18 @@ pub enum StoreError {
     Scheme,
 }
 
+impl StoreError {
+    /// True when TLS to the database failed (a certificate that does not verify, a server
+    /// without TLS under `sslmode=require`…): a setting to fix, not an outage to wait out.
+    pub fn is_tls(&self) -> bool {
+        let sql = match self {
+            Self::Sql(e) | Self::Migrate(sqlx::migrate::MigrateError::Execute(e)) => e,
+            _ => return false,
+        };
+        matches!(sql, sqlx::Error::Tls(_))
+    }
+}
+
 /// A connection pool to one of the supported databases.
 #[derive(Clone, Debug)]
 pub enum Store {

@@ -27,8 +27,10 @@ use super::{
     After, Bus, BusError, BusEvent, BusHandler, Channel, HistoryRead, Outgoing, Published,
     StreamKey, StreamRead,
 };
-use crate::config::RecoveryConfig;
+use crate::config::{RecoveryConfig, RedisConfig};
 use crate::metrics::Metrics;
+
+mod connect;
 
 /// Publishes a batch of messages in order. KEYS: seq, then per message its seen-id key and
 /// its stream keys; ARGV: max entries, window (s), bus channel, then per message its
@@ -123,14 +125,15 @@ pub struct RedisBus {
 }
 
 impl RedisBus {
-    /// Connects both clients; fails if Redis cannot be reached now.
+    /// Connects both clients to the Redis `cfg` names (one server, or the primary its
+    /// sentinels report, over TLS for `rediss`); fails if Redis cannot be reached now.
     pub async fn connect(
-        url: &str,
-        prefix: &str,
+        cfg: &RedisConfig,
         recovery: &RecoveryConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, BusError> {
-        let config = Config::from_url(url)?;
+        let prefix = cfg.prefix.as_str();
+        let config = connect::client_config(cfg)?;
         let mut builder = Builder::from_config(config);
         builder
             .with_connection_config(|c| {
