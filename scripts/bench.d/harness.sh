@@ -7,9 +7,9 @@
 #   build TARGETS...        cargo build --release of fanout and the named examples
 #   need_redis              $redis_url answers, or fail saying how to get it
 #   need_postgres           $db_admin is ready, or fail
-#   need_kafka              $kafka: FANOUT_TEST_KAFKA, else a private tansu broker
-#                           (installed with cargo install when missing)
-#   new_topic NAME PARTS    creates a topic on the private tansu broker
+#   need_kafka              $kafka: FANOUT_TEST_KAFKA, else a private Apache Kafka
+#                           (scripts/servers/kafka; jars fetched with Maven the first time)
+#   new_topic NAME PARTS    creates a topic on the private broker (kafka-topics)
 #   need_peer               ../shared/peers/socketio with its node_modules
 #   rss_kib PID, cpu_ms PID VmRSS, and utime+stime in ms, from /proc
 #   wait_files TRIES FILE...  until every FILE is non-empty, TRIES × 0.1 s at most
@@ -73,26 +73,23 @@ new_database() {
 
 kafka=${FANOUT_TEST_KAFKA:-}
 private_kafka=0
+servers_d=$PWD/scripts/servers
 need_kafka() {
   [ -n "$kafka" ] && return 0
-  if ! command -v tansu >/dev/null; then
-    echo "==> installing tansu: cargo install tansu --features dynostore --locked (takes ~7 minutes)"
-    cargo install tansu --features dynostore --locked \
-      || { echo "cargo install tansu failed (or set FANOUT_TEST_KAFKA=host:port to use another broker)" >&2; exit 1; }
-  fi
-  local port
-  port=$(free_port)
-  tansu broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
-    --storage-engine memory://tansu/ >"$work/tansu.log" 2>&1 &
-  track $!
-  for _ in $(seq 1 100); do (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
-  kafka=127.0.0.1:$port private_kafka=1
+  command -v java >/dev/null \
+    || { echo "java not found: the private Apache Kafka needs Java 17+ (apt-get install default-jre-headless), or set FANOUT_TEST_KAFKA=host:port" >&2; exit 1; }
+  cleanup_hooks+=("'$servers_d/kafka' stop '$work/kafka' >/dev/null 2>&1")
+  "$servers_d/kafka" start "$work/kafka" \
+    || { echo "could not start Apache Kafka (reason above), or set FANOUT_TEST_KAFKA=host:port" >&2; exit 1; }
+  # shellcheck source=/dev/null  # written by scripts/servers/kafka start
+  kafka=$(. "$work/kafka/env" && echo "$FANOUT_TEST_KAFKA") private_kafka=1
 }
 
-# new_topic NAME PARTITIONS: on a private tansu broker (an external broker auto-creates).
+# new_topic NAME PARTITIONS: on the private broker (an external broker auto-creates).
 new_topic() {
   [ "$private_kafka" = 1 ] || return 0
-  tansu topic create "$1" --partitions "$2" --broker "tcp://$kafka" >/dev/null
+  "$servers_d/kafka" run org.apache.kafka.tools.TopicCommand --bootstrap-server "$kafka" \
+    --create --topic "$1" --partitions "$2" --replication-factor 1 >/dev/null
 }
 
 peer_dir=$(cd ../shared/peers/socketio 2>/dev/null && pwd || true)
@@ -145,8 +142,10 @@ start_fanout() {
 
 # How long a consumer's fetch may wait at the broker, on both sides (fanout:
 # kafka.options fetch.wait.max.ms; the peer: kafkajs maxWaitTimeInMs, through
-# peer-fetch-wait.js). tansu holds every fetch about that long even when records are
-# there, so the defaults (500 ms, 5 s) would measure the broker's wait, not the servers.
+# peer-fetch-wait.js). tansu, the former test broker, held every fetch about that long
+# even when records were there, so the defaults (500 ms, 5 s) measured the broker's wait,
+# not the servers; Apache Kafka answers once records are there, and the value is kept so
+# runs stay comparable.
 fetch_wait_ms=${BENCH_FETCH_WAIT_MS:-5}
 
 # start_peer DIR TOPIC GROUP: one socket.io peer instance; waits for its "listening" line
