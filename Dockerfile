@@ -44,11 +44,13 @@ LABEL org.opencontainers.image.title="fanout" \
       org.opencontainers.image.base.name="docker.io/library/debian:bookworm-slim"
 
 # Exactly the shared libraries `ldd fanout` reports (libc6 is in the base image):
-# zlib1g (libz.so.1), libgcc-s1 (libgcc_s.so.1). ca-certificates: for TLS, which the
-# binary does not use yet (no TLS feature is enabled in librdkafka, fred or sqlx).
+# libssl3 (libssl.so.3, libcrypto.so.3: OpenSSL, the TLS of librdkafka, Redis and
+# PostgreSQL), zlib1g (libz.so.1), libgcc-s1 (libgcc_s.so.1). ca-certificates: the system
+# trust store (/etc/ssl/certs/ca-certificates.crt), used when no CA file is configured.
+# ./scripts/check-runtime builds this stage with debootstrap and runs the binary in it.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates libgcc-s1 zlib1g \
+    && apt-get install -y --no-install-recommends ca-certificates libgcc-s1 libssl3 zlib1g \
     && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --gid 10001 fanout \
