@@ -176,9 +176,16 @@ impl FirstRefusal {
 
 impl ClientContext for FirstRefusal {
     fn error(&self, error: KafkaError, reason: &str) {
-        if let Some(code @ (RDKafkaErrorCode::SSL | RDKafkaErrorCode::Authentication)) =
-            error.rdkafka_error_code()
-        {
+        let Some(code) = error.rdkafka_error_code() else {
+            return;
+        };
+        // A broker that rejects the client certificate sends a TLS alert, which librdkafka
+        // reports as a transport failure naming OpenSSL.
+        let refused = matches!(
+            code,
+            RDKafkaErrorCode::SSL | RDKafkaErrorCode::Authentication
+        ) || reason.contains("SSL routines");
+        if refused {
             self.0.lock().get_or_insert((code, reason.to_owned()));
         }
     }

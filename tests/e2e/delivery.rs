@@ -172,6 +172,23 @@ async fn poison_records_on_every_partition_do_not_block_the_next_good_record() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_compressed_with_every_codec_arrive_and_none_stalls_its_partition() {
+    let cluster = TestCluster::start(1).await;
+    let mut carol = cluster.connect(0, "carol", "").await;
+    // One partition, so a codec that stalled it would hold back every record after it.
+    for codec in ["zstd", "lz4", "snappy", "gzip", "none"] {
+        Producer::with_compression(&cluster.options.kafka, &cluster.topic, codec)
+            .send_to_partition(0, for_user("carol", "robot.reply", codec))
+            .await;
+    }
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(carol.expect_msg(WAIT).await["data"]["text"].clone());
+    }
+    assert_eq!(got, ["zstd", "lz4", "snappy", "gzip", "none"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_messages_are_not_delivered() {
     let cluster = TestCluster::start(1).await;
     let mut fay = cluster.connect(0, "fay", "").await;

@@ -36,32 +36,23 @@ async fn produce_spread_and_expect_all(
     assert_eq!(seen, (0..n as i64).collect());
 }
 
-/// The broker for the takeover test: `FANOUT_TEST_KAFKA_FAILOVER` when set (e.g. Apache
-/// Kafka), else librdkafka's mock cluster over TCP. Not tansu: tansu 0.6 evicts a dead member
-/// but answers the survivors' rejoin with the old generation and assignment, so a dead node's
-/// partitions are never moved (docs/testing.md). The nodes are real processes either way.
-pub(crate) fn failover_broker() -> Options {
-    let base = Options::default();
-    match std::env::var("FANOUT_TEST_KAFKA_FAILOVER") {
-        Ok(kafka) => Options { kafka, ..base },
-        Err(_) => {
-            let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
-            Options {
-                kafka: mock.bootstrap_servers(),
-                mock: Some(std::rc::Rc::new(mock)),
-                ..base
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_node_is_killed_the_survivor_takes_its_partitions_and_nothing_is_lost() {
-    let mut cluster = TestCluster::start_with(2, failover_broker()).await;
+    let mut cluster = TestCluster::start(2).await;
     let mut max = cluster.connect(1, "max", "").await;
     cluster.nodes[0].kill();
-    // Records on every partition, including those the dead node owned: the group moves them
-    // to the survivor after kafka.session_timeout (6 s here).
+    // The group moves the dead node's partitions to the survivor once kafka.session_timeout
+    // (6 s here) has passed without a heartbeat.
+    eventually(
+        Duration::from_secs(6 + 10),
+        "the survivor owns every partition",
+        || async {
+            let stats = cluster.node(1).stats().await;
+            stats.and_then(|s| s["kafka_partitions"].as_i64()) == Some(PARTITIONS as i64)
+        },
+    )
+    .await;
+    // Records on every partition, including those the dead node owned.
     produce_spread_and_expect_all(&cluster, &mut max, "max", 40).await;
     let owned = cluster.node(1).stats().await.unwrap()["kafka_partitions"].as_i64();
     assert_eq!(
@@ -85,10 +76,7 @@ async fn records_produced_while_a_node_is_dead_arrive_after_it_restarts() {
             )
             .await;
     }
-    // Restart after the group has evicted the dead instance (kafka.session_timeout = 6 s):
-    // tansu 0.6 never rebalances on an eviction, so a dead member still in the group at the
-    // restart would keep its share of partitions forever (docs/testing.md).
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Restarted at once, as Kubernetes does, while the dead instance is still a member.
     cluster.restart_node(0);
     let mut seen = BTreeSet::new();
     while seen.len() < 20 {

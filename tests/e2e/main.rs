@@ -10,3 +10,4 @@ mod limits;
 mod preferences;
 mod resume;
 mod support;
+mod tls;

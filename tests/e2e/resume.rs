@@ -205,7 +205,7 @@ pub fn urlencode(s: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_mid_stream_loses_nothing_its_clients_resume_elsewhere() {
     const TOTAL: u64 = 120;
-    let mut cluster = TestCluster::start_with(2, crate::failures::failover_broker()).await;
+    let mut cluster = TestCluster::start(2).await;
     let users = ["kim", "kai", "kit", "kev"];
     let mut clients = Vec::new();
     for user in users {

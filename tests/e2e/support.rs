@@ -1,6 +1,6 @@
 //! A small builder language for end-to-end tests: real `fanout` processes against a real
-//! Kafka-protocol broker (`FANOUT_TEST_KAFKA`, tansu by default via `./scripts/test`) and a
-//! real Redis (`FANOUT_TEST_REDIS`).
+//! Apache Kafka (`FANOUT_TEST_KAFKA`, started by `./scripts/test`), a real Redis
+//! (`FANOUT_TEST_REDIS`) and a real PostgreSQL (`FANOUT_TEST_DATABASE_URL`).
 //!
 //! Each test gets its own topics, consumer group and Redis prefix, so tests run in parallel
 //! on one broker and one Redis without seeing each other.
@@ -32,14 +32,10 @@ pub const SECRET: &str = "e2e-secret";
 pub const ADMIN_TOKEN: &str = "e2e-admin";
 pub const PARTITIONS: i32 = 4;
 
-/// librdkafka's mock cluster, used as a broker over TCP by the failover test.
-pub type MockBroker =
-    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
-
 /// The broker every test uses. Fails (never skips) when none is configured.
 pub fn kafka_addr() -> String {
     std::env::var("FANOUT_TEST_KAFKA").unwrap_or_else(|_| {
-        panic!("FANOUT_TEST_KAFKA is not set: run ./scripts/test (it starts tansu), or point it at a Kafka broker host:port")
+        panic!("FANOUT_TEST_KAFKA is not set: run ./scripts/test (it starts Apache Kafka), or point it at a Kafka broker host:port")
     })
 }
 
@@ -204,8 +200,15 @@ pub struct Producer {
 
 impl Producer {
     pub fn new(brokers: &str, topic: &str) -> Self {
+        Self::with_compression(brokers, topic, "none")
+    }
+
+    /// A producer whose batches are compressed with `codec` (`gzip`, `snappy`, `lz4`,
+    /// `zstd` or `none`).
+    pub fn with_compression(brokers: &str, topic: &str, codec: &str) -> Self {
         let inner = kafka_config_for(brokers)
             .set("message.timeout.ms", "15000")
+            .set("compression.type", codec)
             .create()
             .unwrap();
         Self {
@@ -329,8 +332,6 @@ pub fn committed_offsets(brokers: &str, group: &str, topic: &str) -> Vec<Option<
 pub struct Options {
     /// Bootstrap address of the broker (default: `FANOUT_TEST_KAFKA`).
     pub kafka: String,
-    /// Set when `kafka` is librdkafka's mock cluster, whose topics are created directly.
-    pub mock: Option<std::rc::Rc<MockBroker>>,
     pub redis_url: String,
     /// The database every node shares (default: a fresh one per cluster).
     pub database_url: Option<String>,
@@ -342,7 +343,6 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             kafka: kafka_addr(),
-            mock: None,
             database_url: None,
             redis_url: redis_url(),
             env: Vec::new(),
@@ -527,10 +527,7 @@ impl TestCluster {
             (&upstream_topic, 1),
             (&dead_letter_topic, 1),
         ] {
-            match &options.mock {
-                Some(mock) => mock.create_topic(name, partitions, 1).expect("mock topic"),
-                None => create_topic_on(&options.kafka, name, partitions).await,
-            }
+            create_topic_on(&options.kafka, name, partitions).await;
         }
         let (database, database_url) = match options.database_url.clone() {
             Some(url) => (None, url),
