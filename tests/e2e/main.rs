@@ -9,5 +9,6 @@ mod failures;
 mod limits;
 mod preferences;
 mod resume;
+mod sentinel;
 mod support;
 mod tls;
