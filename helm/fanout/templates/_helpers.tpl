@@ -200,8 +200,116 @@ password belong in `secrets`.
 {{- end }}
 {{- range $section, $ref := dict "redis" "secrets.redisUrl" "database" "secrets.databaseUrl" }}
 {{- $url := dig $section "url" "" ($.Values.config | default dict) | default "" | toString }}
-{{- if regexMatch "^[a-z+]+://[^/@:]*:[^/@]*@" $url }}
+{{- if regexMatch "^[a-z+-]+://[^/@:]*:[^/@]*@" $url }}
 {{- fail (printf "config.%s.url holds a password and would be stored in a ConfigMap: put the URL in a Secret and reference it with %s.name/key" $section $ref) }}
+{{- end }}
+{{- end }}
+{{- $kafka := dig "kafka" dict (.Values.config | default dict) | default dict }}
+{{- range $key, $ref := dict "sasl_password" "secrets.kafkaSaslPassword" "ssl_key_password" "secrets.kafkaSslKeyPassword" }}
+{{- if index $kafka $key }}
+{{- fail (printf "config.kafka.%s is a secret and would be stored in a ConfigMap: put it in a Secret and reference it with %s.name/key" $key $ref) }}
+{{- end }}
+{{- end }}
+{{- /* librdkafka properties the typed kafka.* keys own: fanout refuses them in kafka.options (exit 2). */}}
+{{- $owned := dict
+    "bootstrap.servers" "config.kafka.brokers"
+    "security.protocol" "config.kafka.security_protocol"
+    "sasl.mechanism" "config.kafka.sasl_mechanism"
+    "sasl.mechanisms" "config.kafka.sasl_mechanism"
+    "sasl.username" "config.kafka.sasl_username (or secrets.kafkaSaslUsername)"
+    "sasl.password" "secrets.kafkaSaslPassword"
+    "sasl.oauthbearer.method" "config.kafka.sasl_mechanism (OAUTHBEARER)"
+    "sasl.oauthbearer.client.id" "config.kafka.sasl_username"
+    "sasl.oauthbearer.client.secret" "secrets.kafkaSaslPassword"
+    "sasl.oauthbearer.token.endpoint.url" "config.kafka.sasl_oauthbearer_token_endpoint_url"
+    "sasl.oauthbearer.scope" "config.kafka.sasl_oauthbearer_scope"
+    "ssl.ca.location" "tls.kafka.ca (or config.kafka.ssl_ca_location)"
+    "ssl.certificate.location" "tls.kafka.clientCert (or config.kafka.ssl_certificate_location)"
+    "ssl.key.location" "tls.kafka.clientCert (or config.kafka.ssl_key_location)"
+    "ssl.key.password" "secrets.kafkaSslKeyPassword" }}
+{{- range $prop, $v := (index $kafka "options" | default dict) }}
+{{- if hasKey $owned $prop }}
+{{- fail (printf "config.kafka.options.%s: fanout sets this itself and refuses it in kafka.options; use %s" $prop (index $owned $prop)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The TLS files of `tls`: one entry per mounted file, as a YAML list of
+{service, what, source ("secret"/"configMap"), name, key, path (under /etc/fanout), mode}.
+Fails on inconsistent entries.
+*/}}
+{{- define "fanout.tlsFiles" -}}
+{{- $files := list }}
+{{- $tls := .Values.tls | default dict }}
+{{- range $service := list "kafka" "redis" "database" }}
+{{- $t := index $tls $service | default dict }}
+{{- $ca := index $t "ca" | default dict }}
+{{- if and $ca.secretName $ca.configMapName }}
+{{- fail (printf "tls.%s.ca: set secretName or configMapName, not both" $service) }}
+{{- end }}
+{{- if or $ca.secretName $ca.configMapName }}
+{{- $key := required (printf "tls.%s.ca.key is required when tls.%s.ca is set" $service $service) $ca.key }}
+{{- $files = append $files (dict "service" $service "what" "ca" "source" (ternary "secret" "configMap" (not (empty $ca.secretName))) "name" (default $ca.configMapName $ca.secretName) "key" $key "path" (printf "%s/ca.pem" $service) "mode" 292) }}
+{{- end }}
+{{- $cc := index $t "clientCert" | default dict }}
+{{- if $cc.secretName }}
+{{- $files = append $files (dict "service" $service "what" "cert" "source" "secret" "name" $cc.secretName "key" (required (printf "tls.%s.clientCert.certKey is required" $service) $cc.certKey) "path" (printf "%s/client.pem" $service) "mode" 292) }}
+{{- $files = append $files (dict "service" $service "what" "key" "source" "secret" "name" $cc.secretName "key" (required (printf "tls.%s.clientCert.keyKey is required" $service) $cc.keyKey) "path" (printf "%s/client.key" $service) "mode" 288) }}
+{{- end }}
+{{- end }}
+{{- toYaml (dict "files" $files) }}
+{{- end }}
+
+{{/*
+fanout.tlsConfig (list $ $config): fills the Kafka and Redis path keys of $config (a copy
+of .Values.config) with the mounted files of `tls`, where config names no path itself, and
+checks that the TLS settings fit together (the node would refuse them at start, exit 2).
+*/}}
+{{- define "fanout.tlsConfig" -}}
+{{- $ := index . 0 }}
+{{- $config := index . 1 }}
+{{- $files := (include "fanout.tlsFiles" $ | fromYaml).files | default list }}
+{{- $keys := dict
+    "kafka" (dict "ca" "ssl_ca_location" "cert" "ssl_certificate_location" "key" "ssl_key_location")
+    "redis" (dict "ca" "tls_ca_file" "cert" "tls_cert_file" "key" "tls_key_file") }}
+{{- $used := dict }}
+{{- range $f := $files }}
+{{- $_ := set $used $f.service true }}
+{{- if hasKey $keys $f.service }}
+{{- if not (hasKey $config $f.service) }}{{ $_ := set $config $f.service dict }}{{ end }}
+{{- $section := index $config $f.service | default dict }}
+{{- $_ := set $config $f.service $section }}
+{{- $key := index (index $keys $f.service) $f.what }}
+{{- if not (index $section $key) }}
+{{- $_ := set $section $key (printf "/etc/fanout/%s" $f.path) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $kafka := index $config "kafka" | default dict }}
+{{- $protocol := index $kafka "security_protocol" | default "plaintext" | toString | lower }}
+{{- if and (index $used "kafka") (not (has $protocol (list "ssl" "sasl_ssl"))) }}
+{{- fail (printf "tls.kafka is set, but config.kafka.security_protocol is %q: set ssl or sasl_ssl (fanout refuses TLS files it would not use)" $protocol) }}
+{{- end }}
+{{- if and $.Values.secrets.kafkaSaslPassword.name (not (has $protocol (list "sasl_plaintext" "sasl_ssl"))) }}
+{{- fail (printf "secrets.kafkaSaslPassword is set, but config.kafka.security_protocol is %q: set sasl_ssl (or sasl_plaintext) and config.kafka.sasl_mechanism" $protocol) }}
+{{- end }}
+{{- if and $.Values.secrets.kafkaSslKeyPassword.name (not (index $kafka "ssl_key_location")) }}
+{{- fail "secrets.kafkaSslKeyPassword is set, but there is no client key: set tls.kafka.clientCert" }}
+{{- end }}
+{{- $redisUrl := dig "redis" "url" "" $config | default "" | toString }}
+{{- if and (index $used "redis") (not $.Values.secrets.redisUrl.name) (not (hasPrefix "rediss" $redisUrl)) }}
+{{- fail (printf "tls.redis is set, but config.redis.url %q is not rediss:// (or rediss-sentinel://) and secrets.redisUrl is not set" $redisUrl) }}
+{{- end }}
+{{- $dbUrl := dig "database" "url" "" $config | default "" | toString }}
+{{- if and $dbUrl (not $.Values.secrets.databaseUrl.name) }}
+{{- range $f := $files }}
+{{- if eq $f.service "database" }}
+{{- $param := index (dict "ca" "sslrootcert" "cert" "sslcert" "key" "sslkey") $f.what }}
+{{- if not (contains (printf "%s=/etc/fanout/%s" $param $f.path) $dbUrl) }}
+{{- fail (printf "tls.database mounts /etc/fanout/%s, but config.database.url does not name it: add %s=/etc/fanout/%s" $f.path $param $f.path) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
