@@ -228,6 +228,7 @@ impl Ingest {
             .map(|t| t.name.as_str())
             .collect();
         let mut reject_log = RateLimitedLog::new();
+        let mut error_log = RateLimitedLog::new();
         let mut batch = Batch::default();
         loop {
             let record = tokio::select! {
@@ -238,7 +239,7 @@ impl Ingest {
             while let Some(record) = next.take() {
                 match record {
                     Ok(record) => self.take(record, &known, &mut batch, &mut reject_log).await,
-                    Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
+                    Err(e) => self.consumer_error(&e, &mut error_log),
                 }
                 if !batch.is_full() {
                     next = self.consumer.recv().now_or_never();
@@ -283,6 +284,40 @@ impl Ingest {
                 }
                 self.dead_letter(&record, &reject).await;
             }
+        }
+    }
+
+    /// Counts an error the consumer reported instead of a record, and logs it at most once
+    /// a second. librdkafka retries what failed itself; every codec is compiled in, so an
+    /// `undecodable` batch means data no Kafka broker should have accepted.
+    fn consumer_error(&self, e: &KafkaError, log: &mut RateLimitedLog) {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        let kind = match e.rdkafka_error_code() {
+            Some(
+                Code::BadCompression
+                | Code::BadMessage
+                | Code::InvalidMessage
+                | Code::InvalidRecord
+                | Code::NotImplemented
+                | Code::UnsupportedCompressionType,
+            ) => "undecodable",
+            Some(
+                Code::BrokerTransportFailure
+                | Code::AllBrokersDown
+                | Code::Resolve
+                | Code::SSL
+                | Code::Authentication
+                | Code::MessageTimedOut
+                | Code::RequestTimedOut,
+            ) => "broker",
+            _ => "other",
+        };
+        self.metrics
+            .kafka_consumer_errors
+            .with_label_values(&[kind])
+            .inc();
+        if let Some(suppressed) = log.allow() {
+            tracing::warn!(error = %e, kind, suppressed, "kafka consumer error");
         }
     }
 

@@ -34,6 +34,9 @@ pub struct Metrics {
     pub ingest_rejected: IntCounterVec,
     /// Rejected records copied to the dead-letter topic.
     pub ingest_dead_lettered: IntCounter,
+    /// Errors the Kafka consumer reported instead of a record, by kind (`undecodable`:
+    /// a batch it could not decompress or parse; `broker`: links to the brokers; `other`).
+    pub kafka_consumer_errors: IntCounterVec,
     /// Partitions this node currently owns.
     pub kafka_partitions: IntGauge,
     /// Payloads published on the bus, by channel.
@@ -184,6 +187,12 @@ impl Metrics {
                 "fanout_ingest_dead_lettered_total",
                 "Rejected records copied to the dead-letter topic",
             ),
+            kafka_consumer_errors: counter_vec(
+                &r,
+                "fanout_kafka_consumer_errors_total",
+                "Errors the Kafka consumer reported instead of a record, by kind",
+                "kind",
+            ),
             kafka_partitions: gauge(
                 &r,
                 "fanout_kafka_assigned_partitions",
@@ -298,6 +307,9 @@ impl Metrics {
         };
         for reason in Reject::ALL {
             m.ingest_rejected.with_label_values(&[reason]);
+        }
+        for kind in ["undecodable", "broker", "other"] {
+            m.kafka_consumer_errors.with_label_values(&[kind]);
         }
         for reason in [
             "queue_full",

@@ -115,6 +115,7 @@ impl MemoryHistory {
             return HistoryRead {
                 after: None,
                 head: self.seq,
+                epoch_start: 1,
                 streams: Vec::new(),
             };
         };
@@ -147,6 +148,8 @@ impl MemoryHistory {
         HistoryRead {
             after: Some(after),
             head: self.seq,
+            // One process, one line of history: it starts with the process.
+            epoch_start: 1,
             streams,
         }
     }
@@ -215,7 +218,8 @@ pub async fn replay(bus: &dyn Bus, user: &str, since: &str) -> Result<Replay, Bu
     let Some(after) = read.after else {
         return Ok(Replay::NotRecovered);
     };
-    if read.streams.iter().any(|s| !s.complete) {
+    // Before the epoch, the old primary may have numbered messages this server never got.
+    if after < read.epoch_start || read.streams.iter().any(|s| !s.complete) {
         return Ok(Replay::NotRecovered);
     }
     let mut payloads = BTreeMap::new();
@@ -233,9 +237,11 @@ pub struct Recovered {
     pub head: u64,
     /// The missed messages for these users (and broadcasts), in sequence order.
     pub messages: Vec<BusMessage>,
-    /// The bus lost its state (Redis restarted empty): what was published before cannot
-    /// be known; every user should be told.
+    /// The bus lost its state (Redis restarted empty, or a new epoch began: a failover, a
+    /// crash): what was published before cannot be known; every user should be told.
     pub reset: bool,
+    /// The bus's epoch when read ([`crate::bus::HistoryRead::epoch_start`]).
+    pub epoch_start: u64,
     /// The broadcast stream was trimmed past the gap: every user missed something.
     pub lost_all: bool,
     /// Users whose own stream was trimmed past the gap.
@@ -245,20 +251,36 @@ pub struct Recovered {
 /// Users read per history request during recovery.
 const USERS_PER_READ: usize = 200;
 
-/// Reads what `users` missed after sequence number `after`. When the bus's counter is
-/// behind `after`, the bus lost its state: everything since the reset is read.
-pub async fn recover(bus: &dyn Bus, users: &[Arc<str>], after: u64) -> Result<Recovered, BusError> {
+/// Reads what `users` missed after sequence number `after`, in the bus epoch that started
+/// at `epoch` (as the node last saw it). When the bus's counter is behind `after`, the bus
+/// lost its state: everything since the reset is read. When the epoch changed, `after` may
+/// be a number the new epoch gave to another message: everything the new server has from
+/// the point both agree on is read, and the result is a reset.
+pub async fn recover(
+    bus: &dyn Bus,
+    users: &[Arc<str>],
+    after: u64,
+    epoch: Option<u64>,
+) -> Result<Recovered, BusError> {
     let mut out = Recovered::default();
     let first = &users[..users.len().min(USERS_PER_READ)];
     let mut keys = vec![StreamKey::All];
     keys.extend(first.iter().map(|u| StreamKey::User(u)));
     let mut after = after;
     let mut read = bus.read_history(After::Seq(after), &keys).await?;
-    if read.head < after {
+    if epoch.is_some_and(|e| e != read.epoch_start) {
+        out.reset = true;
+        let agreed = after.min(read.epoch_start.saturating_sub(1));
+        if agreed != after {
+            after = agreed;
+            read = bus.read_history(After::Seq(after), &keys).await?;
+        }
+    } else if read.head < after {
         out.reset = true;
         after = 0;
         read = bus.read_history(After::Seq(0), &keys).await?;
     }
+    out.epoch_start = read.epoch_start;
     out.head = read.head;
     let mut payloads = BTreeMap::new();
     let mut note = |read: &HistoryRead, users: &[Arc<str>], skip: usize, out: &mut Recovered| {

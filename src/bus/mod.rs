@@ -156,6 +156,11 @@ pub struct HistoryRead {
     /// The last sequence number given out when the read ran: every message up to it that
     /// belongs to the streams read is in `streams` (or reported trimmed).
     pub head: u64,
+    /// The first sequence number of the bus's current epoch (1 on a bus that never lost
+    /// its line; 0 when the bus has no epochs). Numbers before it were given out by a
+    /// server this one may not have every message of (an old primary, a crashed Redis):
+    /// a position before it cannot be continued exactly.
+    pub epoch_start: u64,
     /// One per requested stream, in the order asked.
     pub streams: Vec<StreamRead>,
 }

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Bus, BusEvent, BusMessage, Channel};
+use crate::bus::{After, Bus, BusEvent, BusMessage, Channel};
 use crate::gateway::protocol;
 use crate::metrics::Metrics;
 use crate::prefs::{Change, Prefs};
@@ -107,6 +107,9 @@ pub struct Router {
     window: Duration,
     /// Every bus message up to this one has been routed; `None` until the first one.
     last_seq: Option<u64>,
+    /// The bus epoch `last_seq` belongs to ([`crate::bus::HistoryRead::epoch_start`]), as
+    /// last read; `None` until read. A recovery that finds another one reports a reset.
+    epoch: Option<u64>,
     /// Messages up to this one were routed by a recovery: arriving live, they are duplicates.
     recovered_through: u64,
     /// When the last bus event arrived.
@@ -135,6 +138,7 @@ impl Router {
             prefs,
             window,
             last_seq: None,
+            epoch: None,
             recovered_through: 0,
             last_event: Instant::now(),
             whole_at: Instant::now(),
@@ -148,6 +152,11 @@ impl Router {
         mut events: mpsc::Receiver<BusEvent>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
+        // The epoch this node starts in, so that a failover before its first gap is seen.
+        // (Unreadable now: the first recovery reads it instead.)
+        if let Ok(read) = self.bus.read_history(After::Seq(0), &[]).await {
+            self.epoch = Some(read.epoch_start);
+        }
         let mut recovery: Option<Recovery> = None;
         let mut idle = tokio::time::interval(IDLE_CHECK);
         idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -282,6 +291,7 @@ impl Router {
             self.prefs.clone().filter(|_| reload_prefs),
             self.registry.clone(),
             self.last_seq,
+            self.epoch,
             self.whole_at,
         )
     }

@@ -32,6 +32,8 @@ pub(super) struct Outcome {
     pub prefs: Vec<(String, u64, i64)>,
     /// True when messages were actually missed (or the bus was reset).
     pub missed: bool,
+    /// The bus's epoch when read.
+    pub epoch_start: u64,
     /// When the router was last known to be whole, before this gap.
     pub whole_at: Instant,
 }
@@ -55,12 +57,14 @@ impl Recovery {
         prefs: Option<Arc<Prefs>>,
         registry: Arc<Registry>,
         after: Option<u64>,
+        epoch: Option<u64>,
         whole_at: Instant,
     ) -> Self {
         let task = tokio::spawn(async move {
             let mut failures = 0u32;
             loop {
-                match attempt(&*bus, prefs.as_deref(), &registry, after, whole_at).await {
+                let position = (after, epoch);
+                match attempt(&*bus, prefs.as_deref(), &registry, position, whole_at).await {
                     Ok(outcome) => return outcome,
                     Err(e) => {
                         if failures == 0 {
@@ -84,24 +88,28 @@ impl Recovery {
     }
 }
 
+/// One try: `(after, epoch)` is the router's position and the epoch it was in.
 async fn attempt(
     bus: &dyn Bus,
     prefs: Option<&Prefs>,
     registry: &Registry,
-    after: Option<u64>,
+    (after, epoch): (Option<u64>, Option<u64>),
     whole_at: Instant,
 ) -> Result<Outcome, BusError> {
-    let head = bus.read_history(After::Seq(0), &[]).await?.head;
+    let bus_now = bus.read_history(After::Seq(0), &[]).await?;
+    let (head, epoch_start) = (bus_now.head, bus_now.epoch_start);
     let Some(after) = after else {
         return Ok(Outcome {
             head,
             recovered: None,
             prefs: Vec::new(),
             missed: false,
+            epoch_start,
             whole_at,
         });
     };
-    let missed = head != after;
+    let new_epoch = epoch.is_some_and(|e| e != epoch_start);
+    let missed = head != after || new_epoch;
     // The users connected now: whoever connects later resumes by itself.
     let users = if missed || prefs.is_some() {
         registry.users()
@@ -111,11 +119,12 @@ async fn attempt(
     let found = if !missed || users.is_empty() {
         Recovered {
             head,
-            reset: head < after,
+            reset: head < after || new_epoch,
+            epoch_start,
             ..Recovered::default()
         }
     } else {
-        history::recover(bus, &users, after).await?
+        history::recover(bus, &users, after, epoch).await?
     };
     let prefs = match prefs {
         Some(prefs) if !users.is_empty() => {
@@ -129,6 +138,7 @@ async fn attempt(
     };
     Ok(Outcome {
         head: found.head,
+        epoch_start: found.epoch_start,
         missed: missed || found.reset,
         recovered: Some(found),
         prefs,
@@ -144,6 +154,7 @@ impl Router {
             let frame = protocol::prefs(&self.types.to_map(*bits));
             self.registry.refresh_prefs(user, *bits, *version, &frame);
         }
+        self.epoch = Some(outcome.epoch_start);
         let Some(found) = outcome.recovered else {
             // Nothing was known yet: start counting from the bus's head.
             self.last_seq = Some(outcome.head);

@@ -3,9 +3,18 @@
 //! Keys (all under `<prefix>:`): `seq` the cluster's message counter; `m:<id>` the
 //! sequence number of a published id (expires after `recovery.window`); `u:<user>` and
 //! `all` the history streams, whose entry ids are `<seq>-0` and whose one field `p` is the
-//! payload exactly as published. [`PUBLISH_SCRIPT`] numbers, records and publishes in one
-//! atomic step, so history order is bus order; [`READ_SCRIPT`] reads the streams after a
-//! position and says whether any of it may have been trimmed (from `entries-added`, Redis 7).
+//! payload exactly as published; `epoch`, `<replication id> <first seq>` of the server's
+//! history line. [`PUBLISH_SCRIPT`] numbers, records and publishes in one atomic step, so
+//! history order is bus order; [`READ_SCRIPT`] reads the streams after a position and says
+//! whether any of it may have been trimmed (from `entries-added`, Redis 7).
+//!
+//! Epochs: Redis replicates asynchronously, so a replica promoted by Sentinel (or a server
+//! restarted from its append-only file) may lack the last messages the old primary
+//! numbered, and then gives the same numbers to other messages. Both change the server's
+//! replication id. Each script first compares it with `epoch`; on a change it starts a new
+//! epoch at the next number. A position before the epoch's first number cannot be
+//! continued exactly: resumes across it are not recovered, and nodes tell their
+//! connections they may have lost messages ([`HistoryRead::epoch_start`]).
 //!
 //! fred hands pub/sub messages to a broadcast channel; a receiver that falls behind loses
 //! messages, so the channel is large, drained by one dedicated task, and lag is counted and
@@ -32,12 +41,30 @@ use crate::metrics::Metrics;
 
 mod connect;
 
-/// Publishes a batch of messages in order. KEYS: seq, then per message its seen-id key and
-/// its stream keys; ARGV: max entries, window (s), bus channel, then per message its
+/// Lua shared by both scripts: the first sequence number of the current epoch (see the
+/// module comment), starting a new one when the server's replication id changed.
+/// `KEYS[1]` is `seq`, `KEYS[2]` is `epoch`.
+const EPOCH_LUA: &str = r#"
+local function epoch_start()
+  local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or ''
+  local current = redis.call('GET', KEYS[2])
+  if current then
+    local id, start = string.match(current, '^(%x*) (%d+)$')
+    if id == replid then return tonumber(start) end
+  end
+  local start = tonumber(redis.call('GET', KEYS[1]) or '0') + 1
+  redis.call('SET', KEYS[2], replid .. ' ' .. start)
+  return start
+end
+"#;
+
+/// Publishes a batch of messages in order. KEYS: seq, epoch, then per message its seen-id
+/// key and its stream keys; ARGV: max entries, window (s), bus channel, then per message its
 /// number of streams and its body. Returns `{seq, duplicate}` per message, flattened.
 pub const PUBLISH_SCRIPT: &str = r#"
+epoch_start()
 local out = {}
-local k = 2
+local k = 3
 for m = 4, #ARGV, 2 do
   local streams = tonumber(ARGV[m])
   local seen = redis.call('GET', KEYS[k])
@@ -67,20 +94,22 @@ end
 return out
 "#;
 
-/// KEYS: seq, seen id, streams…; ARGV: `id` or `seq`, after (for `seq`), max entries.
-/// Returns `{head, after, {complete, payload…}…}`, or `{head, -1}` for an unknown id.
+/// KEYS: seq, epoch, seen id, streams…; ARGV: `id` or `seq`, after (for `seq`), max
+/// entries. Returns `{head, epoch start, after, {complete, payload…}…}`, or
+/// `{head, epoch start, -1}` for an unknown id.
 pub const READ_SCRIPT: &str = r#"
+local epoch = epoch_start()
 local head = tonumber(redis.call('GET', KEYS[1]) or '0')
 local after
 if ARGV[1] == 'id' then
-  local s = redis.call('GET', KEYS[2])
-  if not s then return {head, -1} end
+  local s = redis.call('GET', KEYS[3])
+  if not s then return {head, epoch, -1} end
   after = tonumber(s)
 else
   after = tonumber(ARGV[2])
 end
-local out = {head, after}
-for i = 3, #KEYS do
+local out = {head, epoch, after}
+for i = 4, #KEYS do
   local read = {1}
   if redis.call('EXISTS', KEYS[i]) == 1 then
     -- Trimming removes the oldest entries: nothing after `after` is gone if nothing was
@@ -112,8 +141,9 @@ pub struct RedisBus {
     publisher: Client,
     subscriber: SubscriberClient,
     prefix: String,
-    /// `<prefix>:seq` and `<prefix>:all`, named once.
+    /// `<prefix>:seq`, `<prefix>:epoch` and `<prefix>:all`, named once.
     seq_key: String,
+    epoch_key: String,
     all_key: String,
     bus_channel: String,
     control_channel: String,
@@ -151,8 +181,8 @@ impl RedisBus {
         let subscriber = builder.build_subscriber_client()?;
         publisher.init().await?;
         subscriber.init().await?;
-        let publish_script = Script::from_lua(PUBLISH_SCRIPT);
-        let read_script = Script::from_lua(READ_SCRIPT);
+        let publish_script = Script::from_lua(format!("{EPOCH_LUA}{PUBLISH_SCRIPT}"));
+        let read_script = Script::from_lua(format!("{EPOCH_LUA}{READ_SCRIPT}"));
         publish_script.load(&publisher).await?;
         read_script.load(&publisher).await?;
         Ok(Self {
@@ -160,6 +190,7 @@ impl RedisBus {
             subscriber,
             prefix: prefix.to_owned(),
             seq_key: format!("{prefix}:seq"),
+            epoch_key: format!("{prefix}:epoch"),
             all_key: format!("{prefix}:all"),
             bus_channel: format!("{prefix}:bus"),
             control_channel: format!("{prefix}:control"),
@@ -188,7 +219,11 @@ impl RedisBus {
         id: &str,
         streams: impl IntoIterator<Item = &'a StreamKey<'a>>,
     ) -> Vec<String> {
-        let mut keys = vec![self.seq_key.clone(), self.seen_key(id)];
+        let mut keys = vec![
+            self.seq_key.clone(),
+            self.epoch_key.clone(),
+            self.seen_key(id),
+        ];
         keys.extend(streams.into_iter().map(|k| self.stream_key(k)));
         keys
     }
@@ -213,16 +248,18 @@ fn parse_read(reply: Value) -> Result<HistoryRead, BusError> {
         return Err(BusError::Reply(format!("history read: {reply:?}")));
     };
     let head = items.first().map(int).transpose()?.unwrap_or(0).max(0) as u64;
-    let after = items.get(1).map(int).transpose()?.unwrap_or(-1);
+    let epoch_start = items.get(1).map(int).transpose()?.unwrap_or(0).max(0) as u64;
+    let after = items.get(2).map(int).transpose()?.unwrap_or(-1);
     if after < 0 {
         return Ok(HistoryRead {
             after: None,
             head,
+            epoch_start,
             streams: Vec::new(),
         });
     }
-    let mut streams = Vec::with_capacity(items.len().saturating_sub(2));
-    for item in items.into_iter().skip(2) {
+    let mut streams = Vec::with_capacity(items.len().saturating_sub(3));
+    for item in items.into_iter().skip(3) {
         let Value::Array(parts) = item else {
             return Err(BusError::Reply(
                 "history read: stream is not an array".into(),
@@ -236,6 +273,7 @@ fn parse_read(reply: Value) -> Result<HistoryRead, BusError> {
     Ok(HistoryRead {
         after: Some(after as u64),
         head,
+        epoch_start,
         streams,
     })
 }
@@ -270,7 +308,7 @@ impl Bus for RedisBus {
     }
 
     async fn publish_messages(&self, msgs: &[Outgoing]) -> Result<Vec<Published>, BusError> {
-        let mut keys = vec![self.seq_key.clone()];
+        let mut keys = vec![self.seq_key.clone(), self.epoch_key.clone()];
         let mut args: Vec<Value> = vec![
             self.max_messages.as_str().into(),
             self.window_secs.as_str().into(),
