@@ -164,7 +164,7 @@ row("RSS per connection, KiB", "per", "{:.2f}")
 row("connect rate, connections/s", "rate", "{:.0f}", higher_better=True)
 row("server CPU while connecting, ms per 1000 connections", "cpu", "{:.0f}")
 PY
-echo "(fanout: cluster nodes on tansu, Redis and PostgreSQL, JWT auth; peer: socket.io instances on the same tansu topic and Redis)"
+echo "(fanout: cluster nodes on Apache Kafka, Redis and PostgreSQL, JWT auth; peer: socket.io instances on the same Kafka topic and Redis)"
 echo "(machine: $(machine_line))"
 [ -z "${BENCH_RESULTS:-}" ] || echo "(one JSON object per run appended to $BENCH_RESULTS/s1.jsonl)"
 [ "$failures" = 0 ] || { echo "$failures run(s) did not connect every connection" >&2; exit 1; }
