@@ -10,6 +10,7 @@
 //! ingest commits and leaves the group → the bus subscriber stops → exit. If any task ends
 //! on its own, that is a failure: the others are stopped the same way and `run` errors.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin, Health};
 use crate::bus::{local::LocalBus, redis::RedisBus, Bus, EventSender};
-use crate::config::{mask_url_password, RedisConfig, Settings};
+use crate::config::{mask_url_password, KafkaConfig, RedisConfig, Settings};
 use crate::gateway::{auth::Authenticator, Gateway};
 use crate::ingest::{self, Ingest};
 use crate::kafka::{self, Producer};
@@ -83,6 +84,15 @@ const KAFKA_START_WAIT: Duration = Duration::from_secs(10);
 
 /// Partitions of each topic in the embedded in-process broker.
 const EMBEDDED_PARTITIONS: i32 = 4;
+
+/// `fetch.wait.max.ms` of the consumer of the in-process broker (librdkafka's default: 500).
+/// librdkafka's mock broker answers a fetch that finds no records only after the fetch's
+/// whole `MaxWaitTime`, and a record produced meanwhile does not cut that short
+/// (`rdkafka_mock_handlers.c`, Fetch: "This isn't strictly correct since we should cut the
+/// wait short"): the record waits for the end of the fetch in flight, up to 500 ms. 20 ms
+/// keeps a single message's publish → receive under 50 ms for ~50 empty fetches a second
+/// while idle (`scripts/bench embedded`, docs/benchmarks.md "Embedded default").
+const EMBEDDED_FETCH_WAIT_MS: &str = "20";
 
 /// The message path's runtime: one thread, stopped (after its tasks) when dropped.
 struct Pipeline {
@@ -172,7 +182,8 @@ pub async fn run(
             .await
             .context("the Kafka start check panicked")??;
     }
-    let result = run_node(settings, listeners, shutdown).await;
+    let in_process_broker = embedded_kafka.is_some();
+    let result = run_node(settings, listeners, shutdown, in_process_broker).await;
     // Every Kafka client is gone by now, so none of them logs the broker's disappearance.
     drop(embedded_kafka);
     result
@@ -182,6 +193,7 @@ async fn run_node(
     settings: Settings,
     listeners: Listeners,
     shutdown: CancellationToken,
+    in_process_broker: bool,
 ) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
     let metrics = Arc::new(Metrics::new());
@@ -205,8 +217,11 @@ async fn run_node(
     }
     let producer = Producer::new(&settings.kafka).context("creating the Kafka producer")?;
     let consumer = Arc::new(
-        ingest::consumer(&settings.kafka, metrics.clone())
-            .context("creating the Kafka consumer")?,
+        ingest::consumer(
+            &consumer_settings(&settings.kafka, in_process_broker),
+            metrics.clone(),
+        )
+        .context("creating the Kafka consumer")?,
     );
     let registry = Registry::new(limits(&settings), metrics.clone());
     let health = Arc::new(Health::new(bus.clone()));
@@ -329,6 +344,22 @@ async fn run_node(
         anyhow::bail!("stopped after a task failed (see the log above)");
     }
     Ok(())
+}
+
+/// The consumer's `[kafka]`: on the in-process broker with `fetch.wait.max.ms`
+/// [`EMBEDDED_FETCH_WAIT_MS`] unless `kafka.options` sets it. The consumer's only: in
+/// `kafka.options` (which the producers get too) librdkafka would warn at every start that a
+/// producer ignores this consumer property.
+fn consumer_settings(kafka: &KafkaConfig, in_process_broker: bool) -> Cow<'_, KafkaConfig> {
+    if !in_process_broker || kafka.options.contains_key("fetch.wait.max.ms") {
+        return Cow::Borrowed(kafka);
+    }
+    let mut kafka = kafka.clone();
+    kafka.options.insert(
+        "fetch.wait.max.ms".to_owned(),
+        EMBEDDED_FETCH_WAIT_MS.to_owned(),
+    );
+    Cow::Owned(kafka)
 }
 
 /// Tells a new user how to use the embedded default.
@@ -474,5 +505,27 @@ fn kafka_check(
                 .await
                 .unwrap_or(false)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_in_process_brokers_consumer_waits_less() {
+        let kafka = KafkaConfig::default();
+        assert!(consumer_settings(&kafka, false).options.is_empty());
+        assert_eq!(
+            consumer_settings(&kafka, true).options["fetch.wait.max.ms"],
+            EMBEDDED_FETCH_WAIT_MS
+        );
+        let mut own = KafkaConfig::default();
+        own.options
+            .insert("fetch.wait.max.ms".to_owned(), "100".to_owned());
+        assert_eq!(
+            consumer_settings(&own, true).options["fetch.wait.max.ms"],
+            "100"
+        );
     }
 }
