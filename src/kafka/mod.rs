@@ -1,0 +1,68 @@
+//! Kafka clients shared by ingest, `ask` and the HTTP publish API: the common librdkafka
+//! configuration (brokers, TLS and SASL, `kafka.options`), a producer that waits for the
+//! broker's acknowledgement, and the check at start that the brokers accept this node.
+
+use rdkafka::config::ClientConfig;
+
+use crate::config::{KafkaConfig, SaslMechanism};
+
+mod access;
+mod producer;
+
+pub use access::{check_access, StartError};
+pub use producer::Producer;
+
+/// librdkafka properties common to every client: brokers, security, then `kafka.options`
+/// (which may not repeat what the typed keys set: `config` refuses that).
+pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers);
+    for (key, value) in security_properties(cfg) {
+        c.set(key, value);
+    }
+    for (key, value) in &cfg.options {
+        c.set(key, value);
+    }
+    c
+}
+
+/// The librdkafka properties of `kafka.security_protocol` and the `sasl_*`/`ssl_*` keys.
+fn security_properties(cfg: &KafkaConfig) -> Vec<(&'static str, &str)> {
+    let protocol = cfg.security_protocol;
+    let mut props = vec![("security.protocol", protocol.as_str())];
+    if let Some(mechanism) = cfg.sasl_mechanism.filter(|_| protocol.uses_sasl()) {
+        props.push(("sasl.mechanism", mechanism.as_str()));
+        if mechanism == SaslMechanism::OauthBearer {
+            props.extend([
+                ("sasl.oauthbearer.method", "oidc"),
+                ("sasl.oauthbearer.client.id", cfg.sasl_username.as_str()),
+                ("sasl.oauthbearer.client.secret", cfg.sasl_password.as_str()),
+                (
+                    "sasl.oauthbearer.token.endpoint.url",
+                    cfg.sasl_oauthbearer_token_endpoint_url.as_str(),
+                ),
+            ]);
+            if !cfg.sasl_oauthbearer_scope.is_empty() {
+                props.push(("sasl.oauthbearer.scope", &cfg.sasl_oauthbearer_scope));
+            }
+        } else {
+            props.push(("sasl.username", &cfg.sasl_username));
+            props.push(("sasl.password", &cfg.sasl_password));
+        }
+    }
+    if protocol.uses_tls() {
+        let files = [
+            ("ssl.ca.location", &cfg.ssl_ca_location),
+            ("ssl.certificate.location", &cfg.ssl_certificate_location),
+            ("ssl.key.location", &cfg.ssl_key_location),
+            ("ssl.key.password", &cfg.ssl_key_password),
+        ];
+        props.extend(
+            files
+                .into_iter()
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(k, v)| (k, v.as_str())),
+        );
+    }
+    props
+}
