@@ -196,34 +196,23 @@ impl RedisScheme {
 
 /// Checks `redis.url` and the TLS files next to it.
 pub(super) fn check_redis(cfg: &RedisConfig) -> Result<(), ConfigError> {
-    if cfg.url.is_empty() {
+    let unused = if cfg.url.is_empty() {
+        Some("is set, but redis.url is empty (the in-process bus)")
+    } else if !RedisScheme::of(&cfg.url)?.uses_tls() {
+        Some("is set, but redis.url is not a rediss:// URL, so TLS would not be used")
+    } else {
+        None
+    };
+    if let Some(why) = unused {
         let files = [
             ("redis.tls_ca_file", &cfg.tls_ca_file),
             ("redis.tls_cert_file", &cfg.tls_cert_file),
             ("redis.tls_key_file", &cfg.tls_key_file),
         ];
-        if let Some((key, _)) = files.iter().find(|(_, v)| !v.is_empty()) {
-            return Err(invalid(
-                key,
-                "is set, but redis.url is empty (the in-process bus)",
-            ));
-        }
-        return Ok(());
-    }
-    let scheme = RedisScheme::of(&cfg.url)?;
-    if !scheme.uses_tls() {
-        let files = [
-            ("redis.tls_ca_file", &cfg.tls_ca_file),
-            ("redis.tls_cert_file", &cfg.tls_cert_file),
-            ("redis.tls_key_file", &cfg.tls_key_file),
-        ];
-        if let Some((key, _)) = files.iter().find(|(_, v)| !v.is_empty()) {
-            return Err(invalid(
-                key,
-                "is set, but redis.url is not a rediss:// URL, so TLS would not be used",
-            ));
-        }
-        return Ok(());
+        return match files.iter().find(|(_, v)| !v.is_empty()) {
+            Some((key, _)) => Err(invalid(key, why)),
+            None => Ok(()),
+        };
     }
     if !cfg.tls_ca_file.is_empty() {
         read_ca("redis.tls_ca_file", &cfg.tls_ca_file)?;
