@@ -10,12 +10,12 @@
 # rust-version in Cargo.toml is 1.85; this is the toolchain the project is developed with.
 FROM rust:1.95-bookworm AS build
 
-# librdkafka is compiled from source (./configure + make, C and C++): build-essential.
+# librdkafka is compiled from source with CMake (C and C++): build-essential, cmake.
 # pkg-config + zlib1g-dev: link the system zlib (zlib1g in the runtime image).
 # Unpinned on purpose (DL3008): bookworm's point releases replace pinned versions.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential pkg-config zlib1g-dev \
+    && apt-get install -y --no-install-recommends build-essential cmake pkg-config zlib1g-dev \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src

@@ -85,7 +85,8 @@ pub fn consumer(cfg: &KafkaConfig, metrics: Arc<Metrics>) -> Result<IngestConsum
             "heartbeat.interval.ms",
             (cfg.session_timeout.as_millis() / 4).max(100).to_string(),
         )
-        .create_with_context(IngestContext { metrics })?;
+        .create_with_context(IngestContext { metrics })
+        .map_err(crate::kafka::without_secrets)?;
     let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     Ok(consumer)

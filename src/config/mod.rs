@@ -315,12 +315,18 @@ impl Settings {
         masked.redis.url = mask_url_password(&masked.redis.url);
         masked.database.url = mask_url_password(&masked.database.url);
         for (key, value) in masked.kafka.options.iter_mut() {
-            if key.contains("password") || key.contains("secret") {
+            if is_secret_property(key) {
                 *value = "***".to_owned();
             }
         }
         toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
+}
+
+/// True for a librdkafka property whose value is a secret (`sasl.password`,
+/// `sasl.oauthbearer.client.secret`, `ssl.key.password`…): never printed.
+pub fn is_secret_property(key: &str) -> bool {
+    key.contains("password") || key.contains("secret")
 }
 
 /// `scheme://user:secret@host` → `scheme://user:***@host`: what logs and errors may show.

@@ -144,7 +144,7 @@ fn check_sasl(cfg: &KafkaConfig) -> Result<(), ConfigError> {
             Ok(u) if matches!(u.scheme(), "https" | "http") => Ok(()),
             _ => Err(invalid(
                 "kafka.sasl_oauthbearer_token_endpoint_url",
-                "must be an https:// URL",
+                "must be an https:// (or http://) URL",
             )),
         },
         _ if !endpoint.is_empty() || !cfg.sasl_oauthbearer_scope.is_empty() => Err(invalid(

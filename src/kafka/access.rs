@@ -26,8 +26,9 @@ pub enum StartError {
 /// look at; anything else (no broker reachable yet) is left to the readiness probe.
 /// Blocks: call it from `spawn_blocking`.
 pub fn check_access(cfg: &KafkaConfig, wait: Duration) -> Result<(), StartError> {
-    let producer: BaseProducer<FirstRefusal> =
-        client_config(cfg).create_with_context(FirstRefusal::default())?;
+    let producer: BaseProducer<FirstRefusal> = client_config(cfg)
+        .create_with_context(FirstRefusal::default())
+        .map_err(super::without_secrets)?;
     let deadline = std::time::Instant::now() + wait;
     while std::time::Instant::now() < deadline {
         // Serves the error callback; then asks for metadata, which needs a working link.

@@ -3,8 +3,9 @@
 //! broker's acknowledgement, and the check at start that the brokers accept this node.
 
 use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
 
-use crate::config::{KafkaConfig, SaslMechanism};
+use crate::config::{is_secret_property, KafkaConfig, SaslMechanism};
 
 mod access;
 mod producer;
@@ -65,4 +66,44 @@ fn security_properties(cfg: &KafkaConfig) -> Vec<(&'static str, &str)> {
         );
     }
     props
+}
+
+/// librdkafka's configuration errors show the value they refused: not a secret's.
+pub fn without_secrets(e: KafkaError) -> KafkaError {
+    match e {
+        KafkaError::ClientConfig(result, description, key, _) if is_secret_property(&key) => {
+            KafkaError::ClientConfig(result, description, key, "***".to_owned())
+        }
+        e => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::types::RDKafkaConfRes;
+
+    #[test]
+    fn a_refused_secret_property_is_not_shown_in_the_error() {
+        let refused = |key: &str| {
+            without_secrets(KafkaError::ClientConfig(
+                RDKafkaConfRes::RD_KAFKA_CONF_INVALID,
+                "not supported in this build".into(),
+                key.into(),
+                "hunter2".into(),
+            ))
+            .to_string()
+        };
+        for key in [
+            "sasl.password",
+            "sasl.oauthbearer.client.secret",
+            "ssl.key.password",
+        ] {
+            assert!(!refused(key).contains("hunter2"), "{key}");
+        }
+        assert!(
+            refused("client.id").contains("hunter2"),
+            "other values are shown"
+        );
+    }
 }

@@ -72,7 +72,8 @@ impl Producer {
                 MESSAGE_TIMEOUT.as_millis().to_string(),
             )
             .set("linger.ms", "1")
-            .create_with_context(Deliveries)?;
+            .create_with_context(Deliveries)
+            .map_err(super::without_secrets)?;
         let producer = Arc::new(producer);
         let stop = Arc::new(AtomicBool::new(false));
         let (polled, stopped) = (producer.clone(), stop.clone());

@@ -7,6 +7,7 @@ mod drain;
 mod embedded;
 mod failures;
 mod limits;
+mod oauth;
 mod preferences;
 mod resume;
 mod sentinel;

@@ -17,8 +17,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -303,60 +301,12 @@ async fn a_cluster_over_sasl_ssl_oauthbearer_gets_tokens_from_the_oidc_endpoint_
     );
 }
 
-/// A node started with `env` (and `config`, a TOML file) over a working plaintext setup.
-fn spawn_node(env: &[(&str, String)], config: Option<&Path>, admin: u16, db: &str) -> Child {
-    let public = free_port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fanout"));
-    if let Some(config) = config {
-        cmd.arg("--config").arg(config);
-    }
-    cmd.arg("serve")
-        .env_clear()
-        .env("FANOUT_LOG", "info,rdkafka=off")
-        .env("FANOUT__SERVER__LISTEN", format!("127.0.0.1:{public}"))
-        .env("FANOUT__ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
-        .env("FANOUT__KAFKA__TOPICS", unique("fanout-oauth"))
-        .env("FANOUT__KAFKA__GROUP_ID", unique("group"))
-        .env("FANOUT__REDIS__URL", redis_url())
-        .env("FANOUT__REDIS__PREFIX", unique("oauth"))
-        .env("FANOUT__DATABASE__URL", db)
-        .env("FANOUT__AUTH__JWT_SECRET", SECRET)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (key, value) in env {
-        cmd.env(key, value);
-    }
-    cmd.spawn().expect("spawn fanout")
-}
-
-/// Expects `child` to exit with 1 within `WAIT`; its log.
-fn refused_at_start(mut child: Child) -> String {
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "the node did not stop within {WAIT:?}; its log:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let log = String::from_utf8_lossy(&child.wait_with_output().unwrap().stderr).into_owned();
-    assert_eq!(status.code(), Some(1), "exit code; log:\n{log}");
-    log
-}
-
 #[test]
 fn a_refused_client_secret_stops_the_node_naming_the_key() {
     let idp = TokenEndpoint::start(false);
     let mut env = oauth_env(&idp.url);
     env.push(("FANOUT__KAFKA__SASL_PASSWORD", "not-the-secret".into()));
-    let log = refused_at_start(spawn_node(&env, None, free_port(), &database_url()));
+    let log = expect_refused_at_start(spawn_lone_node(&env, None, free_port(), &database_url()));
     assert!(
         log.contains("kafka.sasl_oauthbearer_token_endpoint_url"),
         "the log should name the key:\n{log}"
@@ -376,7 +326,7 @@ fn a_refused_client_secret_stops_the_node_naming_the_key() {
 fn a_token_the_brokers_refuse_stops_the_node_naming_the_key() {
     // Signed with the right key, but for another cluster: Kafka's validator refuses it.
     let idp = TokenEndpoint::start_with(false, "another-cluster");
-    let log = refused_at_start(spawn_node(
+    let log = expect_refused_at_start(spawn_lone_node(
         &oauth_env(&idp.url),
         None,
         free_port(),
@@ -396,7 +346,7 @@ async fn an_https_token_endpoint_is_verified_against_https_ca_location_not_the_b
     let idp = TokenEndpoint::start(true);
     let env = oauth_env(&idp.url);
 
-    let log = refused_at_start(spawn_node(&env, None, free_port(), &database_url()));
+    let log = expect_refused_at_start(spawn_lone_node(&env, None, free_port(), &database_url()));
     assert!(
         log.contains("kafka.sasl_oauthbearer_token_endpoint_url"),
         "the log should name the key:\n{log}"
@@ -418,7 +368,7 @@ async fn an_https_token_endpoint_is_verified_against_https_ca_location_not_the_b
     .unwrap();
     let db = TestDatabase::create().await;
     let admin = free_port();
-    let mut node = spawn_node(&env, Some(&config), admin, &db.url);
+    let mut node = spawn_lone_node(&env, Some(&config), admin, &db.url);
     let deadline = Instant::now() + WAIT;
     let ready = loop {
         if node.try_wait().unwrap().is_some() {

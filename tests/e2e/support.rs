@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -985,4 +985,61 @@ pub fn url_host_port(url: &str) -> String {
 /// `url` with its `host:port` replaced.
 pub fn url_with_host_port(url: &str, host_port: &str) -> String {
     url.replacen(&url_host_port(url), host_port, 1)
+}
+
+/// One node outside any cluster: `env` over a working plaintext setup (the test broker,
+/// Redis, the database `db`), `config` as its file, stderr piped for
+/// [`expect_refused_at_start`].
+pub fn spawn_lone_node(
+    env: &[(&str, String)],
+    config: Option<&Path>,
+    admin: u16,
+    db: &str,
+) -> Child {
+    let public = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fanout"));
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
+    cmd.arg("serve")
+        .env_clear()
+        .env("FANOUT_LOG", "info,rdkafka=off")
+        .env("FANOUT__SERVER__LISTEN", format!("127.0.0.1:{public}"))
+        .env("FANOUT__ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
+        .env("FANOUT__KAFKA__BROKERS", kafka_addr())
+        .env("FANOUT__KAFKA__TOPICS", unique("fanout-lone"))
+        .env("FANOUT__KAFKA__GROUP_ID", unique("group"))
+        .env("FANOUT__REDIS__URL", redis_url())
+        .env("FANOUT__REDIS__PREFIX", unique("lone"))
+        .env("FANOUT__DATABASE__URL", db)
+        .env("FANOUT__AUTH__JWT_SECRET", SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    cmd.spawn().expect("spawn fanout")
+}
+
+/// Expects `child` to exit with 1 within 15 s (a node refused at start); its log.
+pub fn expect_refused_at_start(mut child: Child) -> String {
+    const WAIT: Duration = Duration::from_secs(15);
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the node did not stop within {WAIT:?}; its log:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = String::from_utf8_lossy(&child.wait_with_output().unwrap().stderr).into_owned();
+    assert_eq!(status.code(), Some(1), "exit code; log:\n{log}");
+    log
 }

@@ -7,8 +7,7 @@
 //! SSL listeners, a TLS-only Redis and a `hostssl`-only PostgreSQL, all with certificates
 //! of one throw-away CA in `FANOUT_TEST_TLS_DIR`.
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -147,46 +146,9 @@ async fn a_cluster_over_mutual_tls_to_kafka_redis_and_postgres_delivers() {
     delivers_across_nodes(&cluster).await;
 }
 
-/// Starts one node with `env` over a working plaintext setup, expects it to exit with 1
-/// within `WAIT`, and returns its log.
+/// One node with `env` over a working plaintext setup, which must stop at start: its log.
 fn node_refused_at_start(env: &[(&str, String)]) -> String {
-    let (public, admin) = (free_port(), free_port());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fanout"));
-    cmd.arg("serve")
-        .env_clear()
-        .env("FANOUT_LOG", "info,rdkafka=off")
-        .env("FANOUT__SERVER__LISTEN", format!("127.0.0.1:{public}"))
-        .env("FANOUT__ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
-        .env("FANOUT__KAFKA__BROKERS", kafka_addr())
-        .env("FANOUT__KAFKA__TOPICS", unique("fanout-tls"))
-        .env("FANOUT__REDIS__URL", redis_url())
-        .env("FANOUT__REDIS__PREFIX", unique("tls"))
-        .env("FANOUT__DATABASE__URL", database_url())
-        .env("FANOUT__AUTH__JWT_SECRET", SECRET)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (key, value) in env {
-        cmd.env(key, value);
-    }
-    let mut child = cmd.spawn().expect("spawn fanout");
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "the node did not stop within {WAIT:?}; its log:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let log = String::from_utf8_lossy(&child.wait_with_output().unwrap().stderr).into_owned();
-    assert_eq!(status.code(), Some(1), "exit code; log:\n{log}");
-    log
+    expect_refused_at_start(spawn_lone_node(env, None, free_port(), &database_url()))
 }
 
 #[track_caller]
