@@ -206,4 +206,15 @@ fn a_wrong_password_or_a_missing_client_certificate_stops_the_node_naming_the_ke
         "kafka.ssl_certificate_location",
         "keypass",
     );
+
+    let wrong_acl_password = [
+        (
+            "FANOUT__REDIS__URL",
+            server("FANOUT_TEST_REDIS_TLS").replace("fanout-secret", "not-the-acl-password"),
+        ),
+        ("FANOUT__REDIS__TLS_CA_FILE", pki("ca.pem")),
+    ];
+    let log = node_refused_at_start(&wrong_acl_password);
+    assert_names(&log, "redis.url", "not-the-acl-password");
+    assert!(log.contains("WRONGPASS"), "{log}");
 }
