@@ -4,10 +4,17 @@
 # the peer: mute=robot.reply in the query). Record k is for user k mod users. Rate steps
 # (BENCH_RATES records/s, BENCH_STEP seconds each) until one is not sustained. Wrong
 # deliveries (a muted user or another user getting a message) must be zero. The publisher
-# batches for BENCH_LINGER_MS (librdkafka linger.ms; default: 2 ms below 2000 records/s, 10
-# ms from there): tansu's cost is per produce request, and records sent in small batches fall
-# behind in the broker (seconds late at 2000/s with 2 ms, at 10000/s with 5 ms), so the step
-# would measure the broker.
+# batches for BENCH_LINGER_MS (librdkafka linger.ms, one value for every step; default: 2 ms
+# below 2000 records/s, 10 ms from there). Chosen on tansu, whose cost is per produce request
+# (records in small batches fell seconds behind: at 2000/s with 2 ms, at 10000/s with 5 ms),
+# and kept for Apache Kafka 4.4, where small batches fall behind too on these 2 cores (the
+# JVM shares them with both nodes, Redis and the generators; fanout only, one run each,
+# 2026-12-03, docs/bench/s3-apache-kafka-2026-12-03): with 0 ms the `kafka` stage was
+# 1.6-3.3 s late at p50 from 5000/s on (5 s steps, a niced test run sharing the machine),
+# with 2 ms 0.24 s at p50 and 2.1 s at p99 at 20000/s, with 5 ms p99 9-13 ms at 5000 and
+# 10000/s but 99 ms at 20000/s, against 14.5-17 ms (medians of 3) with 10 ms from 2000 to
+# 20000/s. The linger is part of the measured produce -> client latency: from 2000/s it is
+# most of fanout's p99.
 runs=${1:-${BENCH_RUNS:-3}} users=${2:-20000} nodes=${3:-2}
 rates=${BENCH_RATES:-200 500 1000 2000 5000 10000 20000}
 linger_for() { if [ -n "${BENCH_LINGER_MS:-}" ]; then echo "$BENCH_LINGER_MS"; elif [ "$1" -lt 2000 ]; then echo 2; else echo 10; fi; }
