@@ -10,17 +10,13 @@
 //! ingest commits and leaves the group → the bus subscriber stops → exit. If any task ends
 //! on its own, that is a failure: the others are stopped the same way and `run` errors.
 
-use std::borrow::Cow;
 use std::future::Future;
-use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::serve::ListenerExt as _;
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
 use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin, Health};
 use crate::bus::{local::LocalBus, redis::RedisBus, Bus, EventSender};
-use crate::config::{mask_url_password, KafkaConfig, RedisConfig, Settings};
+use crate::config::{mask_url_password, RedisConfig, Settings};
 use crate::gateway::{auth::Authenticator, Gateway};
 use crate::ingest::{self, Ingest};
 use crate::kafka::{self, Producer};
@@ -38,6 +34,10 @@ use crate::registry::{Limits, Registry};
 use crate::router::Router;
 use crate::types::TypeRegistry;
 use crate::{api, shutdown};
+
+mod embedded;
+
+use embedded::{consumer_settings, print_embedded_banner, start_embedded_kafka};
 
 /// The database of the embedded default, in the working directory.
 pub const EMBEDDED_DATABASE: &str = "sqlite://fanout.db";
@@ -81,18 +81,6 @@ const BUS_EVENTS: usize = 1 << 16;
 /// How long a node waits at start for the brokers to accept or refuse its TLS and SASL
 /// settings, before starting anyway (readiness then waits for Kafka).
 const KAFKA_START_WAIT: Duration = Duration::from_secs(10);
-
-/// Partitions of each topic in the embedded in-process broker.
-const EMBEDDED_PARTITIONS: i32 = 4;
-
-/// `fetch.wait.max.ms` of the consumer of the in-process broker (librdkafka's default: 500).
-/// librdkafka's mock broker answers a fetch that finds no records only after the fetch's
-/// whole `MaxWaitTime`, and a record produced meanwhile does not cut that short
-/// (`rdkafka_mock_handlers.c`, Fetch: "This isn't strictly correct since we should cut the
-/// wait short"): the record waits for the end of the fetch in flight, up to 500 ms. 20 ms
-/// keeps a single message's publish → receive under 50 ms for ~50 empty fetches a second
-/// while idle (`scripts/bench embedded`, docs/benchmarks.md "Embedded default").
-const EMBEDDED_FETCH_WAIT_MS: &str = "20";
 
 /// The message path's runtime: one thread, stopped (after its tasks) when dropped.
 struct Pipeline {
@@ -138,27 +126,6 @@ impl Drop for Pipeline {
 pub struct Listeners {
     pub public: TcpListener,
     pub admin: TcpListener,
-}
-
-/// The in-process broker of the embedded default; lives as long as the app.
-struct EmbeddedKafka {
-    _cluster: MockCluster<'static, DefaultProducerContext>,
-}
-
-fn start_embedded_kafka(settings: &mut Settings) -> anyhow::Result<EmbeddedKafka> {
-    let cluster = MockCluster::new(1).context("starting the in-process Kafka broker")?;
-    let mut topics = settings.kafka.topics.clone();
-    topics.extend([
-        settings.kafka.upstream_topic.clone(),
-        settings.kafka.dead_letter_topic.clone(),
-    ]);
-    for topic in topics.iter().filter(|t| !t.is_empty()) {
-        cluster
-            .create_topic(topic, EMBEDDED_PARTITIONS, 1)
-            .context("creating an embedded topic")?;
-    }
-    settings.kafka.brokers = cluster.bootstrap_servers();
-    Ok(EmbeddedKafka { _cluster: cluster })
 }
 
 /// Runs a node until `shutdown` is cancelled (or a part fails).
@@ -346,47 +313,6 @@ async fn run_node(
     Ok(())
 }
 
-/// The consumer's `[kafka]`: on the in-process broker with `fetch.wait.max.ms`
-/// [`EMBEDDED_FETCH_WAIT_MS`] unless `kafka.options` sets it. The consumer's only: in
-/// `kafka.options` (which the producers get too) librdkafka would warn at every start that a
-/// producer ignores this consumer property.
-fn consumer_settings(kafka: &KafkaConfig, in_process_broker: bool) -> Cow<'_, KafkaConfig> {
-    if !in_process_broker || kafka.options.contains_key("fetch.wait.max.ms") {
-        return Cow::Borrowed(kafka);
-    }
-    let mut kafka = kafka.clone();
-    kafka.options.insert(
-        "fetch.wait.max.ms".to_owned(),
-        EMBEDDED_FETCH_WAIT_MS.to_owned(),
-    );
-    Cow::Owned(kafka)
-}
-
-/// Tells a new user how to use the embedded default.
-fn print_embedded_banner(settings: &Settings, listeners: &Listeners) {
-    let public = listeners
-        .public
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    let admin = listeners
-        .admin
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    // Best effort: a closed stderr must not stop the node.
-    let _ = writeln!(
-        std::io::stderr(),
-        "\nfanout embedded default: one process, in-process Kafka broker and bus, insecure auth\n\
-         \x20 Demo page   http://{public}/\n\
-         \x20 WebSocket   ws://{public}/ws?user=alice\n\
-         \x20 Kafka       bootstrap {} topic {}\n\
-         \x20 Metrics     http://{admin}/metrics\n\
-         \x20 Publish     curl -XPOST http://{public}/v1/publish -d '{{\"type\":\"robot.reply\",\"to\":{{\"user\":\"alice\"}},\"data\":{{\"text\":\"hi\"}}}}'\n",
-        settings.kafka.brokers, settings.kafka.topics[0]
-    );
-}
-
 fn limits(settings: &Settings) -> Limits {
     let s = &settings.server;
     Limits {
@@ -505,27 +431,5 @@ fn kafka_check(
                 .await
                 .unwrap_or(false)
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_in_process_brokers_consumer_waits_less() {
-        let kafka = KafkaConfig::default();
-        assert!(consumer_settings(&kafka, false).options.is_empty());
-        assert_eq!(
-            consumer_settings(&kafka, true).options["fetch.wait.max.ms"],
-            EMBEDDED_FETCH_WAIT_MS
-        );
-        let mut own = KafkaConfig::default();
-        own.options
-            .insert("fetch.wait.max.ms".to_owned(), "100".to_owned());
-        assert_eq!(
-            consumer_settings(&own, true).options["fetch.wait.max.ms"],
-            "100"
-        );
     }
 }
