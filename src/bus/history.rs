@@ -240,8 +240,6 @@ pub struct Recovered {
     /// The bus lost its state (Redis restarted empty, or a new epoch began: a failover, a
     /// crash): what was published before cannot be known; every user should be told.
     pub reset: bool,
-    /// The bus's epoch when read ([`crate::bus::HistoryRead::epoch_start`]).
-    pub epoch_start: u64,
     /// The broadcast stream was trimmed past the gap: every user missed something.
     pub lost_all: bool,
     /// Users whose own stream was trimmed past the gap.
@@ -280,7 +278,6 @@ pub async fn recover(
         after = 0;
         read = bus.read_history(After::Seq(0), &keys).await?;
     }
-    out.epoch_start = read.epoch_start;
     out.head = read.head;
     let mut payloads = BTreeMap::new();
     let mut note = |read: &HistoryRead, users: &[Arc<str>], skip: usize, out: &mut Recovered| {

@@ -32,7 +32,7 @@ pub(super) struct Outcome {
     pub prefs: Vec<(String, u64, i64)>,
     /// True when messages were actually missed (or the bus was reset).
     pub missed: bool,
-    /// The bus's epoch when read.
+    /// The bus's epoch when read (a change after that read shows in the next recovery).
     pub epoch_start: u64,
     /// When the router was last known to be whole, before this gap.
     pub whole_at: Instant,
@@ -63,8 +63,7 @@ impl Recovery {
         let task = tokio::spawn(async move {
             let mut failures = 0u32;
             loop {
-                let position = (after, epoch);
-                match attempt(&*bus, prefs.as_deref(), &registry, position, whole_at).await {
+                match attempt(&*bus, prefs.as_deref(), &registry, after, epoch, whole_at).await {
                     Ok(outcome) => return outcome,
                     Err(e) => {
                         if failures == 0 {
@@ -88,12 +87,13 @@ impl Recovery {
     }
 }
 
-/// One try: `(after, epoch)` is the router's position and the epoch it was in.
+/// One try from the router's position `after` in the bus epoch `epoch`.
 async fn attempt(
     bus: &dyn Bus,
     prefs: Option<&Prefs>,
     registry: &Registry,
-    (after, epoch): (Option<u64>, Option<u64>),
+    after: Option<u64>,
+    epoch: Option<u64>,
     whole_at: Instant,
 ) -> Result<Outcome, BusError> {
     let bus_now = bus.read_history(After::Seq(0), &[]).await?;
@@ -120,7 +120,6 @@ async fn attempt(
         Recovered {
             head,
             reset: head < after || new_epoch,
-            epoch_start,
             ..Recovered::default()
         }
     } else {
@@ -138,7 +137,7 @@ async fn attempt(
     };
     Ok(Outcome {
         head: found.head,
-        epoch_start: found.epoch_start,
+        epoch_start,
         missed: missed || found.reset,
         recovered: Some(found),
         prefs,
