@@ -198,7 +198,7 @@ async fn run_node(
     let prefs = Arc::new(Prefs::new(store.clone(), types.clone(), bus.clone()));
 
     let tasks = TaskTracker::new();
-    let failed = CancellationToken::new();
+    let watch = TaskWatch::default();
     let stop_ingest = CancellationToken::new();
     let stop_bus = CancellationToken::new();
     let stop_http = CancellationToken::new();
@@ -215,7 +215,7 @@ async fn run_node(
     let on_pipeline = Some(&pipeline.handle);
     spawn(
         &tasks,
-        &failed,
+        &watch,
         "ingest",
         ingest.run(stop_ingest.clone()),
         on_pipeline,
@@ -238,17 +238,17 @@ async fn run_node(
             .await
             .map_err(anyhow::Error::from)
     };
-    spawn(&tasks, &failed, "bus subscriber", subscriber, on_pipeline);
+    spawn(&tasks, &watch, "bus subscriber", subscriber, on_pipeline);
     let routing = router.run(events_rx, stop_bus.clone());
-    spawn(&tasks, &failed, "router", routing, on_pipeline);
+    spawn(&tasks, &watch, "router", routing, on_pipeline);
 
     let (h, stop) = (health.clone(), stop_bus.clone());
     let database = async move { probe("database", &h.database, database_check(store), stop).await };
-    spawn(&tasks, &failed, "database probe", database, None);
+    spawn(&tasks, &watch, "database probe", database, None);
     let (h, stop) = (health.clone(), stop_bus.clone());
     let check = kafka_check(producer.clone(), settings.kafka.topics[0].clone());
     let kafka = async move { probe("kafka", &h.kafka, check, stop).await };
-    spawn(&tasks, &failed, "kafka probe", kafka, None);
+    spawn(&tasks, &watch, "kafka probe", kafka, None);
 
     let gateway = Arc::new(Gateway {
         settings: settings.clone(),
@@ -271,7 +271,7 @@ async fn run_node(
     let public = api::router(gateway.clone(), public_api);
     spawn(
         &tasks,
-        &failed,
+        &watch,
         "public server",
         serve(listeners.public, public, stop_http.clone()),
         None,
@@ -284,7 +284,7 @@ async fn run_node(
     }));
     spawn(
         &tasks,
-        &failed,
+        &watch,
         "admin server",
         serve(listeners.admin, admin, stop_bus.clone()),
         None,
@@ -293,8 +293,9 @@ async fn run_node(
 
     tokio::select! {
         _ = shutdown.cancelled() => tracing::info!("shutting down"),
-        _ = failed.cancelled() => tracing::error!("a task failed; shutting down"),
+        _ = watch.failed.cancelled() => tracing::error!("a task failed; shutting down"),
     }
+    watch.ending.cancel();
     health.draining.store(true, Ordering::Relaxed);
     stop_http.cancel();
     shutdown::close_sessions(&gateway, &drain, settings.shutdown.drain).await;
@@ -307,7 +308,7 @@ async fn run_node(
         tracing::warn!("tasks did not stop within 15 s; exiting anyway");
     }
     producer.flush(Duration::from_secs(2));
-    if failed.is_cancelled() {
+    if watch.failed.is_cancelled() {
         anyhow::bail!("stopped after a task failed (see the log above)");
     }
     Ok(())
@@ -323,31 +324,67 @@ fn limits(settings: &Settings) -> Limits {
     }
 }
 
-/// Spawns a long-lived task (on `runtime`, else the current one); its end is logged once,
-/// and an error marks the app failed.
+/// Spawns a long-lived task (on `runtime`, else the current one). Its end is logged once;
+/// an error, a panic, or an end before `ending` was cancelled (nothing asked it to stop)
+/// marks the node failed, which turns readiness off and makes `run` return an error.
 fn spawn<F>(
     tasks: &TaskTracker,
-    failed: &CancellationToken,
+    watch: &TaskWatch,
     name: &'static str,
     task: F,
     runtime: Option<&Handle>,
 ) where
     F: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    let failed = failed.clone();
-    let task = async move {
-        match task.await {
-            Ok(()) => tracing::info!(task = name, "stopped"),
-            Err(e) => {
-                tracing::error!(task = name, error = format!("{e:#}"), "failed");
-                failed.cancel();
-            }
-        }
-    };
+    let task = watch.watched(name, task);
     match runtime {
         Some(handle) => drop(tasks.spawn_on(task, handle)),
         None => drop(tasks.spawn(task)),
     }
+}
+
+/// How the node learns that a long-lived task ended: `failed` is cancelled when one fails;
+/// `ending` is cancelled by the shutdown sequence before it stops the tasks, so an end after
+/// it is expected and an end before it is a failure.
+#[derive(Clone, Default)]
+struct TaskWatch {
+    failed: CancellationToken,
+    ending: CancellationToken,
+}
+
+impl TaskWatch {
+    /// `task`, wrapped: catches its panic (a panicking task must not leave a node that looks
+    /// healthy and delivers nothing) and reports how it ended.
+    fn watched<F>(&self, name: &'static str, task: F) -> impl Future<Output = ()> + Send + 'static
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        use futures::FutureExt as _;
+        let watch = self.clone();
+        async move {
+            let outcome = std::panic::AssertUnwindSafe(task).catch_unwind().await;
+            let failure = match outcome {
+                Ok(Ok(())) if watch.ending.is_cancelled() => {
+                    tracing::info!(task = name, "stopped");
+                    return;
+                }
+                Ok(Ok(())) => "ended before shutdown".to_owned(),
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(panic) => format!("panicked: {}", panic_message(panic.as_ref())),
+            };
+            tracing::error!(task = name, error = failure, "failed");
+            watch.failed.cancel();
+        }
+    }
+}
+
+/// The message a panic was raised with, when it is a string.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// Serves `router` on `listener` until `stop`. Accepted sockets get `TCP_NODELAY`: a session
@@ -431,5 +468,39 @@ fn kafka_check(
                 .await
                 .unwrap_or(false)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn outcome<F>(watch: &TaskWatch, task: F) -> bool
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        tokio::spawn(watch.watched("test", task)).await.unwrap();
+        watch.failed.is_cancelled()
+    }
+
+    #[tokio::test]
+    async fn a_panicking_task_fails_the_node() {
+        let watch = TaskWatch::default();
+        let panics = async { panic!("recovery lost its waiter") };
+        assert!(outcome(&watch, panics).await);
+    }
+
+    #[tokio::test]
+    async fn a_task_that_ends_before_shutdown_fails_the_node() {
+        assert!(outcome(&TaskWatch::default(), async { Ok(()) }).await);
+        let errs = async { Err(anyhow::anyhow!("bus gone")) };
+        assert!(outcome(&TaskWatch::default(), errs).await);
+    }
+
+    #[tokio::test]
+    async fn a_task_asked_to_stop_ends_cleanly() {
+        let watch = TaskWatch::default();
+        watch.ending.cancel();
+        assert!(!outcome(&watch, async { Ok(()) }).await);
     }
 }

@@ -6,6 +6,12 @@
 //! while awaiting it; a slow client fills only its own queue and, when that overflows, is
 //! closed with 4001 — it can only lose its own messages.
 //!
+//! No write can hold the session: every send and flush (hello and replay included) goes
+//! through [`write_within`], which keeps honouring close requests and the token's expiry and
+//! gives up on a write the client has not taken within `heartbeat.timeout` (it does not
+//! read). Such an end drops the connection without a close frame ([`End::Dropped`]): none
+//! could get through.
+//!
 //! Cost per wake-up (this loop runs once per delivered batch): the timer outlives an
 //! iteration — made once and pinned, so a wake-up registers no timer and takes no shared
 //! lock; only the queue's own wait is made anew. Queued frames are fed into tungstenite's
@@ -18,11 +24,14 @@
 //! Generic over any `Sink + Stream` of WebSocket messages, so tests drive it with channels.
 
 use std::future::Future;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::{Sink, SinkExt, Stream, StreamExt};
-use tokio::time::{sleep_until, Instant};
+use tokio::time::{sleep_until, Instant, Sleep};
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
@@ -48,11 +57,16 @@ pub enum End {
     ClientGone,
     /// The server closes with this code and reason.
     Close(u16, String),
+    /// The server ended it with this code while a write to the client was stuck (the client
+    /// does not read): no close frame could get through, so the connection is dropped.
+    Dropped(u16),
 }
 
 impl End {
     fn close(code: u16) -> Self {
         let reason = match code {
+            1002 => "protocol error",
+            1007 => "invalid frame payload data",
             1008 => "policy violation",
             1009 => "frame too big",
             1011 => "internal error",
@@ -80,7 +94,7 @@ impl End {
     pub fn close_code(&self) -> Option<u16> {
         match self {
             End::ClientGone => None,
-            End::Close(code, _) => Some(*code),
+            End::Close(code, _) | End::Dropped(code) => Some(*code),
         }
     }
 }
@@ -132,10 +146,7 @@ impl Session {
         S: Sink<Message, Error = WsError> + Stream<Item = Result<Message, WsError>> + Unpin,
     {
         async move {
-            let end = match self.greet(&mut ws).await {
-                Ok(()) => self.serve(&mut ws).await,
-                Err(_) => End::ClientGone,
-            };
+            let end = self.serve(&mut ws).await;
             if let End::Close(code, reason) = &end {
                 let frame = CloseFrame {
                     code: CloseCode::from(*code),
@@ -166,14 +177,12 @@ impl Session {
     }
 
     /// Sends `hello`, then the replay, with one flush.
-    async fn greet<S>(&mut self, ws: &mut S) -> Result<(), WsError>
+    async fn greet<S>(ws: &mut S, hello: Utf8Bytes, replay: Vec<Utf8Bytes>) -> Result<(), WsError>
     where
         S: Sink<Message, Error = WsError> + Unpin,
     {
-        // Taken, not cloned: an idle session does not keep its hello (~300 B) around.
-        ws.feed(Message::Text(std::mem::take(&mut self.hello)))
-            .await?;
-        for frame in std::mem::take(&mut self.replay) {
+        ws.feed(Message::Text(hello)).await?;
+        for frame in replay {
             ws.feed(Message::Text(frame)).await?;
         }
         ws.flush().await
@@ -196,6 +205,19 @@ impl Session {
         // what is due and is re-armed for the earliest deadline left.
         let timer = sleep_until(expires.min(last_seen + timeout).min(next_ping));
         tokio::pin!(timer);
+        let limits = WriteLimits {
+            expires,
+            stall: timeout,
+        };
+        // Taken, not cloned: an idle session does not keep its hello (~300 B) around.
+        let greeting = Self::greet(
+            ws,
+            std::mem::take(&mut self.hello),
+            std::mem::take(&mut self.replay),
+        );
+        if let Err(end) = write_within(&conn, timer.as_mut(), &limits, pin!(greeting)).await {
+            return end;
+        }
         loop {
             tokio::select! {
                 biased;
@@ -208,8 +230,9 @@ impl Session {
                         return End::close(4000);
                     }
                     if now >= next_ping {
-                        if ws.send(Message::Ping(Default::default())).await.is_err() {
-                            return End::ClientGone;
+                        let ping = ws.send(Message::Ping(Default::default()));
+                        if let Err(end) = write_within(&conn, timer.as_mut(), &limits, pin!(ping)).await {
+                            return end;
                         }
                         next_ping = Instant::now() + interval;
                     }
@@ -219,26 +242,20 @@ impl Session {
                     if let Some(code) = conn.close_code() {
                         return End::asked(code);
                     }
-                    // A close asked for while the batch waits on a full socket ends it.
                     let batch = self.write_batch(ws);
-                    tokio::pin!(batch);
-                    loop {
-                        tokio::select! {
-                            biased;
-                            written = &mut batch => match written {
-                                Ok(()) => break,
-                                Err(_) => return End::ClientGone,
-                            },
-                            _ = conn.woken() => if let Some(code) = conn.close_code() {
-                                return End::asked(code);
-                            },
-                        }
+                    if let Err(end) = write_within(&conn, timer.as_mut(), &limits, pin!(batch)).await {
+                        return end;
                     }
                 }
                 incoming = ws.next() => {
                     let message = match incoming {
                         None => return End::ClientGone,
                         Some(Err(WsError::Capacity(_))) => return End::close(1009),
+                        Some(Err(WsError::Utf8(_))) => return End::close(1007),
+                        Some(Err(WsError::Protocol(e))) if e != ProtocolError::ResetWithoutClosingHandshake => {
+                            tracing::debug!(conn = %conn.id, error = %e, "protocol violation");
+                            return End::close(1002);
+                        }
                         Some(Err(e)) => {
                             tracing::debug!(conn = %conn.id, error = %e, "socket read ended");
                             return End::ClientGone;
@@ -266,8 +283,9 @@ impl Session {
                         return End::close(1008);
                     }
                     if let Some(reply) = reply {
-                        if ws.send(Message::Text(reply)).await.is_err() {
-                            return End::ClientGone;
+                        let send = ws.send(Message::Text(reply));
+                        if let Err(end) = write_within(&conn, timer.as_mut(), &limits, pin!(send)).await {
+                            return end;
                         }
                     }
                 }
@@ -326,6 +344,51 @@ impl Session {
             return Ok(());
         }
         ws.flush().await
+    }
+}
+
+/// What bounds a write: the token's expiry, and how long a write may wait on the client.
+struct WriteLimits {
+    expires: Instant,
+    stall: Duration,
+}
+
+/// Waits for `write` (a send or flush on the socket) without letting it hold the session:
+/// a close request, the token's expiry, or the write not finishing within `stall` (the
+/// client does not read) end the session instead. The fast path is one poll: only a write
+/// that cannot finish at once arms `timer`, which is put back as it was afterwards.
+async fn write_within<F>(
+    conn: &ConnHandle,
+    mut timer: Pin<&mut Sleep>,
+    limits: &WriteLimits,
+    mut write: Pin<&mut F>,
+) -> Result<(), End>
+where
+    F: Future<Output = Result<(), WsError>>,
+{
+    if let Poll::Ready(written) = futures::poll!(write.as_mut()) {
+        return written.map_err(|_| End::ClientGone);
+    }
+    let restore = timer.deadline();
+    timer
+        .as_mut()
+        .reset(limits.expires.min(Instant::now() + limits.stall));
+    loop {
+        tokio::select! {
+            biased;
+            written = write.as_mut() => {
+                written.map_err(|_| End::ClientGone)?;
+                timer.as_mut().reset(restore);
+                return Ok(());
+            }
+            _ = conn.woken() => if let Some(code) = conn.close_code() {
+                return Err(End::Dropped(code));
+            },
+            _ = timer.as_mut() => {
+                let code = if Instant::now() >= limits.expires { 4003 } else { 4000 };
+                return Err(End::Dropped(code));
+            }
+        }
     }
 }
 

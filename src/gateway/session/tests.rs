@@ -12,9 +12,12 @@ impl FrameHandler for NoHandler {
 }
 
 /// A fake socket: what the session writes goes to `out`, what the test sends comes in.
+/// After `room` frames it is full, as a socket whose client does not read: every write
+/// waits forever.
 struct Fake {
     out: fmpsc::UnboundedSender<Message>,
     inc: fmpsc::UnboundedReceiver<Result<Message, WsError>>,
+    room: usize,
 }
 impl Sink<Message> for Fake {
     type Error = WsError;
@@ -22,9 +25,13 @@ impl Sink<Message> for Fake {
         self: std::pin::Pin<&mut Self>,
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), WsError>> {
+        if self.room == 0 {
+            return std::task::Poll::Pending;
+        }
         std::task::Poll::Ready(Ok(()))
     }
-    fn start_send(self: std::pin::Pin<&mut Self>, item: Message) -> Result<(), WsError> {
+    fn start_send(mut self: std::pin::Pin<&mut Self>, item: Message) -> Result<(), WsError> {
+        self.room -= 1;
         let _ = self.out.unbounded_send(item);
         Ok(())
     }
@@ -84,11 +91,20 @@ fn session(exp: Option<u64>) -> (Session, crate::registry::Registration) {
 }
 
 fn start(exp: Option<u64>) -> Harness {
+    start_with_room(exp, usize::MAX)
+}
+
+/// A session whose socket takes `room` frames, then no more (its client stops reading).
+fn start_with_room(exp: Option<u64>, room: usize) -> Harness {
     let (session, guard) = session(exp);
     let conn = session.conn.clone();
     let (out_tx, out) = fmpsc::unbounded();
     let (send, inc) = fmpsc::unbounded();
-    let task = tokio::spawn(session.run(Fake { out: out_tx, inc }));
+    let task = tokio::spawn(session.run(Fake {
+        out: out_tx,
+        inc,
+        room,
+    }));
     Harness {
         conn,
         out,
@@ -149,7 +165,8 @@ async fn token_expiry_closes_with_4003() {
 
 /// The session's future is most of an idle connection's memory: 1408 B before the
 /// queue's wait stopped holding a frame and the close signal shared the queue's
-/// wake-up (1144 B after, over an in-memory stream).
+/// wake-up (1144 B after, over an in-memory stream); 1264 B since every write is bounded
+/// (a write that cannot finish at once also waits for close requests and its stall limit).
 #[test]
 fn the_session_future_stays_small() {
     type Ws = tokio_tungstenite::WebSocketStream<tokio::io::DuplexStream>;
@@ -168,7 +185,7 @@ fn the_session_future_stays_small() {
     let future = session.run(ws);
     let size = std::mem::size_of_val(&future);
     assert!(
-        size <= stream + 900,
+        size <= stream + 1000,
         "the session future is {size} B ({stream} B of it the stream): it grew; see S1"
     );
 }
@@ -196,4 +213,86 @@ async fn queued_frames_are_written_and_bad_frames_answered() {
     assert_eq!(h.out.next().await.unwrap(), Message::Text(protocol::pong()));
     h.conn.close(4001);
     assert_eq!(close_code(&h.out.next().await.unwrap()), Some(4001));
+}
+
+/// A client that keeps sending frames that need a reply but never reads: once its socket is
+/// full, the reply waits; the session must still end within `heartbeat.timeout` (60 s),
+/// though the client's frames keep its silence timer from firing.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_sends_but_never_reads_is_dropped_within_the_heartbeat_timeout() {
+    let mut h = start_with_room(None, 1);
+    assert_eq!(h.out.next().await.unwrap(), Message::Text("hello".into()));
+    let started = Instant::now();
+    let pings = h.send.clone();
+    tokio::spawn(async move {
+        while pings
+            .unbounded_send(Ok(Message::Text(r#"{"t":"ping"}"#.into())))
+            .is_ok()
+        {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    });
+    let end = tokio::time::timeout(Duration::from_secs(600), &mut h.task)
+        .await
+        .expect("the session is stuck in a write")
+        .unwrap();
+    assert_eq!(end, End::Dropped(4000));
+    assert!(
+        started.elapsed() <= Duration::from_secs(61),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A close request (here a queue overflow's 4001) ends a session stuck in a write at once.
+#[tokio::test(start_paused = true)]
+async fn a_close_request_ends_a_session_stuck_in_a_write() {
+    let mut h = start_with_room(None, 1);
+    h.out.next().await.unwrap();
+    h.send
+        .unbounded_send(Ok(Message::Text(r#"{"t":"ping"}"#.into())))
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!h.task.is_finished(), "waiting on the full socket");
+    h.conn.close(4001);
+    let end = tokio::time::timeout(Duration::from_secs(1), &mut h.task)
+        .await
+        .expect("the close request was not seen")
+        .unwrap();
+    assert_eq!(end, End::Dropped(4001));
+}
+
+/// The token's expiry ends a session stuck in a write (the Ping it owes, here).
+#[tokio::test(start_paused = true)]
+async fn token_expiry_ends_a_session_stuck_in_a_write() {
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 40;
+    let mut h = start_with_room(Some(exp), 1);
+    h.out.next().await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(50), &mut h.task)
+        .await
+        .expect("expiry was not seen")
+        .unwrap();
+    assert_eq!(end, End::Dropped(4003));
+}
+
+/// RFC 6455: invalid UTF-8 in a text frame fails the connection with 1007, any other
+/// protocol violation with 1002; both get a close frame, not a dropped socket.
+#[tokio::test(start_paused = true)]
+async fn protocol_violations_are_answered_with_their_close_codes() {
+    use tokio_tungstenite::tungstenite::error::ProtocolError;
+    for (error, code) in [
+        (WsError::Utf8("invalid utf-8".into()), 1007),
+        (WsError::Protocol(ProtocolError::NonZeroReservedBits), 1002),
+        (WsError::Protocol(ProtocolError::ControlFrameTooBig), 1002),
+    ] {
+        let mut h = start(None);
+        h.out.next().await.unwrap();
+        h.send.unbounded_send(Err(error)).unwrap();
+        assert_eq!(close_code(&h.out.next().await.unwrap()), Some(code));
+        assert_eq!(h.task.await.unwrap().close_code(), Some(code));
+    }
 }
