@@ -113,7 +113,10 @@ fn main() -> ExitCode {
         Command::Serve => {
             init_logging();
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match runtime.block_on(serve(settings)) {
+            let served = runtime.block_on(serve(settings));
+            // Not a plain drop, which waits for every blocking task: shutdown.grace is over.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+            match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");

@@ -2,8 +2,8 @@
 //! nodes can run in one test process). Fields are typed handles: a call site is one line.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::envelope::Reject;
@@ -85,6 +85,19 @@ pub struct Metrics {
     pub gap_recoveries: IntCounterVec,
     /// Missed messages routed from the history after a gap.
     pub recovered_messages: IntCounter,
+    /// Connections open on a port that are not WebSocket sessions (HTTP requests, kept-alive
+    /// connections, upgrades under way), by listener (`public`, `admin`).
+    pub http_pending: IntGaugeVec,
+    /// Such connections closed to make room for a new one, by listener.
+    pub http_evicted: IntCounterVec,
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -303,8 +316,24 @@ impl Metrics {
                 "fanout_recovered_messages_total",
                 "Missed messages routed from the history after a bus gap",
             ),
+            http_pending: gauge_vec(
+                &r,
+                "fanout_http_pending_connections",
+                "Open connections that are not WebSocket sessions, by listener",
+                "listener",
+            ),
+            http_evicted: counter_vec(
+                &r,
+                "fanout_http_connections_evicted_total",
+                "Connections that were not sessions, closed to make room for a new one",
+                "listener",
+            ),
             registry: r,
         };
+        for listener in ["public", "admin"] {
+            m.http_pending.with_label_values(&[listener]);
+            m.http_evicted.with_label_values(&[listener]);
+        }
         for reason in Reject::ALL {
             m.ingest_rejected.with_label_values(&[reason]);
         }

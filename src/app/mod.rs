@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
@@ -36,8 +35,10 @@ use crate::types::TypeRegistry;
 use crate::{api, shutdown};
 
 mod embedded;
+mod serve;
 
 use embedded::{consumer_settings, print_embedded_banner, start_embedded_kafka};
+use serve::{serve, HttpLimits, HttpMetrics};
 
 /// The database of the embedded default, in the working directory.
 pub const EMBEDDED_DATABASE: &str = "sqlite://fanout.db";
@@ -102,7 +103,9 @@ impl Pipeline {
             .spawn(move || {
                 runtime.block_on(async {
                     let _ = stopped.await;
-                })
+                });
+                // Not a plain drop, which waits for every blocking task.
+                runtime.shutdown_timeout(Duration::from_millis(200));
             })
             .context("starting the pipeline thread")?;
         Ok(Self {
@@ -190,7 +193,8 @@ async fn run_node(
         )
         .context("creating the Kafka consumer")?,
     );
-    let registry = Registry::new(limits(&settings), metrics.clone());
+    let (max_connections, max_pending) = file_budget(&settings)?;
+    let registry = Registry::new(limits(&settings, max_connections), metrics.clone());
     let health = Arc::new(Health::new(bus.clone()));
     let types = Arc::new(TypeRegistry::new(&settings.types));
     let store = open_store(&settings)?;
@@ -269,26 +273,42 @@ async fn run_node(
         prefs,
     });
     let public = api::router(gateway.clone(), public_api);
-    spawn(
-        &tasks,
-        &watch,
-        "public server",
-        serve(listeners.public, public, stop_http.clone()),
-        None,
+    let http = |listener: &str| HttpMetrics {
+        pending: metrics.http_pending.with_label_values(&[listener]),
+        evicted: metrics.http_evicted.with_label_values(&[listener]),
+    };
+    let s = &settings.server;
+    let public_limits = HttpLimits {
+        header_timeout: s.header_timeout,
+        body_timeout: s.body_timeout,
+        max_pending,
+    };
+    let admin_limits = HttpLimits {
+        max_pending: settings.admin.max_connections,
+        ..public_limits
+    };
+    let serving = serve(
+        listeners.public,
+        public,
+        public_limits,
+        http("public"),
+        stop_http.clone(),
     );
+    spawn(&tasks, &watch, "public server", serving, None);
     let admin = admin::router(Arc::new(Admin {
         metrics: metrics.clone(),
         health: health.clone(),
         registry: registry.clone(),
         node_id: settings.node.id.clone(),
     }));
-    spawn(
-        &tasks,
-        &watch,
-        "admin server",
-        serve(listeners.admin, admin, stop_bus.clone()),
-        None,
+    let serving = serve(
+        listeners.admin,
+        admin,
+        admin_limits,
+        http("admin"),
+        stop_bus.clone(),
     );
+    spawn(&tasks, &watch, "admin server", serving, None);
     tasks.close();
 
     tokio::select! {
@@ -299,25 +319,78 @@ async fn run_node(
     health.draining.store(true, Ordering::Relaxed);
     stop_http.cancel();
     shutdown::close_sessions(&gateway, &drain, settings.shutdown.drain).await;
+    // One deadline for the rest (shutdown.grace): close handshakes, open HTTP requests,
+    // the Kafka commit and leave, the bus; the last fifth for the producer's flush.
+    let grace = settings.shutdown.grace;
+    let end = tokio::time::Instant::now() + grace;
     stop_ingest.cancel();
     stop_bus.cancel();
-    if tokio::time::timeout(Duration::from_secs(15), tasks.wait())
+    let stopped = async {
+        gateway.sessions.wait().await;
+        tasks.wait().await;
+    };
+    if tokio::time::timeout_at(end - grace / 5, stopped)
         .await
         .is_err()
     {
-        tracing::warn!("tasks did not stop within 15 s; exiting anyway");
+        tracing::warn!(
+            sessions = gateway.registry.connection_count(),
+            "not everything stopped within shutdown.grace; exiting anyway"
+        );
     }
-    producer.flush(Duration::from_secs(2));
+    producer.flush(end.saturating_duration_since(tokio::time::Instant::now()));
     if watch.failed.is_cancelled() {
         anyhow::bail!("stopped after a task failed (see the log above)");
     }
     Ok(())
 }
 
-fn limits(settings: &Settings) -> Limits {
+/// Open files kept for what is not a client socket: Kafka, Redis and database connections,
+/// the SQLite file, the runtime's own descriptors.
+const RESERVED_FILES: usize = 128;
+
+/// The connection limits that fit the process's open-file limit: a node must not run out
+/// of file descriptors under a flood (then it could not even answer `/healthz`). Raises
+/// the soft limit to the hard one first; lowers `server.max_pending_connections` (to a
+/// quarter of the room) and `server.max_connections` only when they do not fit, with a
+/// warning naming the key. `(max_connections, max_pending_connections)`.
+fn file_budget(settings: &Settings) -> anyhow::Result<(usize, usize)> {
+    let s = &settings.server;
+    let files = rlimit::increase_nofile_limit(u64::MAX)
+        .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+        .unwrap_or(usize::MAX);
+    let fixed = RESERVED_FILES + settings.admin.max_connections;
+    let room = files.saturating_sub(fixed);
+    if room < 32 {
+        anyhow::bail!(
+            "the process may open only {files} files (RLIMIT_NOFILE); fanout needs {fixed} for itself and admin.max_connections, and room for clients"
+        );
+    }
+    let pending = s.max_pending_connections.min(room / 4);
+    if pending < s.max_pending_connections {
+        tracing::warn!(
+            configured = s.max_pending_connections,
+            effective = pending,
+            open_files = files,
+            "server.max_pending_connections lowered to fit the open-file limit"
+        );
+    }
+    let connections = s.max_connections.min(room - pending);
+    if connections < s.max_connections {
+        tracing::warn!(
+            configured = s.max_connections,
+            effective = connections,
+            open_files = files,
+            "server.max_connections lowered to fit the open-file limit"
+        );
+    }
+    Ok((connections, pending))
+}
+
+fn limits(settings: &Settings, max_connections: usize) -> Limits {
     let s = &settings.server;
     Limits {
-        max_connections: s.max_connections,
+        max_connections,
         max_connections_per_user: s.max_connections_per_user,
         queue_max_messages: s.queue_max_messages,
         queue_max_bytes: s.queue_max_bytes,
@@ -385,25 +458,6 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
         .copied()
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("(no message)")
-}
-
-/// Serves `router` on `listener` until `stop`. Accepted sockets get `TCP_NODELAY`: a session
-/// writes each batch of frames in one call, so Nagle's algorithm would only hold a small frame
-/// back until the client's (delayed) ACK of the one before, for up to 40 ms.
-async fn serve(
-    listener: TcpListener,
-    router: axum::Router,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY on an accepted connection");
-        }
-    });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-        .context("http server")
 }
 
 /// Keeps one readiness flag current: runs `check` every 5 s (every second while failing)

@@ -266,8 +266,10 @@ impl Settings {
 
     fn validate_limits(&self) -> Result<(), ConfigError> {
         let s = &self.server;
-        let positive: [(&'static str, usize); 5] = [
+        let positive: [(&'static str, usize); 7] = [
             ("server.max_connections", s.max_connections),
+            ("server.max_pending_connections", s.max_pending_connections),
+            ("admin.max_connections", self.admin.max_connections),
             (
                 "server.max_connections_per_user",
                 s.max_connections_per_user,
@@ -292,6 +294,15 @@ impl Settings {
                 "heartbeat.timeout",
                 "must be longer than heartbeat.interval",
             ));
+        }
+        for (key, value) in [
+            ("server.header_timeout", s.header_timeout),
+            ("server.body_timeout", s.body_timeout),
+            ("shutdown.grace", self.shutdown.grace),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be positive"));
+            }
         }
         if self.recovery.max_messages == 0 {
             return Err(invalid("recovery.max_messages", "must be positive"));

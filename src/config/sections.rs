@@ -51,6 +51,18 @@ pub struct ServerConfig {
     pub queue_max_messages: usize,
     /// Most bytes waiting in one connection's outbound queue; more closes it with 4001.
     pub queue_max_bytes: usize,
+    /// Time a client has to send a request's head (request line and headers), counted from
+    /// when the server waits for it: after the connection opens, and after each response on
+    /// a kept-alive connection. Late: the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Time a client has to send a request's body once its head arrived. Late: HTTP 408.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// Most connections open on the public port that are not (yet) WebSocket sessions:
+    /// HTTP requests, kept-alive connections, upgrades under way. At the limit, a new one
+    /// closes the oldest of them.
+    pub max_pending_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +77,9 @@ impl Default for ServerConfig {
             max_frames_per_sec: 50,
             queue_max_messages: 1024,
             queue_max_bytes: 1 << 20,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            max_pending_connections: 2048,
         }
     }
 }
@@ -75,12 +90,16 @@ impl Default for ServerConfig {
 pub struct AdminConfig {
     /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`, `/v1/stats`).
     pub listen: SocketAddr,
+    /// Most open connections on the admin port (probes, scrapes, stats); at the limit, a new
+    /// one closes the oldest. `server.header_timeout` and `server.body_timeout` apply here too.
+    pub max_connections: usize,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:9090".parse().expect("literal address"),
+            max_connections: 64,
         }
     }
 }
@@ -358,12 +377,17 @@ pub struct ShutdownConfig {
     /// Time over which connections are closed with 1012 when the node stops.
     #[serde(with = "humantime_serde")]
     pub drain: Duration,
+    /// Time after the drain within which everything else ends: close handshakes, open HTTP
+    /// requests, the Kafka commit and leave, the producer's flush. Then the process exits.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
         Self {
             drain: Duration::from_secs(30),
+            grace: Duration::from_secs(10),
         }
     }
 }

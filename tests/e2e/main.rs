@@ -1,6 +1,7 @@
 //! End-to-end scenarios: several `fanout` processes, a real Kafka-protocol broker and a
 //! real Redis. Run with `./scripts/test` (it provides `FANOUT_TEST_KAFKA`).
 
+mod bounds;
 mod clients;
 mod delivery;
 mod drain;

@@ -118,17 +118,27 @@ Argument: (list "config.shutdown.drain" $value).
 
 {{/*
 terminationGracePeriodSeconds: the explicit value, or
-  ceil(config.shutdown.drain) + terminationGraceMarginSeconds + preStopSleepSeconds.
-fanout's own default drain is 30s when config.shutdown.drain is null.
+  ceil(config.shutdown.drain) + ceil(config.shutdown.grace) + terminationGraceMarginSeconds
+  + preStopSleepSeconds.
+fanout's own defaults are drain 30s and grace 10s when the values are null.
 */}}
 {{- define "fanout.terminationGracePeriodSeconds" -}}
 {{- $explicit := index .Values "terminationGracePeriodSeconds" }}
 {{- if not (kindIs "invalid" $explicit) }}
 {{- $explicit | int64 }}
 {{- else }}
-{{- $drain := include "fanout.durationSeconds" (list "config.shutdown.drain" (dig "shutdown" "drain" "30s" .Values.config | default "30s")) | int64 }}
-{{- add $drain (.Values.terminationGraceMarginSeconds | int64) (.Values.preStopSleepSeconds | int64) }}
+{{- include "fanout.shutdownBudgetSeconds" . | int64 | add (.Values.terminationGraceMarginSeconds | int64) (.Values.preStopSleepSeconds | int64) }}
 {{- end }}
+{{- end }}
+
+{{/*
+ceil(config.shutdown.drain) + ceil(config.shutdown.grace): the longest fanout takes to exit
+after SIGTERM.
+*/}}
+{{- define "fanout.shutdownBudgetSeconds" -}}
+{{- $drain := include "fanout.durationSeconds" (list "config.shutdown.drain" (dig "shutdown" "drain" "30s" .Values.config | default "30s")) | int64 }}
+{{- $grace := include "fanout.durationSeconds" (list "config.shutdown.grace" (dig "shutdown" "grace" "10s" .Values.config | default "10s")) | int64 }}
+{{- add $drain $grace }}
 {{- end }}
 
 {{/*
