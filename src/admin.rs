@@ -2,6 +2,7 @@
 //!
 //! `/readyz` answers 200 only while Kafka, the bus and the database are usable and the
 //! node is not draining; otherwise 503 with the reasons, so an operator sees why.
+//! Errors carry the JSON body of DESIGN §5 like the public port's ([`api::json_errors`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::api::{self, json_error};
 use crate::bus::Bus;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -76,6 +78,8 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/stats", get(stats))
         .with_state(admin)
+        .fallback(|| async { json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(axum::middleware::map_response(api::json_errors))
 }
 
 async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
@@ -91,9 +95,15 @@ async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
     if problems.is_empty() {
         Json(json!({ "status": "ready" })).into_response()
     } else {
+        let message = problems.join(", ");
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "not_ready", "problems": problems })),
+            Json(json!({
+                "error": "not_ready",
+                "message": message,
+                "status": "not_ready",
+                "problems": problems,
+            })),
         )
             .into_response()
     }

@@ -4,6 +4,7 @@
 mod clients;
 mod delivery;
 mod drain;
+mod edges;
 mod embedded;
 mod failures;
 mod limits;
