@@ -180,6 +180,24 @@ async fn bad_user_ids_get_400_naming_the_problem_wherever_they_enter() {
         let (status, body) = json_error_of(r).await;
         assert_eq!((status, body["error"].as_str()), (400, Some("bad_target")));
     }
+    // And at ingest: a record for such a user goes to the dead-letter topic, named.
+    cluster
+        .producer
+        .send(
+            "nul",
+            json!({"type": "robot.reply", "to": {"user": "nu\u{0}l"}, "data": {}}),
+        )
+        .await;
+    let dead = consume_one(&cluster.dead_letter_topic, WAIT).await;
+    assert_eq!(
+        dead.headers.get("fanout-reject-reason").map(String::as_str),
+        Some("bad_target"),
+        "{dead:?}"
+    );
+    assert!(
+        dead.headers["fanout-reject-error"].contains("U+0000"),
+        "{dead:?}"
+    );
     // The longest id allowed (256 bytes) connects, and receives.
     let longest = "v".repeat(256);
     let mut client = ws_with_token(
