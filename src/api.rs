@@ -140,9 +140,7 @@ pub fn router(gateway: Arc<Gateway>, api: Arc<Api>) -> Router {
 
 fn denied(d: Denied) -> Response {
     match d {
-        Denied::Unauthenticated(e) => {
-            json_error(StatusCode::UNAUTHORIZED, e.code(), &e.to_string())
-        }
+        Denied::Unauthenticated(e) => json_error(e.status(), e.code(), &e.to_string()),
         Denied::Forbidden => json_error(
             StatusCode::FORBIDDEN,
             "forbidden",

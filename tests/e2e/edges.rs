@@ -141,6 +141,15 @@ async fn bad_user_ids_get_400_naming_the_problem_wherever_they_enter() {
         let (status, body) = refusal(ws_with_token(&node.ws_url(""), &token).await);
         assert_eq!((status, body["error"].as_str()), (400, Some("bad_user_id")));
         assert!(body["message"].as_str().unwrap().contains(says), "{body}");
+        // The same token on the HTTP API.
+        let r = http
+            .get(node.http("/v1/users/nul/preferences"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = json_error_of(r).await;
+        assert_eq!((status, body["error"].as_str()), (400, Some("bad_user_id")));
     }
     // `{user}` in the HTTP API, with the admin token.
     let cases = [
