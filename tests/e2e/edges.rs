@@ -388,3 +388,28 @@ async fn an_embedded_default_with_allowed_origins_follows_that_list() {
     assert_eq!(publish("https://lan.example").await.unwrap().status(), 202);
     assert_eq!(publish("https://evil.example").await.unwrap().status(), 403);
 }
+
+/// `fanout check-config` in the embedded default, with extra environment: its stdout.
+fn embedded_check_config(env: &[(&str, &str)]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .arg("check-config")
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn the_embedded_defaults_origin_list_is_shown_and_an_empty_variable_means_any() {
+    let text = embedded_check_config(&[]);
+    assert!(text.contains(r#""http://127.0.0.1:*","#), "{text}");
+    assert!(text.contains(r#""http://[::1]:*","#), "{text}");
+    let text = embedded_check_config(&[("FANOUT__SERVER__ALLOWED_ORIGINS", "")]);
+    assert!(text.contains("allowed_origins = []"), "{text}");
+}
