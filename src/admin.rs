@@ -2,6 +2,7 @@
 //!
 //! `/readyz` answers 200 only while Kafka, the bus and the database are usable and the
 //! node is not draining; otherwise 503 with the reasons, so an operator sees why.
+//! Errors carry the JSON body of DESIGN §5 like the public port's ([`api::json_errors`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::api::{self, json_error};
 use crate::bus::Bus;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -76,6 +78,8 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/stats", get(stats))
         .with_state(admin)
+        .fallback(|| async { json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(axum::middleware::map_response(api::json_errors))
 }
 
 async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
@@ -91,9 +95,15 @@ async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
     if problems.is_empty() {
         Json(json!({ "status": "ready" })).into_response()
     } else {
+        let message = problems.join(", ");
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "not_ready", "problems": problems })),
+            Json(json!({
+                "error": "not_ready",
+                "message": message,
+                "status": "not_ready",
+                "problems": problems,
+            })),
         )
             .into_response()
     }
@@ -110,4 +120,61 @@ async fn stats(State(admin): State<Arc<Admin>>) -> Json<serde_json::Value> {
         "bus_received": m.bus_received.with_label_values(&["bus"]).get(),
         "messages_out": m.deliveries.get(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::local::LocalBus;
+    use crate::config::RecoveryConfig;
+    use crate::registry::Limits;
+    use std::future::IntoFuture;
+
+    /// The admin router on a port of its own; its address.
+    async fn serve_admin() -> std::net::SocketAddr {
+        let metrics = Arc::new(Metrics::new());
+        let bus: Arc<dyn Bus> = Arc::new(LocalBus::new(16, &RecoveryConfig::default()));
+        let admin = Arc::new(Admin {
+            registry: Registry::new(Limits::small(), metrics.clone()),
+            metrics,
+            health: Arc::new(Health::new(bus)), // Kafka and the database not yet probed
+            node_id: "n".into(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(axum::serve(listener, router(admin)).into_future());
+        addr
+    }
+
+    #[tokio::test]
+    async fn every_error_carries_the_json_error_body() {
+        let addr = serve_admin().await;
+        let http = reqwest::Client::new();
+        for (method, path, status, code) in [
+            (reqwest::Method::GET, "/readyz", 503, "not_ready"),
+            (reqwest::Method::POST, "/metrics", 405, "method_not_allowed"),
+            (reqwest::Method::GET, "/nope", 404, "not_found"),
+        ] {
+            let r = http
+                .request(method, format!("http://{addr}{path}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), status, "{path}");
+            let body: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(body["error"], code, "{path}: {body}");
+            assert!(body["message"].is_string(), "{path}: {body}");
+        }
+        let r = http
+            .get(format!("http://{addr}/readyz"))
+            .send()
+            .await
+            .unwrap();
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["message"], "kafka unreachable, database unreachable");
+        assert_eq!(
+            body["status"], "not_ready",
+            "the fields operators read stay"
+        );
+    }
 }

@@ -1,14 +1,18 @@
 //! The public HTTP API (DESIGN §5) beside `/ws` on the public port.
 //!
-//! Errors are JSON `{"error": "<code>", "message": "…"}` with a fitting status.
-
-use std::sync::Arc;
+//! Errors are JSON `{"error": "<code>", "message": "…"}` with a fitting status — every
+//! one, axum's own answers (404, 405, a rejected path or body) included: [`json_errors`]
+//! wraps this router and the admin port's. A `{user}` in a path follows
+//! [`user_id::validate`]; a `POST`/`PUT` from a browser page must come from an origin
+//! `server.allowed_origins` lets in.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -21,10 +25,78 @@ use crate::gateway::auth::{Authenticator, Denied};
 use crate::gateway::{self, Gateway};
 use crate::kafka::Producer;
 use crate::prefs::{Prefs, PrefsError};
+use crate::user_id::{self, UserIdError};
 
 /// A JSON error response.
 pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, Json(json!({ "error": code, "message": message }))).into_response()
+}
+
+/// Largest non-JSON error body [`json_errors`] carries over as the message (axum's
+/// rejections are a line of text).
+const MAX_ERROR_TEXT: usize = 4096;
+
+/// Middleware (`axum::middleware::map_response`): an error status whose body is not JSON —
+/// axum's empty 405, the plain text of a path, query or body rejection — gets the JSON error
+/// body, with the status's name as code (`method_not_allowed`) and the text, if any, as
+/// message. Other headers (`Allow`) stay.
+pub async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let reason = status.canonical_reason().unwrap_or("error");
+    let text = axum::body::to_bytes(body, MAX_ERROR_TEXT)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = match (text.is_empty(), parts.headers.get(header::ALLOW)) {
+        (false, _) => text,
+        (true, Some(allow)) => format!(
+            "{reason}; this endpoint accepts {}",
+            allow.to_str().unwrap_or("other methods")
+        ),
+        (true, None) => reason.to_owned(),
+    };
+    let code = reason.to_ascii_lowercase().replace([' ', '-'], "_");
+    let mut out = json_error(status, &code, &message);
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().append(name, value.clone());
+        }
+    }
+    out
+}
+
+/// Middleware: a state-changing request (`POST`, `PUT`, …) whose `Origin` is not let in by
+/// `server.allowed_origins` gets 403 before its handler runs (`/ws` checks on its own).
+async fn check_origin(State(settings): State<Arc<Settings>>, req: Request, next: Next) -> Response {
+    if !req.method().is_safe()
+        && !gateway::origin::permits(&settings.server.allowed_origins, req.headers())
+    {
+        return json_error(
+            StatusCode::FORBIDDEN,
+            gateway::origin::REFUSED_CODE,
+            gateway::origin::REFUSED_MESSAGE,
+        );
+    }
+    next.run(req).await
+}
+
+/// A 400 naming the problem when a path's `{user}` is not a valid user id.
+fn bad_user(user: &str) -> Option<Response> {
+    let e = user_id::validate(user).err()?;
+    Some(json_error(
+        StatusCode::BAD_REQUEST,
+        UserIdError::CODE,
+        &e.to_string(),
+    ))
 }
 
 /// State of the HTTP API handlers.
@@ -50,6 +122,10 @@ pub fn router(gateway: Arc<Gateway>, api: Arc<Api>) -> Router {
             get(get_prefs).put(put_prefs),
         )
         .route("/v1/users/{user}/preferences/reload", post(reload_prefs))
+        .route_layer(middleware::from_fn_with_state(
+            api.settings.clone(),
+            check_origin,
+        ))
         .with_state(api);
     let routes = ws.merge(http);
     let routes = if demo {
@@ -57,14 +133,14 @@ pub fn router(gateway: Arc<Gateway>, api: Arc<Api>) -> Router {
     } else {
         routes
     };
-    routes.fallback(|| async { json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+    routes
+        .fallback(|| async { json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(middleware::map_response(json_errors))
 }
 
 fn denied(d: Denied) -> Response {
     match d {
-        Denied::Unauthenticated(e) => {
-            json_error(StatusCode::UNAUTHORIZED, e.code(), &e.to_string())
-        }
+        Denied::Unauthenticated(e) => json_error(e.status(), e.code(), &e.to_string()),
         Denied::Forbidden => json_error(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -91,6 +167,9 @@ async fn get_prefs(
     Path(user): Path<String>,
     headers: HeaderMap,
 ) -> Response {
+    if let Some(bad) = bad_user(&user) {
+        return bad;
+    }
     if let Err(d) = api.auth.may_act_for(&headers, &user) {
         return denied(d);
     }
@@ -112,6 +191,9 @@ async fn put_prefs(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(bad) = bad_user(&user) {
+        return bad;
+    }
     if let Err(d) = api.auth.may_act_for(&headers, &user) {
         return denied(d);
     }
@@ -138,6 +220,9 @@ async fn reload_prefs(
     Path(user): Path<String>,
     headers: HeaderMap,
 ) -> Response {
+    if let Some(bad) = bad_user(&user) {
+        return bad;
+    }
     if !api.auth.is_admin(&headers) {
         return json_error(
             StatusCode::UNAUTHORIZED,

@@ -8,6 +8,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::user_id;
+
 /// A client platform (DESIGN §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -160,6 +162,21 @@ impl<'de> Deserialize<'de> for Target {
 }
 
 impl Target {
+    /// Checks every user id of `to.user` / `to.users` against [`user_id::validate`]. Done
+    /// where an envelope enters (ingest, `POST /v1/publish`), not in `Deserialize`: a bus
+    /// message from a node with another rule must still reach its recipients.
+    pub fn check_user_ids(&self) -> Result<(), String> {
+        match self {
+            Target::User { user, .. } => {
+                user_id::validate(user).map_err(|e| format!("`to.user`: {e}"))
+            }
+            Target::Users(users) => users.iter().try_for_each(|user| {
+                user_id::validate(user).map_err(|e| format!("`to.users` entry: {e}"))
+            }),
+            Target::Conn(_) | Target::All => Ok(()),
+        }
+    }
+
     /// The user a record should be keyed by in Kafka, when there is exactly one.
     pub fn single_user(&self) -> Option<&str> {
         match self {
@@ -262,6 +279,7 @@ pub fn decode(value: Option<&[u8]>, max_bytes: usize) -> Result<Envelope, Reject
     let to_raw = raw.to.ok_or_else(|| Reject::BadTarget("missing".into()))?;
     let to: Target =
         serde_json::from_str(to_raw.get()).map_err(|e| Reject::BadTarget(e.to_string()))?;
+    to.check_user_ids().map_err(Reject::BadTarget)?;
     let data = raw
         .data
         .unwrap_or_else(|| RawValue::from_string("null".into()).expect("null is JSON"));
@@ -372,6 +390,28 @@ mod tests {
             "bad_target"
         );
         assert_eq!(reason(r#"{"type":"x","to":{"usr":"a"}}"#), "bad_target");
+    }
+
+    #[test]
+    fn user_ids_follow_the_one_rule() {
+        let long = "u".repeat(crate::user_id::MAX_USER_ID_BYTES + 1);
+        for json in [
+            r#"{"type":"x","to":{"user":""}}"#.to_owned(),
+            r#"{"type":"x","to":{"user":"a\u0000b"}}"#.to_owned(),
+            r#"{"type":"x","to":{"users":["a","b\nc"]}}"#.to_owned(),
+            r#"{"type":"x","to":{"users":["a",""]}}"#.to_owned(),
+            format!(r#"{{"type":"x","to":{{"user":"{long}"}}}}"#),
+            format!(r#"{{"type":"x","to":{{"users":["{long}"]}}}}"#),
+        ] {
+            let err = decode(Some(json.as_bytes()), 1 << 20).unwrap_err();
+            assert_eq!(err.as_str(), "bad_target", "{json}");
+        }
+        let err = decode(Some(br#"{"type":"x","to":{"user":"a\u0000"}}"#), 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("U+0000"), "{err}");
+        ok(&format!(
+            r#"{{"type":"x","to":{{"user":"{}"}}}}"#,
+            &long[1..]
+        ));
     }
 
     #[test]

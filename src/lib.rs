@@ -14,6 +14,7 @@
 //!   recovers what the node missed after a bus gap.
 //! * [`prefs`] — per-user preferences: the SQL store and the change protocol.
 //! * [`types`] — the message type registry and preference bitsets.
+//! * [`user_id`] — what a user id may be, checked wherever one enters.
 //! * [`registry`] — the index of this node's connections and their bounded queues.
 //! * [`gateway`] — `/ws`: authentication, handshake, one session per connection.
 //! * [`api`] — the public HTTP API.
@@ -40,3 +41,4 @@ pub mod registry;
 pub mod router;
 pub mod shutdown;
 pub mod types;
+pub mod user_id;

@@ -21,6 +21,18 @@ pub use tls::RedisScheme;
 /// Where `ask` frames go in the embedded default (unless `kafka.upstream_topic` is given).
 pub const EMBEDDED_UPSTREAM_TOPIC: &str = "fanout.upstream";
 
+/// `server.allowed_origins` of the embedded default (unless given): pages served from this
+/// machine, on any port. Its insecure auth trusts `?user=`, so a page from anywhere else
+/// must not be able to open `/ws` or publish through the visitor's browser.
+pub const EMBEDDED_ALLOWED_ORIGINS: [&str; 6] = [
+    "http://localhost:*",
+    "https://localhost:*",
+    "http://127.0.0.1:*",
+    "https://127.0.0.1:*",
+    "http://[::1]:*",
+    "https://[::1]:*",
+];
+
 /// Why the configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -99,6 +111,7 @@ impl Settings {
             for item in list.iter_mut() {
                 *item = item.trim().to_owned();
             }
+            list.retain(|item| !item.is_empty());
         }
         settings.validate()?;
         Ok(settings)
@@ -111,6 +124,7 @@ impl Settings {
             "auth.mode",
             "server.demo_page",
             "kafka.upstream_topic",
+            "server.allowed_origins",
         ]
         .into_iter()
         .filter(|key| raw.get::<config::Value>(key).is_ok())
@@ -144,7 +158,8 @@ impl Settings {
     }
 
     /// The embedded default (DESIGN §7): insecure auth, the demo page and a demo type
-    /// registry, listening on 127.0.0.1 only — unless those keys were given explicitly.
+    /// registry, listening on 127.0.0.1 only and letting in browser pages from this machine
+    /// only — unless those keys were given explicitly.
     fn apply_embedded_defaults(&mut self, explicit: impl Fn(&str) -> bool) {
         let localhost = |port| SocketAddr::from(([127, 0, 0, 1], port));
         if !explicit("server.listen") {
@@ -158,6 +173,9 @@ impl Settings {
         }
         if !explicit("server.demo_page") {
             self.server.demo_page = true;
+        }
+        if !explicit("server.allowed_origins") {
+            self.server.allowed_origins = EMBEDDED_ALLOWED_ORIGINS.map(str::to_owned).to_vec();
         }
         if !explicit("kafka.upstream_topic") {
             // The demo's ask box works out of the box; the in-process broker creates it.

@@ -37,7 +37,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Serve the demo page at `/`.
     pub demo_page: bool,
-    /// Browser origins allowed to open `/ws` (`https://app.example.com`). Empty: any.
+    /// Browser origins allowed to open `/ws` and send `POST`/`PUT` to the HTTP API
+    /// (`https://app.example.com`; `http://localhost:*` for any port). Empty: any. The
+    /// embedded default lists the loopback origins (`config::EMBEDDED_ALLOWED_ORIGINS`).
     pub allowed_origins: Vec<String>,
     /// Most open WebSocket connections on this node; further upgrades get HTTP 503.
     pub max_connections: usize,

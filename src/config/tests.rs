@@ -47,6 +47,15 @@ fn embedded_default_is_insecure_on_localhost_only() {
     );
     let s = from_toml("[server]\nlisten='0.0.0.0:8080'").unwrap();
     assert_eq!(s.server.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(s.server.allowed_origins, EMBEDDED_ALLOWED_ORIGINS);
+    let s = from_toml("[server]\nallowed_origins=['https://lan.example']").unwrap();
+    assert_eq!(s.server.allowed_origins, ["https://lan.example"]);
+    let s = from_toml("[server]\nallowed_origins=[]").unwrap();
+    assert!(s.server.allowed_origins.is_empty(), "explicitly empty: any");
+    assert!(
+        ServerConfig::default().allowed_origins.is_empty(),
+        "production default: any"
+    );
     let err = from_toml("[auth]\nmode='insecure'\n[redis]\nurl='redis://x'").unwrap_err();
     assert!(err.to_string().contains("auth.mode"), "{err}");
 }

@@ -2,27 +2,37 @@
 //!
 //! A JWT is looked for, in order, in `Authorization: Bearer`, in `Sec-WebSocket-Protocol`
 //! (`fanout.v1, bearer.<jwt>`), and in `?access_token=` when allowed. `exp` is required;
-//! `iss`/`aud` are checked when configured. In insecure mode the user comes from `?user=`.
+//! `nbf` is honoured with [`NBF_LEEWAY_SECS`] of clock skew; `iss`/`aud` are checked when
+//! configured, `aud` as one string or an array of them (RFC 7519 §4.1.3). In insecure mode the
+//! user comes from `?user=`. Either way the user id must pass [`user_id::validate`].
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, StatusCode};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{AuthConfig, AuthMode};
 use crate::envelope::Platform;
+use crate::user_id::{self, UserIdError};
 
 /// The subprotocol a browser lists, and the server answers with.
 pub const SUBPROTOCOL: &str = "fanout.v1";
 const BEARER_PROTOCOL_PREFIX: &str = "bearer.";
+
+/// How far in the future a token's `nbf` may lie and the token still be accepted: the clock
+/// skew between its issuer and this node. `exp` gets no leeway (a session closes at `exp`).
+pub const NBF_LEEWAY_SECS: u64 = 60;
 
 /// Claims fanout reads.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
     pub exp: u64,
+    /// Not before (seconds since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -30,7 +40,16 @@ pub struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<Audience>,
+}
+
+/// The `aud` claim: one audience or several (RFC 7519 §4.1.3). jsonwebtoken checks it
+/// against `auth.audience`; fanout only has to accept both shapes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// An authenticated client.
@@ -50,10 +69,15 @@ pub enum AuthError {
     Missing,
     #[error("the token has expired")]
     Expired,
+    #[error("the token is not valid before {nbf} (now {now}, seconds since the epoch)")]
+    NotYetValid { nbf: u64, now: u64 },
     #[error("invalid token: {0}")]
     Invalid(String),
     #[error("insecure mode needs ?user=<id>")]
     NoUser,
+    /// The user id (`?user=` or the token's `sub`) breaks the rule of [`user_id`].
+    #[error("{0}")]
+    BadUser(#[from] UserIdError),
 }
 
 impl AuthError {
@@ -62,7 +86,17 @@ impl AuthError {
         match self {
             AuthError::Missing | AuthError::NoUser => "unauthenticated",
             AuthError::Expired => "token_expired",
+            AuthError::NotYetValid { .. } => "token_not_yet_valid",
             AuthError::Invalid(_) => "invalid_token",
+            AuthError::BadUser(_) => UserIdError::CODE,
+        }
+    }
+
+    /// The HTTP status: 400 for a bad user id (no credential fixes it), else 401.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AuthError::BadUser(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::UNAUTHORIZED,
         }
     }
 }
@@ -124,6 +158,7 @@ impl Authenticator {
                 .get("user")
                 .filter(|u| !u.is_empty())
                 .ok_or(AuthError::NoUser)?;
+            user_id::validate(user)?;
             return Ok(Identity {
                 user: user.clone(),
                 platform: None,
@@ -175,9 +210,13 @@ impl Authenticator {
             _ => AuthError::Invalid(e.to_string()),
         })?;
         let claims = data.claims;
-        if claims.sub.is_empty() {
-            return Err(AuthError::Invalid("empty sub".into()));
+        if let Some(nbf) = claims.nbf {
+            let now = unix_now();
+            if nbf > now + NBF_LEEWAY_SECS {
+                return Err(AuthError::NotYetValid { nbf, now });
+            }
         }
+        user_id::validate(&claims.sub)?;
         let platform = match claims.platform.as_deref() {
             None => None,
             Some(p) => Some(
@@ -260,6 +299,13 @@ fn bearer_subprotocol(headers: &HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
+
 /// Mints an HS256 token (for `fanout token`, tests and ops).
 pub fn mint(
     cfg: &AuthConfig,
@@ -270,17 +316,15 @@ pub fn mint(
     if cfg.jwt_secret.is_empty() {
         return Err("auth.jwt_secret is not set: cannot mint an HS256 token".into());
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs();
+    user_id::validate(user).map_err(|e| e.to_string())?;
     let claims = Claims {
         sub: user.to_owned(),
-        exp: now + ttl.as_secs(),
+        exp: unix_now() + ttl.as_secs(),
+        nbf: None,
         platform: platform.map(|p| p.as_str().to_owned()),
         device: None,
         iss: (!cfg.issuer.is_empty()).then(|| cfg.issuer.clone()),
-        aud: (!cfg.audience.is_empty()).then(|| cfg.audience.clone()),
+        aud: (!cfg.audience.is_empty()).then(|| Audience::One(cfg.audience.clone())),
     };
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(Algorithm::HS256),
@@ -375,6 +419,7 @@ mod tests {
             &Claims {
                 sub: "a".into(),
                 exp: 1,
+                nbf: None,
                 platform: None,
                 device: None,
                 iss: None,
@@ -415,6 +460,7 @@ mod tests {
         let claims = Claims {
             sub: sub.into(),
             exp,
+            nbf: None,
             platform: None,
             device: None,
             iss: None,
@@ -466,6 +512,91 @@ mod tests {
             .unwrap()
             .verify(&es_token)
             .is_err());
+    }
+
+    /// An HS256 token with `secret` "s3cret" and these claims.
+    fn hs256(claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &EncodingKey::from_secret(b"s3cret"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn nbf_is_honoured_with_a_small_leeway() {
+        let auth = Authenticator::new(&cfg()).unwrap();
+        let now = unix_now();
+        let at = |nbf: u64| hs256(serde_json::json!({"sub": "a", "exp": now + 7200, "nbf": nbf}));
+        assert!(matches!(
+            auth.verify(&at(now + 3600)),
+            Err(AuthError::NotYetValid { .. })
+        ));
+        assert_eq!(
+            auth.verify(&at(now + 3600)).unwrap_err().code(),
+            "token_not_yet_valid"
+        );
+        assert!(auth.verify(&at(now + NBF_LEEWAY_SECS + 5)).is_err());
+        // Clock skew: an issuer a little ahead of us.
+        assert!(auth.verify(&at(now + NBF_LEEWAY_SECS / 2)).is_ok());
+        assert!(auth.verify(&at(now - 10)).is_ok());
+        assert!(matches!(
+            auth.verify(&hs256(
+                serde_json::json!({"sub": "a", "exp": now + 60, "nbf": "soon"})
+            )),
+            Err(AuthError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn audience_may_be_a_string_or_an_array() {
+        let strict = AuthConfig {
+            audience: "app".into(),
+            ..cfg()
+        };
+        let auth = Authenticator::new(&strict).unwrap();
+        let exp = unix_now() + 60;
+        let with =
+            |aud: serde_json::Value| hs256(serde_json::json!({"sub": "a", "exp": exp, "aud": aud}));
+        assert!(auth.verify(&with("app".into())).is_ok());
+        assert!(auth
+            .verify(&with(serde_json::json!(["other", "app"])))
+            .is_ok());
+        assert!(auth.verify(&with(serde_json::json!(["other"]))).is_err());
+        assert!(auth.verify(&with("other".into())).is_err());
+        // With no audience configured, either shape is accepted as it is.
+        let open = Authenticator::new(&cfg()).unwrap();
+        assert!(open.verify(&with(serde_json::json!(["x", "y"]))).is_ok());
+    }
+
+    #[test]
+    fn a_bad_user_id_is_refused_with_400_wherever_it_comes_from() {
+        let auth = Authenticator::new(&cfg()).unwrap();
+        let exp = unix_now() + 60;
+        for sub in ["a\0b".to_owned(), "x".repeat(10 * 1024), String::new()] {
+            let token = hs256(serde_json::json!({"sub": sub, "exp": exp}));
+            let err = auth.verify(&token).unwrap_err();
+            assert_eq!(
+                (err.status(), err.code()),
+                (StatusCode::BAD_REQUEST, "bad_user_id"),
+                "{sub:?}"
+            );
+        }
+        let insecure = Authenticator::new(&AuthConfig {
+            mode: AuthMode::Insecure,
+            ..cfg()
+        })
+        .unwrap();
+        let query = |u: &str| HashMap::from([("user".to_owned(), u.to_owned())]);
+        let err = insecure
+            .authenticate_upgrade(&HeaderMap::new(), &query("a\nb"))
+            .unwrap_err();
+        assert_eq!(err.code(), "bad_user_id");
+        assert!(insecure
+            .authenticate_upgrade(&HeaderMap::new(), &query("ada"))
+            .is_ok());
+        assert!(mint(&cfg(), "a\u{0}", Duration::from_secs(60), None).is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! (per-user limit) is a close code. Neither touches any other connection.
 
 pub mod auth;
+pub mod origin;
 pub mod protocol;
 mod resume;
 pub mod session;
@@ -128,16 +129,13 @@ pub async fn upgrade(
             "this node is shutting down",
         );
     }
-    let origins = &gw.settings.server.allowed_origins;
-    if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
-        if !origins.is_empty() && !origins.iter().any(|o| o == origin) {
-            return refuse(
-                &gw.metrics,
-                StatusCode::FORBIDDEN,
-                "origin_not_allowed",
-                "this Origin is not in server.allowed_origins",
-            );
-        }
+    if !origin::permits(&gw.settings.server.allowed_origins, headers) {
+        return refuse(
+            &gw.metrics,
+            StatusCode::FORBIDDEN,
+            origin::REFUSED_CODE,
+            origin::REFUSED_MESSAGE,
+        );
     }
     if gw.registry.is_full() {
         return refuse(
@@ -149,14 +147,7 @@ pub async fn upgrade(
     }
     let identity = match gw.auth.authenticate_upgrade(headers, &query) {
         Ok(identity) => identity,
-        Err(e) => {
-            return refuse(
-                &gw.metrics,
-                StatusCode::UNAUTHORIZED,
-                e.code(),
-                &e.to_string(),
-            )
-        }
+        Err(e) => return refuse(&gw.metrics, e.status(), e.code(), &e.to_string()),
     };
     let platform = match (identity.platform, query.get("platform")) {
         (Some(p), _) => Some(p),

@@ -5,6 +5,7 @@ mod bounds;
 mod clients;
 mod delivery;
 mod drain;
+mod edges;
 mod embedded;
 mod failures;
 mod limits;

@@ -1043,3 +1043,56 @@ pub fn expect_refused_at_start(mut child: Child) -> String {
     assert_eq!(status.code(), Some(1), "exit code; log:\n{log}");
     log
 }
+
+/// A `fanout` running the embedded default (no Kafka, Redis or database configured) in a
+/// directory of its own, with extra `FANOUT__…` variables; ready when returned.
+pub struct EmbeddedNode {
+    child: Child,
+    /// `host:port` of the public and admin listeners (127.0.0.1).
+    pub public: String,
+    pub admin: String,
+    dir: PathBuf,
+}
+
+impl EmbeddedNode {
+    pub async fn start(env: &[(&str, &str)]) -> Self {
+        let dir = std::env::temp_dir().join(unique("fanout-embedded"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let public = format!("127.0.0.1:{}", free_port());
+        let admin = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fanout"));
+        cmd.current_dir(&dir)
+            .env_clear()
+            .env("FANOUT__SERVER__LISTEN", &public)
+            .env("FANOUT__ADMIN__LISTEN", &admin)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
+        let node = Self {
+            child: cmd.spawn().expect("spawn fanout"),
+            public,
+            admin,
+            dir,
+        };
+        let ready = format!("http://{}/readyz", node.admin);
+        eventually(Duration::from_secs(30), "embedded node ready", || async {
+            matches!(reqwest::get(&ready).await, Ok(r) if r.status().is_success())
+        })
+        .await;
+        node
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{path}", self.public)
+    }
+}
+
+impl Drop for EmbeddedNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
