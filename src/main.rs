@@ -62,9 +62,23 @@ fn init_logging() {
     } else {
         builder.init();
     }
+    // A panic is logged once, in the log's format, where it happened; the task it ends is
+    // then reported as failed (app::TaskWatch).
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(ToString::to_string).unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        tracing::error!(%location, message, "panic");
+    }));
 }
 
 fn main() -> ExitCode {
+    // FAILPOINTS, in test builds only (a no-op without the `failpoints` feature).
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,

@@ -443,21 +443,13 @@ impl TaskWatch {
                 }
                 Ok(Ok(())) => "ended before shutdown".to_owned(),
                 Ok(Err(e)) => format!("{e:#}"),
-                Err(panic) => format!("panicked: {}", panic_message(panic.as_ref())),
+                // The panic hook (main.rs) logged its message and location.
+                Err(_) => "panicked".to_owned(),
             };
             tracing::error!(task = name, error = failure, "failed");
             watch.failed.cancel();
         }
     }
-}
-
-/// The message a panic was raised with, when it is a string.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(no message)")
 }
 
 /// Keeps one readiness flag current: runs `check` every 5 s (every second while failing)

@@ -249,6 +249,7 @@ impl Router {
     /// Routes a message in sequence; a jump or a step back starts a recovery (and the
     /// message, as `payload`, waits for it).
     fn on_message(&mut self, msg: BusMessage, payload: Bytes) -> Option<Recovery> {
+        fail::fail_point!("router-message");
         if msg.header.at_us != 0 {
             let on_bus_us = now_us().saturating_sub(msg.header.at_us);
             self.metrics.stage_bus.observe(on_bus_us as f64 / 1e6);

@@ -282,3 +282,42 @@ async fn a_node_exits_0_within_drain_plus_grace_whatever_its_clients_do() {
     eprintln!("exited 0 after {took:?}");
     drop((half_head, half_body, kept_alive, deaf));
 }
+
+/// A long-lived task that panics — the router, made to by a fail point at its first message
+/// — fails the node: `/readyz` turns 503, the panic is logged once, and the process exits
+/// 1 within drain + grace. Fails on 0024e0d (the node stayed ready, accepted connections
+/// and delivered nothing). The fail point exists only in builds with `--features
+/// failpoints`, which `./scripts/test` uses; without it this test fails (no panic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_router_fails_the_node() {
+    let options = Options::default()
+        .with("FAILPOINTS", "router-message=panic(injected by the test)")
+        .with("FANOUT__SHUTDOWN__DRAIN", "1s")
+        .with("FANOUT__SHUTDOWN__GRACE", "2s");
+    let mut cluster = TestCluster::start_with(1, options).await;
+    let _client = cluster.connect(0, "victim", "").await;
+    cluster
+        .producer
+        .send("victim", for_user("victim", "robot.reply", "boom"))
+        .await;
+    let node = cluster.node(0);
+    eventually(
+        Duration::from_secs(15),
+        "/readyz turns 503 after the router panicked (built with --features failpoints?)",
+        || async { !node.ready().await },
+    )
+    .await;
+    let node = &mut cluster.nodes[0];
+    let code = tokio::task::block_in_place(|| node.wait_exit(Duration::from_secs(10)));
+    let log = node.log_text();
+    assert_eq!(code, Some(1), "log:\n{log}");
+    assert_eq!(
+        log.matches("injected by the test").count(),
+        1,
+        "the panic is logged once; log:\n{log}"
+    );
+    assert!(
+        log.contains("router"),
+        "the log names the task; log:\n{log}"
+    );
+}
