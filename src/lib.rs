@@ -15,6 +15,8 @@
 //! * [`prefs`] — per-user preferences: the SQL store and the change protocol.
 //! * [`types`] — the message type registry and preference bitsets.
 //! * [`user_id`] — what a user id may be, checked wherever one enters.
+//! * [`protocol`] — client protocol v1: the frames clients send and the server's replies,
+//!   and the close codes.
 //! * [`registry`] — the index of this node's connections and their bounded queues.
 //! * [`gateway`] — `/ws`: authentication, handshake, one session per connection.
 //! * [`api`] — the public HTTP API.
@@ -37,6 +39,7 @@ pub mod ingest;
 pub mod kafka;
 pub mod metrics;
 pub mod prefs;
+pub mod protocol;
 pub mod registry;
 pub mod router;
 pub mod shutdown;

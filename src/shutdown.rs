@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::Gateway;
+use crate::protocol::Close;
 
 /// Cancels `token` on the first SIGTERM or SIGINT; a second signal exits at once.
 pub fn on_signal(token: CancellationToken) {
@@ -63,13 +64,15 @@ pub async fn close_sessions(gateway: &Gateway, drain: &CancellationToken, window
         ticks.tick().await;
         let elapsed = start.elapsed();
         while let Some((_, conn)) = due.next_if(|(at, _)| *at <= elapsed) {
-            conn.close(1012);
+            conn.close(Close::Draining);
         }
     }
     // Stragglers (an upgrade already under way when the list was taken): a session that
     // registers from now on sees `drain` cancelled and closes itself.
     drain.cancel();
-    gateway.registry.for_each(|conn| conn.close(1012));
+    gateway
+        .registry
+        .for_each(|conn| conn.close(Close::Draining));
     gateway.sessions.close();
     tracing::info!(closed = open, "every connection asked to close");
 }

@@ -6,7 +6,6 @@
 
 pub mod auth;
 pub mod origin;
-pub mod protocol;
 mod resume;
 pub mod session;
 
@@ -33,9 +32,9 @@ use crate::envelope::Platform;
 use crate::kafka::Producer;
 use crate::metrics::Metrics;
 use crate::prefs::Prefs;
+use crate::protocol::{self, ClientFrame, Close, Hello};
 use crate::registry::{ConnHandle, RegisterError, Registration, Registry};
 use auth::{Authenticator, Identity};
-use protocol::{ClientFrame, Hello};
 use session::{FrameHandler, Session};
 
 /// Read buffer per connection: small, since clients send little (DESIGN §9). tungstenite
@@ -294,27 +293,27 @@ impl Gateway {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(user = %identity.user, error = %e, "connection refused after upgrade");
-                let reason = match e {
-                    RegisterError::NodeFull => "node at its connection limit",
-                    RegisterError::UserFull => "too many connections for this user",
+                let close = match e {
+                    RegisterError::NodeFull => Close::NodeFull,
+                    RegisterError::UserFull => Close::UserFull,
                 };
                 let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
-                    code: 1013u16.into(),
-                    reason: reason.into(),
+                    code: close.code().into(),
+                    reason: close.reason().into(),
                 };
                 let _ =
                     tokio::time::timeout(std::time::Duration::from_secs(1), ws.close(Some(frame)))
                         .await;
                 self.metrics
                     .connections_closed
-                    .with_label_values(&["1013"])
+                    .with_label_values(&[close.label()])
                     .inc();
                 return None;
             }
         };
         self.metrics.connections_opened.inc();
         if self.drain.is_cancelled() {
-            conn.close(1012); // registered after the drain went through the registry
+            conn.close(Close::Draining); // registered after the drain went through the registry
         }
         // Registered first, so live messages queue up while the history is read; the
         // session skips those the replay already covers.

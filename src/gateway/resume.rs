@@ -7,9 +7,9 @@
 
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::protocol::Resume;
 use super::Gateway;
 use crate::bus::history::{self, Replay};
+use crate::protocol::Resume;
 use crate::registry::ConnHandle;
 use crate::router::now_ms;
 use crate::types;

@@ -37,9 +37,9 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use super::error_frame;
-use super::protocol::{self, ClientFrame};
 use crate::config::HeartbeatConfig;
 use crate::metrics::Metrics;
+use crate::protocol::{self, ClientFrame, Close};
 use crate::registry::{ConnHandle, QueueRx};
 use crate::router::now_us;
 
@@ -50,52 +50,30 @@ const CLOSE_HANDSHAKE: Duration = Duration::from_secs(3);
 /// Consecutive unparseable frames tolerated before closing with 1008.
 const MAX_BAD_FRAMES: u32 = 20;
 
-/// How a session ended; a server-side end knows its close code.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How a session ended; a server-side end knows why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
     /// The client closed or went away.
     ClientGone,
-    /// The server closes with this code and reason.
-    Close(u16, String),
-    /// The server ended it with this code while a write to the client was stuck (the client
-    /// does not read): no close frame could get through, so the connection is dropped.
-    Dropped(u16),
+    /// The server closes: a close frame with this code and reason is sent.
+    Close(Close),
+    /// The server ended it while a write to the client was stuck (the client does not
+    /// read): no close frame could get through, so the connection is dropped.
+    Dropped(Close),
 }
 
 impl End {
-    fn close(code: u16) -> Self {
-        let reason = match code {
-            1002 => "protocol error",
-            1007 => "invalid frame payload data",
-            1008 => "policy violation",
-            1009 => "frame too big",
-            1011 => "internal error",
-            1013 => "try again later",
-            4000 => "heartbeat timeout",
-            4001 => "too slow: queue overflowed",
-            4003 => "token expired",
-            _ => "",
-        };
-        End::Close(code, reason.to_owned())
-    }
-
-    /// The end for a close asked through the connection's handle; a drain's 1012 carries a
-    /// jittered `retry_ms` (made now: no string held by every idle session).
-    fn asked(code: u16) -> Self {
-        if code == 1012 {
-            let retry_ms = 1000 + rand::random::<u64>() % 4000;
-            End::Close(1012, format!(r#"{{"retry_ms":{retry_ms}}}"#))
-        } else {
-            End::close(code)
-        }
-    }
-
-    /// The close code sent, if the server closed.
-    pub fn close_code(&self) -> Option<u16> {
+    /// Why the server ended it, if it did.
+    pub fn close(&self) -> Option<Close> {
         match self {
             End::ClientGone => None,
-            End::Close(code, _) | End::Dropped(code) => Some(*code),
+            End::Close(close) | End::Dropped(close) => Some(*close),
         }
+    }
+
+    /// The close code, if the server ended it.
+    pub fn close_code(&self) -> Option<u16> {
+        self.close().map(Close::code)
     }
 }
 
@@ -147,10 +125,10 @@ impl Session {
     {
         async move {
             let end = self.serve(&mut ws).await;
-            if let End::Close(code, reason) = &end {
+            if let End::Close(close) = end {
                 let frame = CloseFrame {
-                    code: CloseCode::from(*code),
-                    reason: reason.as_str().into(),
+                    code: CloseCode::from(close.code()),
+                    reason: close.reason().into(),
                 };
                 let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
                     ws.send(Message::Close(Some(frame))).await?;
@@ -165,12 +143,10 @@ impl Session {
                 })
                 .await;
             }
-            let label = end
-                .close_code()
-                .map_or_else(|| "client".to_owned(), |c| c.to_string());
+            let label = end.close().map_or("client", Close::label);
             self.metrics
                 .connections_closed
-                .with_label_values(&[&label])
+                .with_label_values(&[label])
                 .inc();
             end
         }
@@ -224,10 +200,10 @@ impl Session {
                 _ = &mut timer => {
                     let now = Instant::now();
                     if now >= expires {
-                        return End::close(4003);
+                        return End::Close(Close::TokenExpired);
                     }
                     if now >= last_seen + timeout {
-                        return End::close(4000);
+                        return End::Close(Close::HeartbeatTimeout);
                     }
                     if now >= next_ping {
                         let ping = ws.send(Message::Ping(Default::default()));
@@ -239,8 +215,8 @@ impl Session {
                     timer.as_mut().reset(expires.min(last_seen + timeout).min(next_ping));
                 }
                 _ = self.queue.ready() => {
-                    if let Some(code) = conn.close_code() {
-                        return End::asked(code);
+                    if let Some(close) = conn.closing() {
+                        return End::Close(close);
                     }
                     let batch = self.write_batch(ws);
                     if let Err(end) = write_within(&conn, timer.as_mut(), &limits, pin!(batch)).await {
@@ -250,11 +226,11 @@ impl Session {
                 incoming = ws.next() => {
                     let message = match incoming {
                         None => return End::ClientGone,
-                        Some(Err(WsError::Capacity(_))) => return End::close(1009),
-                        Some(Err(WsError::Utf8(_))) => return End::close(1007),
+                        Some(Err(WsError::Capacity(_))) => return End::Close(Close::TooBig),
+                        Some(Err(WsError::Utf8(_))) => return End::Close(Close::InvalidPayload),
                         Some(Err(WsError::Protocol(e))) if e != ProtocolError::ResetWithoutClosingHandshake => {
                             tracing::debug!(conn = %conn.id, error = %e, "protocol violation");
-                            return End::close(1002);
+                            return End::Close(Close::ProtocolError);
                         }
                         Some(Err(e)) => {
                             tracing::debug!(conn = %conn.id, error = %e, "socket read ended");
@@ -268,7 +244,7 @@ impl Session {
                     }
                     rate.1 += 1;
                     if rate.1 > self.max_frames_per_sec {
-                        return End::close(1008);
+                        return End::Close(Close::Policy);
                     }
                     let reply = match message {
                         Message::Text(text) => self.on_text(&text, &mut bad_frames),
@@ -280,7 +256,7 @@ impl Session {
                         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
                     };
                     if bad_frames > MAX_BAD_FRAMES {
-                        return End::close(1008);
+                        return End::Close(Close::Policy);
                     }
                     if let Some(reply) = reply {
                         let send = ws.send(Message::Text(reply));
@@ -381,12 +357,16 @@ where
                 timer.as_mut().reset(restore);
                 return Ok(());
             }
-            _ = conn.woken() => if let Some(code) = conn.close_code() {
-                return Err(End::Dropped(code));
+            _ = conn.woken() => if let Some(close) = conn.closing() {
+                return Err(End::Dropped(close));
             },
             _ = timer.as_mut() => {
-                let code = if Instant::now() >= limits.expires { 4003 } else { 4000 };
-                return Err(End::Dropped(code));
+                let why = if Instant::now() >= limits.expires {
+                    Close::TokenExpired
+                } else {
+                    Close::HeartbeatTimeout
+                };
+                return Err(End::Dropped(why));
             }
         }
     }

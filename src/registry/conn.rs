@@ -8,7 +8,7 @@
 //! others needs no wake-up of its own (under load that spares most of them).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::envelope::{Platform, Target};
+use crate::protocol::Close;
 
 /// A frame waiting in a connection's queue.
 #[derive(Debug)]
@@ -101,7 +102,8 @@ pub struct ConnHandle {
     receiver_gone: AtomicBool,
     max_messages: usize,
     max_bytes: usize,
-    close_code: AtomicU16,
+    /// The close asked for, as [`Close::to_u8`]; 0: none.
+    close: AtomicU8,
 }
 
 impl ConnHandle {
@@ -126,7 +128,7 @@ impl ConnHandle {
             receiver_gone: AtomicBool::new(false),
             max_messages,
             max_bytes,
-            close_code: AtomicU16::new(0),
+            close: AtomicU8::new(0),
         }
     }
 
@@ -158,16 +160,14 @@ impl ConnHandle {
 
     /// Queues without waiting. On overflow, asks the session to close with 4001.
     fn enqueue(&self, queued: Queued) -> Result<(), PushError> {
-        if self.close_code.load(Ordering::Relaxed) != 0
-            || self.receiver_gone.load(Ordering::Relaxed)
-        {
+        if self.close.load(Ordering::Relaxed) != 0 || self.receiver_gone.load(Ordering::Relaxed) {
             return Err(PushError::Closed);
         }
         let len = queued.frame.len();
         let mut queue = self.queue.lock();
         if queue.frames.len() >= self.max_messages || queue.bytes + len > self.max_bytes {
             drop(queue);
-            self.close(4001);
+            self.close(Close::TooSlow);
             return Err(PushError::Overflow);
         }
         let was_empty = queue.frames.is_empty();
@@ -191,25 +191,22 @@ impl ConnHandle {
         Some(next)
     }
 
-    /// Asks the session to close with `code`; the first request wins. The session hears
-    /// it as it hears a queued frame (one wake-up signal for both: one waiting future less
-    /// in every idle session).
-    pub fn close(&self, code: u16) {
+    /// Asks the session to close (`why`); the first request wins. The session hears it as
+    /// it hears a queued frame (one wake-up signal for both: one waiting future less in
+    /// every idle session).
+    pub fn close(&self, why: Close) {
         if self
-            .close_code
-            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Relaxed)
+            .close
+            .compare_exchange(0, why.to_u8(), Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
         {
             self.queued.notify_one();
         }
     }
 
-    /// The code [`close`](Self::close) was called with, if it was.
-    pub fn close_code(&self) -> Option<u16> {
-        match self.close_code.load(Ordering::Acquire) {
-            0 => None,
-            code => Some(code),
-        }
+    /// The close [`close`](Self::close) asked for, if one was.
+    pub fn closing(&self) -> Option<Close> {
+        Close::from_u8(self.close.load(Ordering::Acquire))
     }
 
     /// Resolves at the next frame queued into an empty queue or close request, or at once
@@ -262,10 +259,10 @@ impl QueueRx {
     /// Returns once something is queued or a close was asked for (or, rarely, for
     /// nothing: a stale wake-up; the caller takes what there is with
     /// [`try_recv`](Self::try_recv), maybe none, and checks
-    /// [`close_code`](ConnHandle::close_code)). Holds no frame, so a session waiting on it
+    /// [`closing`](ConnHandle::closing)). Holds no frame, so a session waiting on it
     /// is no larger for it.
     pub async fn ready(&mut self) {
-        if self.conn.queue.lock().frames.is_empty() && self.conn.close_code().is_none() {
+        if self.conn.queue.lock().frames.is_empty() && self.conn.closing().is_none() {
             self.conn.queued.notified().await;
         }
     }

@@ -1,6 +1,7 @@
 //! Unit tests of the registry: targeting, limits, queues, preference changes.
 
 use super::*;
+use crate::protocol::Close;
 
 fn registry(per_user: usize, queue: usize, bytes: usize) -> Arc<Registry> {
     Registry::new(
@@ -128,7 +129,7 @@ async fn overflow_by_count_or_bytes_asks_for_4001() {
     conn.push("a".into()).unwrap();
     conn.push("b".into()).unwrap();
     assert_eq!(conn.push("c".into()), Err(PushError::Overflow));
-    assert_eq!(conn.close_code(), Some(4001));
+    assert_eq!(conn.closing(), Some(Close::TooSlow));
     assert_eq!(conn.push("d".into()), Err(PushError::Closed));
     assert_eq!(rx.recv().await.unwrap().frame.as_str(), "a");
 
@@ -137,5 +138,5 @@ async fn overflow_by_count_or_bytes_asks_for_4001() {
     conn.push("12345".into()).unwrap();
     conn.push("12345".into()).unwrap();
     assert_eq!(conn.push("1".into()), Err(PushError::Overflow));
-    assert_eq!(conn.close_code(), Some(4001));
+    assert_eq!(conn.closing(), Some(Close::TooSlow));
 }

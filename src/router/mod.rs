@@ -29,9 +29,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{After, Bus, BusEvent, BusMessage, Channel};
-use crate::gateway::protocol;
 use crate::metrics::Metrics;
 use crate::prefs::{Change, Prefs};
+use crate::protocol;
 use crate::registry::{PushError, Registry};
 use crate::types::{self, TypeRegistry};
 use recovery::Recovery;

@@ -17,9 +17,9 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use super::Router;
 use crate::bus::history::{self, Recovered};
 use crate::bus::{After, Bus, BusError};
-use crate::gateway::protocol;
 use crate::metrics::Metrics;
 use crate::prefs::Prefs;
+use crate::protocol;
 use crate::registry::Registry;
 
 /// What a recovery found.

@@ -211,7 +211,7 @@ async fn queued_frames_are_written_and_bad_frames_answered() {
         .unbounded_send(Ok(Message::Text(r#"{"t":"ping"}"#.into())))
         .unwrap();
     assert_eq!(h.out.next().await.unwrap(), Message::Text(protocol::pong()));
-    h.conn.close(4001);
+    h.conn.close(Close::TooSlow);
     assert_eq!(close_code(&h.out.next().await.unwrap()), Some(4001));
 }
 
@@ -236,7 +236,7 @@ async fn a_client_that_sends_but_never_reads_is_dropped_within_the_heartbeat_tim
         .await
         .expect("the session is stuck in a write")
         .unwrap();
-    assert_eq!(end, End::Dropped(4000));
+    assert_eq!(end, End::Dropped(Close::HeartbeatTimeout));
     assert!(
         started.elapsed() <= Duration::from_secs(61),
         "{:?}",
@@ -254,12 +254,12 @@ async fn a_close_request_ends_a_session_stuck_in_a_write() {
         .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!h.task.is_finished(), "waiting on the full socket");
-    h.conn.close(4001);
+    h.conn.close(Close::TooSlow);
     let end = tokio::time::timeout(Duration::from_secs(1), &mut h.task)
         .await
         .expect("the close request was not seen")
         .unwrap();
-    assert_eq!(end, End::Dropped(4001));
+    assert_eq!(end, End::Dropped(Close::TooSlow));
 }
 
 /// The token's expiry ends a session stuck in a write (the Ping it owes, here).
@@ -276,7 +276,7 @@ async fn token_expiry_ends_a_session_stuck_in_a_write() {
         .await
         .expect("expiry was not seen")
         .unwrap();
-    assert_eq!(end, End::Dropped(4003));
+    assert_eq!(end, End::Dropped(Close::TokenExpired));
 }
 
 /// RFC 6455: invalid UTF-8 in a text frame fails the connection with 1007, any other

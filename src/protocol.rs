@@ -7,6 +7,118 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+/// Why the server closes a WebSocket connection (DESIGN §3, "Close codes"): each with its
+/// code, the reason text sent with it, and the label it is counted under in
+/// `fanout_connections_closed_total`. docs/protocol.md's table lists the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// 1002: a frame that breaks RFC 6455.
+    ProtocolError,
+    /// 1007: a text frame that is not UTF-8.
+    InvalidPayload,
+    /// 1008: too many frames a second, or too many bad frames in a row.
+    Policy,
+    /// 1009: a message larger than `server.max_frame_bytes`.
+    TooBig,
+    /// 1012: the node is draining; the reason carries a jittered `retry_ms`.
+    Draining,
+    /// 1013: the user already has `server.max_connections_per_user` connections here.
+    UserFull,
+    /// 1013: the node filled up during the handshake.
+    NodeFull,
+    /// 4000: nothing received for `heartbeat.timeout`, or a write not taken for as long.
+    HeartbeatTimeout,
+    /// 4001: the connection's queue overflowed.
+    TooSlow,
+    /// 4003: the token expired.
+    TokenExpired,
+}
+
+impl Close {
+    /// The close code sent.
+    pub const fn code(self) -> u16 {
+        match self {
+            Close::ProtocolError => 1002,
+            Close::InvalidPayload => 1007,
+            Close::Policy => 1008,
+            Close::TooBig => 1009,
+            Close::Draining => 1012,
+            Close::UserFull | Close::NodeFull => 1013,
+            Close::HeartbeatTimeout => 4000,
+            Close::TooSlow => 4001,
+            Close::TokenExpired => 4003,
+        }
+    }
+
+    /// The reason text sent, except for [`Close::Draining`], whose reason is made per
+    /// connection ([`Close::reason`]).
+    const fn text(self) -> &'static str {
+        match self {
+            Close::ProtocolError => "protocol error",
+            Close::InvalidPayload => "invalid frame payload data",
+            Close::Policy => "policy violation",
+            Close::TooBig => "frame too big",
+            Close::Draining => "",
+            Close::UserFull => "too many connections for this user",
+            Close::NodeFull => "node at its connection limit",
+            Close::HeartbeatTimeout => "heartbeat timeout",
+            Close::TooSlow => "too slow: queue overflowed",
+            Close::TokenExpired => "token expired",
+        }
+    }
+
+    /// The reason sent with the code; a drain's is JSON with a `retry_ms` between 1000 and
+    /// 4999, drawn now, so the clients of a node do not all come back at once.
+    pub fn reason(self) -> String {
+        match self {
+            Close::Draining => {
+                let retry_ms = 1000 + rand::random::<u64>() % 4000;
+                format!(r#"{{"retry_ms":{retry_ms}}}"#)
+            }
+            other => other.text().to_owned(),
+        }
+    }
+
+    /// The label of `fanout_connections_closed_total` (the code, as text).
+    pub const fn label(self) -> &'static str {
+        match self {
+            Close::ProtocolError => "1002",
+            Close::InvalidPayload => "1007",
+            Close::Policy => "1008",
+            Close::TooBig => "1009",
+            Close::Draining => "1012",
+            Close::UserFull | Close::NodeFull => "1013",
+            Close::HeartbeatTimeout => "4000",
+            Close::TooSlow => "4001",
+            Close::TokenExpired => "4003",
+        }
+    }
+
+    /// Every close, for exporting the metric's labels at zero.
+    pub const ALL: [Close; 10] = [
+        Close::ProtocolError,
+        Close::InvalidPayload,
+        Close::Policy,
+        Close::TooBig,
+        Close::Draining,
+        Close::UserFull,
+        Close::NodeFull,
+        Close::HeartbeatTimeout,
+        Close::TooSlow,
+        Close::TokenExpired,
+    ];
+
+    /// A compact form for an atomic (0 is "none").
+    pub const fn to_u8(self) -> u8 {
+        self as u8 + 1
+    }
+
+    /// The inverse of [`to_u8`](Self::to_u8).
+    pub fn from_u8(n: u8) -> Option<Close> {
+        Close::ALL.get(usize::from(n).checked_sub(1)?).copied()
+    }
+}
+
 /// A frame a client sent.
 #[derive(Debug)]
 pub enum ClientFrame<'a> {
@@ -143,6 +255,19 @@ pub fn error(code: &str, message: &str, reference: Option<&str>) -> Utf8Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_close_has_one_code_label_and_compact_form() {
+        for close in Close::ALL {
+            assert_eq!(close.label(), close.code().to_string());
+            assert_eq!(Close::from_u8(close.to_u8()), Some(close));
+            assert!(!close.reason().is_empty());
+        }
+        assert_eq!(Close::from_u8(0), None);
+        let reason = Close::Draining.reason();
+        let retry: serde_json::Value = serde_json::from_str(&reason).unwrap();
+        assert!((1000..5000).contains(&retry["retry_ms"].as_u64().unwrap()));
+    }
 
     #[test]
     fn parses_every_client_frame() {
