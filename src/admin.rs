@@ -2,7 +2,7 @@
 //!
 //! `/readyz` answers 200 only while Kafka, the bus and the database are usable and the
 //! node is not draining; otherwise 503 with the reasons, so an operator sees why.
-//! Errors carry the JSON body of DESIGN §5 like the public port's ([`api::json_errors`]).
+//! Errors carry the JSON body of DESIGN §5 like the public port's ([`http::json_errors`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,8 +14,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::api::{self, json_error};
 use crate::bus::Bus;
+use crate::http::{self, json_error};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
@@ -79,7 +79,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/v1/stats", get(stats))
         .with_state(admin)
         .fallback(|| async { json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
-        .layer(axum::middleware::map_response(api::json_errors))
+        .layer(axum::middleware::map_response(http::json_errors))
 }
 
 async fn metrics(State(admin): State<Arc<Admin>>) -> Response {

@@ -1,7 +1,7 @@
 //! The public HTTP API (DESIGN §5) beside `/ws` on the public port.
 //!
 //! Errors are JSON `{"error": "<code>", "message": "…"}` with a fitting status — every
-//! one, axum's own answers (404, 405, a rejected path or body) included: [`json_errors`]
+//! one, axum's own answers (404, 405, a rejected path or body) included: [`http::json_errors`]
 //! wraps this router and the admin port's. A `{user}` in a path follows
 //! [`user_id::validate`]; a `POST`/`PUT` from a browser page must come from an origin
 //! `server.allowed_origins` lets in.
@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -19,60 +19,14 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::auth::{Authenticator, Denied};
 use crate::config::Settings;
 use crate::envelope;
-use crate::gateway::auth::{Authenticator, Denied};
 use crate::gateway::{self, Gateway};
+use crate::http::{self, json_error};
 use crate::kafka::Producer;
 use crate::prefs::{Prefs, PrefsError};
 use crate::user_id::{self, UserIdError};
-
-/// A JSON error response.
-pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, Json(json!({ "error": code, "message": message }))).into_response()
-}
-
-/// Largest non-JSON error body [`json_errors`] carries over as the message (axum's
-/// rejections are a line of text).
-const MAX_ERROR_TEXT: usize = 4096;
-
-/// Middleware (`axum::middleware::map_response`): an error status whose body is not JSON —
-/// axum's empty 405, the plain text of a path, query or body rejection — gets the JSON error
-/// body, with the status's name as code (`method_not_allowed`) and the text, if any, as
-/// message. Other headers (`Allow`) stay.
-pub async fn json_errors(response: Response) -> Response {
-    let status = response.status();
-    let is_json = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if is_json || !(status.is_client_error() || status.is_server_error()) {
-        return response;
-    }
-    let (parts, body) = response.into_parts();
-    let reason = status.canonical_reason().unwrap_or("error");
-    let text = axum::body::to_bytes(body, MAX_ERROR_TEXT)
-        .await
-        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
-        .unwrap_or_default();
-    let message = match (text.is_empty(), parts.headers.get(header::ALLOW)) {
-        (false, _) => text,
-        (true, Some(allow)) => format!(
-            "{reason}; this endpoint accepts {}",
-            allow.to_str().unwrap_or("other methods")
-        ),
-        (true, None) => reason.to_owned(),
-    };
-    let code = reason.to_ascii_lowercase().replace([' ', '-'], "_");
-    let mut out = json_error(status, &code, &message);
-    for (name, value) in &parts.headers {
-        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
-            out.headers_mut().append(name, value.clone());
-        }
-    }
-    out
-}
 
 /// Middleware: a state-changing request (`POST`, `PUT`, …) whose `Origin` is not let in by
 /// `server.allowed_origins` gets 403 before its handler runs (`/ws` checks on its own).
@@ -135,7 +89,7 @@ pub fn router(gateway: Arc<Gateway>, api: Arc<Api>) -> Router {
     };
     routes
         .fallback(|| async { json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
-        .layer(middleware::map_response(json_errors))
+        .layer(middleware::map_response(http::json_errors))
 }
 
 fn denied(d: Denied) -> Response {
@@ -265,7 +219,7 @@ async fn publish(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -
         }
     };
     let types = &api.prefs.types;
-    if types.unknown == crate::config::UnknownTypes::Reject && !types.contains(&env.msg_type) {
+    if types.unknown == crate::types::UnknownTypes::Reject && !types.contains(&env.msg_type) {
         return json_error(
             StatusCode::BAD_REQUEST,
             "unknown_type",

@@ -22,11 +22,12 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, Header, Outgoing};
-use crate::config::{KafkaConfig, OffsetReset, TypesConfig, UnknownTypes};
+use crate::clock::{now_ms, now_us};
+use crate::config::{KafkaConfig, OffsetReset};
 use crate::envelope::{self, Reject};
 use crate::kafka::{client_config, Producer};
 use crate::metrics::Metrics;
-use crate::router::{now_ms, now_us};
+use crate::types::{TypesConfig, UnknownTypes};
 
 /// Logs rebalances and keeps the partition gauge current.
 pub struct IngestContext {

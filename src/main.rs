@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use fanout::config::Settings;
 use fanout::envelope::Platform;
-use fanout::{app, gateway::auth, shutdown};
+use fanout::{app, auth, shutdown};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]

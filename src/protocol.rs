@@ -119,6 +119,18 @@ impl Close {
     }
 }
 
+/// An `error` frame for a client, counted in `errors` (`fanout_client_errors_total{code}`):
+/// every error reply goes through here.
+pub fn error_frame(
+    errors: &prometheus::IntCounterVec,
+    code: &str,
+    message: &str,
+    reference: Option<&str>,
+) -> Utf8Bytes {
+    errors.with_label_values(&[code]).inc();
+    error(code, message, reference)
+}
+
 /// A frame a client sent.
 #[derive(Debug)]
 pub enum ClientFrame<'a> {

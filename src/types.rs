@@ -6,10 +6,88 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::config::{TypesConfig, UnknownTypes};
+use serde::{Deserialize, Serialize};
 
 /// Most registered types (one bit each in a `u64`).
 pub const MAX_TYPES: usize = 64;
+
+/// What happens to a record whose type is not in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownTypes {
+    /// Deliver it to every target (it cannot be switched off).
+    #[default]
+    Deliver,
+    /// Reject it at ingest with reason `unknown_type`.
+    Reject,
+}
+
+/// One registered message type.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TypeConfig {
+    /// The `type` of the envelope.
+    pub name: String,
+    /// Enabled for users who never chose.
+    #[serde(default = "yes")]
+    pub default: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The type registry: `[[types]]` entries plus `types.unknown`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TypesConfig {
+    pub registry: Vec<TypeConfig>,
+    pub unknown: UnknownTypes,
+}
+
+/// `types` is an array of tables in TOML (`[[types]]`) but also carries `types.unknown`;
+/// this accepts the array, or a table `{unknown = …, list = […]}` (what env vars give).
+pub(crate) mod types_section {
+    use super::{TypeConfig, TypesConfig, UnknownTypes};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        List(Vec<TypeConfig>),
+        Table {
+            #[serde(default)]
+            unknown: UnknownTypes,
+            #[serde(default)]
+            list: Vec<TypeConfig>,
+        },
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TypesConfig, D::Error> {
+        Ok(match Repr::deserialize(d)? {
+            Repr::List(registry) => TypesConfig {
+                registry,
+                unknown: UnknownTypes::Deliver,
+            },
+            Repr::Table { unknown, list } => TypesConfig {
+                registry: list,
+                unknown,
+            },
+        })
+    }
+
+    pub fn serialize<S: Serializer>(t: &TypesConfig, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            unknown: UnknownTypes,
+            list: &'a [TypeConfig],
+        }
+        Out {
+            unknown: t.unknown,
+            list: &t.registry,
+        }
+        .serialize(s)
+    }
+}
 
 /// The registry, indexed for the hot path.
 #[derive(Debug, Clone)]
@@ -121,7 +199,6 @@ pub fn accepts(bits: u64, slot: TypeSlot) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::TypeConfig;
 
     fn registry() -> TypeRegistry {
         TypeRegistry::new(&TypesConfig {

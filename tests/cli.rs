@@ -107,7 +107,7 @@ fn token_mints_a_jwt_the_server_accepts() {
         jwt_secret: "s".into(),
         ..Default::default()
     };
-    let id = fanout::gateway::auth::Authenticator::new(&cfg)
+    let id = fanout::auth::Authenticator::new(&cfg)
         .unwrap()
         .verify(&token)
         .unwrap();

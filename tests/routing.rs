@@ -6,13 +6,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use fanout::bus::{local::LocalBus, BusMessage, Header};
-use fanout::config::{TypeConfig, TypesConfig, UnknownTypes};
+use fanout::clock::now_ms;
 use fanout::envelope::{Platform, Target};
 use fanout::metrics::Metrics;
 use fanout::prefs::Change;
 use fanout::registry::{Limits, Registry};
-use fanout::router::{now_ms, Router};
+use fanout::router::Router;
 use fanout::types::TypeRegistry;
+use fanout::types::{TypeConfig, TypesConfig, UnknownTypes};
 use proptest::prelude::*;
 
 const TYPES: usize = 4; // t0..t3 registered; "u" is not

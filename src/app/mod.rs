@@ -22,9 +22,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin, Health};
+use crate::auth::Authenticator;
 use crate::bus::{local::LocalBus, redis::RedisBus, Bus, EventSender};
 use crate::config::{mask_url_password, RedisConfig, Settings};
-use crate::gateway::{auth::Authenticator, Gateway};
+use crate::gateway::Gateway;
 use crate::ingest::{self, Ingest};
 use crate::kafka::{self, Producer};
 use crate::metrics::Metrics;

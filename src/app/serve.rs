@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
-use crate::api::json_error;
+use crate::http::json_error;
 
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY: usize = 2 << 20;

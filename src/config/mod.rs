@@ -18,6 +18,8 @@ mod tls;
 pub use sections::*;
 pub use tls::RedisScheme;
 
+use crate::types::{TypeConfig, TypesConfig, UnknownTypes};
+
 /// Where `ask` frames go in the embedded default (unless `kafka.upstream_topic` is given).
 pub const EMBEDDED_UPSTREAM_TOPIC: &str = "fanout.upstream";
 
@@ -66,7 +68,7 @@ pub struct Settings {
     pub recovery: RecoveryConfig,
     pub shutdown: ShutdownConfig,
     /// The message type registry (`[[types]]` entries) and `types.unknown`.
-    #[serde(rename = "types", with = "sections::types_section")]
+    #[serde(rename = "types", with = "crate::types::types_section")]
     pub types: TypesConfig,
 }
 

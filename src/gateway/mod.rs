@@ -4,7 +4,6 @@
 //! Every refusal before the upgrade is an HTTP status with a JSON body; a refusal after it
 //! (per-user limit) is a close code. Neither touches any other connection.
 
-pub mod auth;
 pub mod origin;
 mod resume;
 pub mod session;
@@ -25,16 +24,16 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::json_error;
+use crate::auth::{self, Authenticator, Identity};
 use crate::bus::Bus;
 use crate::config::Settings;
 use crate::envelope::Platform;
+use crate::http::json_error;
 use crate::kafka::Producer;
 use crate::metrics::Metrics;
 use crate::prefs::Prefs;
 use crate::protocol::{self, ClientFrame, Close, Hello};
 use crate::registry::{ConnHandle, RegisterError, Registration, Registry};
-use auth::{Authenticator, Identity};
 use session::{FrameHandler, Session};
 
 /// Read buffer per connection: small, since clients send little (DESIGN §9). tungstenite
@@ -66,18 +65,6 @@ pub struct Gateway {
     pub prefs: Arc<Prefs>,
     /// The bus, for the history a resuming connection replays.
     pub bus: Arc<dyn Bus>,
-}
-
-/// An `error` frame for a client, counted in `fanout_client_errors_total{code}`: every
-/// error reply goes through here.
-pub(crate) fn error_frame(
-    metrics: &Metrics,
-    code: &str,
-    message: &str,
-    reference: Option<&str>,
-) -> Utf8Bytes {
-    metrics.client_errors.with_label_values(&[code]).inc();
-    protocol::error(code, message, reference)
 }
 
 fn refuse(metrics: &Metrics, status: StatusCode, code: &str, message: &str) -> Response {
@@ -358,8 +345,8 @@ impl Gateway {
         let topic = &self.settings.kafka.upstream_topic;
         let Some(producer) = self.upstream.clone().filter(|_| !topic.is_empty()) else {
             self.metrics.asks.with_label_values(&["disabled"]).inc();
-            return Some(error_frame(
-                &self.metrics,
+            return Some(protocol::error_frame(
+                &self.metrics.client_errors,
                 "ask_disabled",
                 "this server has no kafka.upstream_topic",
                 reference.as_deref(),
@@ -389,8 +376,8 @@ impl Gateway {
                 Err(e) => {
                     tracing::warn!(conn = %conn.id, error = %e, "ask could not be produced");
                     metrics.asks.with_label_values(&["error"]).inc();
-                    error_frame(
-                        &metrics,
+                    protocol::error_frame(
+                        &metrics.client_errors,
                         "ask_failed",
                         "the message could not be delivered upstream; retry",
                         reference.as_deref(),
@@ -413,8 +400,8 @@ impl Gateway {
         reference: Option<String>,
     ) -> Option<Utf8Bytes> {
         if let Some(unknown) = self.prefs.types.first_unknown(choices.keys()) {
-            return Some(error_frame(
-                &self.metrics,
+            return Some(protocol::error_frame(
+                &self.metrics.client_errors,
                 "unknown_type",
                 &format!("unknown message type `{unknown}`"),
                 reference.as_deref(),
@@ -424,7 +411,12 @@ impl Gateway {
         tokio::spawn(async move {
             if let Err(e) = prefs.set(&conn.user, &choices).await {
                 tracing::warn!(user = %conn.user, error = %e, "prefs.set failed");
-                let reply = error_frame(&metrics, e.code(), &e.to_string(), reference.as_deref());
+                let reply = protocol::error_frame(
+                    &metrics.client_errors,
+                    e.code(),
+                    &e.to_string(),
+                    reference.as_deref(),
+                );
                 let _ = conn.push(reply);
             }
         });

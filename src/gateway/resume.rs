@@ -9,9 +9,9 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::Gateway;
 use crate::bus::history::{self, Replay};
+use crate::clock::now_ms;
 use crate::protocol::Resume;
 use crate::registry::ConnHandle;
-use crate::router::now_ms;
 use crate::types;
 
 /// Longest `since` looked up (ids are far shorter; anything longer is not one of ours).

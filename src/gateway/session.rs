@@ -36,12 +36,11 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
-use super::error_frame;
+use crate::clock::now_us;
 use crate::config::HeartbeatConfig;
 use crate::metrics::Metrics;
 use crate::protocol::{self, ClientFrame, Close};
 use crate::registry::{ConnHandle, QueueRx};
-use crate::router::now_us;
 
 /// Most queued frames written before one flush.
 const BATCH: usize = 64;
@@ -250,7 +249,7 @@ impl Session {
                         Message::Text(text) => self.on_text(&text, &mut bad_frames),
                         Message::Binary(_) => {
                             bad_frames += 1;
-                            Some(error_frame(&self.metrics, "bad_frame", "binary frames are not part of the protocol", None))
+                            Some(protocol::error_frame(&self.metrics.client_errors, "bad_frame", "binary frames are not part of the protocol", None))
                         }
                         Message::Close(_) => return End::ClientGone,
                         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
@@ -281,8 +280,8 @@ impl Session {
             }
             Err(bad) => {
                 *bad_frames += 1;
-                Some(error_frame(
-                    &self.metrics,
+                Some(protocol::error_frame(
+                    &self.metrics.client_errors,
                     "bad_frame",
                     &bad.message,
                     bad.reference.as_deref(),

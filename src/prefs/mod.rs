@@ -14,7 +14,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::bus::{Bus, BusError, Channel};
-use crate::router::now_ms;
+use crate::clock::now_ms;
 use crate::types::TypeRegistry;
 pub use store::{Store, StoreError};
 

@@ -150,7 +150,7 @@ impl Registry {
                 .filter(|c| c.push(frame.clone()).is_ok())
                 .count()
         } else {
-            let now = crate::router::now_ms();
+            let now = crate::clock::now_ms();
             if index.pending.len() >= PENDING_MAX {
                 index
                     .pending

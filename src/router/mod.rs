@@ -21,7 +21,7 @@ mod tests;
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{After, Bus, BusEvent, BusMessage, Channel};
+use crate::clock::{now_ms, now_us};
 use crate::metrics::Metrics;
 use crate::prefs::{Change, Prefs};
 use crate::protocol;
@@ -74,23 +75,6 @@ impl RecentIds {
         self.order.push_back(id);
         true
     }
-}
-
-/// Microseconds since the Unix epoch (stage latencies are measured across nodes, so with
-/// the wall clock).
-pub fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Routes bus messages to local connections.

@@ -214,8 +214,8 @@ impl Router {
 
 /// The notice for a connection that missed messages no history can give back.
 fn lost_frame(metrics: &Metrics) -> Utf8Bytes {
-    crate::gateway::error_frame(
-        metrics,
+    protocol::error_frame(
+        &metrics.client_errors,
         "messages_lost",
         "some messages for you could not be delivered; reload your state",
         None,

@@ -3,9 +3,9 @@
 use super::*;
 use crate::bus::local::LocalBus;
 use crate::bus::{After, Header, Outgoing, StreamKey};
-use crate::config::{TypeConfig, TypesConfig, UnknownTypes};
 use crate::envelope::Target;
 use crate::registry::Limits;
+use crate::types::{TypeConfig, TypesConfig, UnknownTypes};
 
 fn setup() -> (Router, Arc<Registry>) {
     let metrics = Arc::new(Metrics::new());

@@ -195,7 +195,7 @@ async fn queued_frames_are_written_and_bad_frames_answered() {
     let mut h = start(None);
     h.out.next().await.unwrap();
     h.conn
-        .push_msg("one".into(), 1, crate::router::now_ms(), now_us())
+        .push_msg("one".into(), 1, crate::clock::now_ms(), now_us())
         .unwrap();
     h.conn.push("two".into()).unwrap();
     assert_eq!(h.out.next().await.unwrap(), Message::Text("one".into()));
