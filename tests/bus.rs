@@ -470,3 +470,229 @@ async fn redis_positions_from_before_a_new_epoch_are_not_recovered_exactly() {
         .unwrap();
     assert!(!found.reset && found.messages.is_empty());
 }
+
+/// A plain client on the test Redis, for looking at keys behind the bus's back.
+async fn raw_redis() -> fred::prelude::Client {
+    let url =
+        std::env::var("FANOUT_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let client = fred::prelude::Client::new(
+        fred::prelude::Config::from_url(&url).unwrap(),
+        None,
+        None,
+        None,
+    );
+    fred::prelude::ClientLike::init(&client).await.unwrap();
+    client
+}
+
+async fn raw_command(client: &fred::prelude::Client, args: Vec<String>) -> fred::types::Value {
+    let mut args = args.into_iter();
+    let name = args.next().unwrap();
+    let cmd = fred::types::CustomCommand::new(name, fred::types::ClusterHash::FirstKey, false);
+    fred::prelude::ClientLike::custom(client, cmd, args.collect())
+        .await
+        .unwrap()
+}
+
+/// Bytes Redis uses for every key under `prefix` (`MEMORY USAGE … SAMPLES 0`: exact, and
+/// blind to what other tests do on the same server).
+async fn memory_under(client: &fred::prelude::Client, prefix: &str) -> (usize, i64) {
+    let keys = raw_command(client, vec!["KEYS".into(), format!("{prefix}:*")]).await;
+    let fred::types::Value::Array(keys) = keys else {
+        panic!("KEYS: {keys:?}");
+    };
+    let mut total = 0;
+    for key in &keys {
+        let key = key.as_string().unwrap();
+        let used = raw_command(
+            client,
+            vec![
+                "MEMORY".into(),
+                "USAGE".into(),
+                key,
+                "SAMPLES".into(),
+                "0".into(),
+            ],
+        )
+        .await;
+        total += used.as_i64().unwrap_or(0);
+    }
+    (keys.len(), total)
+}
+
+fn big_outgoing(id: &str, users: &[String], payload_bytes: usize) -> Outgoing {
+    let data = "x".repeat(payload_bytes);
+    Outgoing::new(
+        Header {
+            id: id.into(),
+            msg_type: "t".into(),
+            to: Target::Users(users.to_vec()),
+            ts: 1,
+            ttl_ms: None,
+            at_us: 0,
+        },
+        &format!(r#"{{"t":"msg","id":"{id}","data":"{data}"}}"#),
+    )
+}
+
+/// Issue 15 (4): a message to many users costs Redis its payload once plus a small entry
+/// per user, not the payload per user (which made one 151 KB record to 400 users cost
+/// 66 MB); and each of them still gets it back on resume.
+#[tokio::test]
+async fn redis_a_message_to_many_users_stores_its_payload_once() {
+    const USERS: usize = 1000;
+    const PAYLOAD: usize = 100 * 1024;
+    let prefix = prefix();
+    let bus = redis_bus(&prefix).await;
+    let client = raw_redis().await;
+    let users: Vec<String> = (0..USERS).map(|i| format!("user-{i:04}")).collect();
+    bus.publish_message(&outgoing("before", user("nobody")))
+        .await
+        .unwrap();
+    let (_, before) = memory_under(&client, &prefix).await;
+    let msg = big_outgoing("big", &users, PAYLOAD);
+    let body = msg.body().len();
+    let published = bus.publish_message(&msg).await.unwrap();
+    assert!(!published.duplicate);
+    let (keys, after) = memory_under(&client, &prefix).await;
+    let grown = (after - before) as usize;
+    // The body once (with its allocator slack), and per user a list of two short entries
+    // (~100 bytes in Redis 7).
+    let bound = 2 * body + USERS * 256;
+    eprintln!("{USERS} users, body {body} B: Redis grew by {grown} B over {keys} keys");
+    assert!(
+        grown <= bound,
+        "{USERS} users, body {body} B: Redis grew by {grown} B over {keys} keys, more than {bound} B"
+    );
+    for u in [&users[0], &users[USERS / 2], &users[USERS - 1]] {
+        let Replay::Recovered { messages, .. } = history::replay(&*bus, u, "before").await.unwrap()
+        else {
+            panic!("{u}: `before` is in the history");
+        };
+        assert_eq!(ids(&messages), ["big"], "{u}");
+        assert_eq!(messages[0].header.to, msg.header.to);
+        assert!(
+            msg.body().ends_with(messages[0].frame.as_bytes()),
+            "the frame as sent"
+        );
+    }
+    let Replay::Recovered { messages, .. } =
+        history::replay(&*bus, "user-x", "before").await.unwrap()
+    else {
+        panic!("`before` is in the history");
+    };
+    assert!(messages.is_empty(), "not for user-x");
+    let found = history::recover(&*bus, &[users[7].as_str().into()], published.seq - 1, None)
+        .await
+        .unwrap();
+    assert_eq!(ids(&found.messages), ["big"]);
+    assert!(found.lost_users.is_empty());
+}
+
+/// A message whose payload is gone from Redis (expired, evicted) while a stream still
+/// points at it is a gap, reported as such: never skipped silently.
+#[tokio::test]
+async fn redis_a_payload_gone_from_the_history_is_a_gap() {
+    let prefix = prefix();
+    let bus = redis_bus(&prefix).await;
+    let client = raw_redis().await;
+    bus.publish_message(&outgoing("g1", user("gus")))
+        .await
+        .unwrap();
+    let lost = bus
+        .publish_message(&outgoing(
+            "g2",
+            Target::Users(vec!["gus".into(), "gil".into()]),
+        ))
+        .await
+        .unwrap();
+    let last = bus
+        .publish_message(&outgoing("g3", user("gus")))
+        .await
+        .unwrap();
+    assert!(matches!(
+        history::replay(&*bus, "gil", "g1").await.unwrap(),
+        Replay::Recovered { ref messages, .. } if ids(messages) == ["g2"]
+    ));
+    raw_command(
+        &client,
+        vec!["DEL".into(), format!("{prefix}:b:{}", lost.seq)],
+    )
+    .await;
+    for u in ["gus", "gil"] {
+        assert!(
+            matches!(
+                history::replay(&*bus, u, "g1").await.unwrap(),
+                Replay::NotRecovered
+            ),
+            "{u}: g2 is gone"
+        );
+    }
+    assert!(matches!(
+        history::replay(&*bus, "gus", "g2").await.unwrap(),
+        Replay::Recovered { ref messages, .. } if ids(messages) == ["g3"]
+    ));
+    let users: Vec<Arc<str>> = vec!["gus".into(), "gil".into(), "guy".into()];
+    let found = history::recover(&*bus, &users, lost.seq - 1, None)
+        .await
+        .unwrap();
+    assert_eq!(ids(&found.messages), ["g3"]);
+    assert_eq!(found.head, last.seq);
+    assert_eq!(
+        found.lost_users,
+        [Arc::<str>::from("gus"), Arc::<str>::from("gil")]
+    );
+}
+
+/// A batch that touches more history streams than one script call takes is published in
+/// several calls, still in order and once, and every user's history has its messages.
+async fn a_batch_to_many_users_is_published_in_order(bus: Arc<dyn Bus>) {
+    let (live, stop) = subscribed(&bus).await;
+    let group = |n: usize| -> Vec<String> { (0..700).map(|i| format!("g{n}-{i}")).collect() };
+    let mut common = group(0);
+    common.push("zoe".into());
+    let batch = [
+        outgoing("z0", user("zoe")),
+        outgoing("z1", Target::Users(common)),
+        outgoing("z2", Target::Users(group(2))),
+        outgoing("z3", Target::All),
+        outgoing("z4", Target::Users(vec!["zoe".into(), "g2-5".into()])),
+    ];
+    let first = bus.publish_messages(&batch).await.unwrap();
+    let seqs: Vec<u64> = first.iter().map(|p| p.seq).collect();
+    assert_eq!(seqs, (seqs[0]..seqs[0] + 5).collect::<Vec<_>>());
+    assert!(first.iter().all(|p| !p.duplicate));
+    let again = bus.publish_messages(&batch).await.unwrap();
+    assert!(again.iter().all(|p| p.duplicate));
+    assert_eq!(again.iter().map(|p| p.seq).collect::<Vec<_>>(), seqs);
+    let heard: Vec<String> = live
+        .wait_for(5)
+        .await
+        .iter()
+        .map(|(_, p)| BusMessage::decode(p.clone()).unwrap().header.id)
+        .collect();
+    assert_eq!(heard, ["z0", "z1", "z2", "z3", "z4"], "each once, in order");
+    for (u, expected) in [
+        ("zoe", vec!["z1", "z3", "z4"]),
+        ("g0-699", vec!["z1", "z3"]),
+        ("g2-5", vec!["z2", "z3", "z4"]),
+        ("g2-699", vec!["z2", "z3"]),
+    ] {
+        let Replay::Recovered { messages, .. } = history::replay(&*bus, u, "z0").await.unwrap()
+        else {
+            panic!("{u}: z0 is in the history");
+        };
+        assert_eq!(ids(&messages), expected, "{u}");
+    }
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn redis_bus_publishes_a_batch_to_many_users_in_order() {
+    a_batch_to_many_users_is_published_in_order(redis_bus(&prefix()).await).await;
+}
+
+#[tokio::test]
+async fn local_bus_publishes_a_batch_to_many_users_in_order() {
+    a_batch_to_many_users_is_published_in_order(local_bus()).await;
+}

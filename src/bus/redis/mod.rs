@@ -1,12 +1,23 @@
 //! The Redis bus: scripts on one client, `SUBSCRIBE` on a dedicated subscriber client.
 //!
 //! Keys (all under `<prefix>:`): `seq` the cluster's message counter; `m:<id>` the
-//! sequence number of a published id (expires after `recovery.window`); `u:<user>` and
-//! `all` the history streams, whose entry ids are `<seq>-0` and whose one field `p` is the
-//! payload exactly as published; `epoch`, `<replication id> <first seq>` of the server's
-//! history line. [`PUBLISH_SCRIPT`] numbers, records and publishes in one atomic step, so
-//! history order is bus order; [`READ_SCRIPT`] reads the streams after a position and says
-//! whether any of it may have been trimmed (from `entries-added`, Redis 7).
+//! sequence number of a published id; `b:<seq>` a message's payload exactly as published,
+//! once however many streams it belongs to; `u:<user>` and `all` the history streams:
+//! lists of sequence numbers, oldest first, each pointing at a `b:<seq>`; `epoch`,
+//! `<replication id> <first seq>` of the server's history line. `m:` and `b:` keys expire
+//! `recovery.window` after the publish, streams that long after their last write.
+//! [`PUBLISH_SCRIPT`] numbers, records and publishes in one atomic step, so history order
+//! is bus order; [`READ_SCRIPT`] reads the streams after a position and says whether any of
+//! it may be missing.
+//!
+//! A stream is a list whose first element is a marker: `0` while nothing was trimmed from
+//! it, otherwise the number of an entry trimmed away (or `x`: the list was started again
+//! over stale or unreadable contents, see below). Then come at most `recovery.max_messages`
+//! sequence numbers. Trimming removes the oldest, so nothing after a position is gone if
+//! the marker is `0` or the first number left is at or before it; a `b:` key that has
+//! expired (or was evicted) is a missing entry too. A message to many users therefore costs
+//! Redis its payload once plus a few bytes per user (a list entry, or a small list for a
+//! user with no history yet), not the payload per user.
 //!
 //! Epochs: Redis replicates asynchronously, so a replica promoted by Sentinel (or a server
 //! restarted from its append-only file) may lack the last messages the old primary
@@ -59,13 +70,15 @@ end
 "#;
 
 /// Publishes a batch of messages in order. KEYS: seq, epoch, then per message its seen-id
-/// key and its stream keys; ARGV: max entries, window (s), bus channel, then per message its
-/// number of streams and its body. Returns `{seq, duplicate}` per message, flattened.
+/// key and its stream keys; ARGV: max entries, window (s), bus channel, body key prefix
+/// (`<prefix>:b:`), then per message its number of streams and its body. Returns
+/// `{seq, duplicate}` per message, flattened.
 pub const PUBLISH_SCRIPT: &str = r#"
 epoch_start()
+local max = tonumber(ARGV[1])
 local out = {}
 local k = 3
-for m = 4, #ARGV, 2 do
+for m = 5, #ARGV, 2 do
   local streams = tonumber(ARGV[m])
   local seen = redis.call('GET', KEYS[k])
   if seen then
@@ -73,14 +86,29 @@ for m = 4, #ARGV, 2 do
     out[#out + 1] = 1
   else
     local seq = redis.call('INCR', KEYS[1])
-    local payload = string.format('%d', seq) .. '\n' .. ARGV[m + 1]
-    local id = string.format('%d-0', seq)
+    local num = string.format('%d', seq)
+    local payload = num .. '\n' .. ARGV[m + 1]
+    if streams > 0 then
+      -- the payload once; each stream gets its number only
+      redis.call('SET', ARGV[4] .. num, payload, 'EX', ARGV[2])
+    end
     for i = k + 1, k + streams do
-      local added = redis.pcall('XADD', KEYS[i], 'MAXLEN', ARGV[1], id, 'p', payload)
-      if type(added) == 'table' and added.err then
-        -- entries from before the counter was lost: stale, start the stream again
+      local last = redis.pcall('LINDEX', KEYS[i], -1)
+      local len
+      if last == false then
+        -- a new stream (or one that expired a window after its last write)
+        len = redis.call('RPUSH', KEYS[i], '0', num)
+      elseif type(last) == 'string' and (tonumber(last) or seq) < seq then
+        len = redis.call('RPUSH', KEYS[i], num)
+      else
+        -- numbers from before the counter was lost, or not a list (an older layout):
+        -- stale; start again, marked as missing what came before
         redis.call('DEL', KEYS[i])
-        redis.call('XADD', KEYS[i], 'MAXLEN', ARGV[1], id, 'p', payload)
+        len = redis.call('RPUSH', KEYS[i], 'x', num)
+      end
+      if len > max + 1 then
+        -- the marker goes with the oldest; the oldest kept becomes the marker
+        redis.call('LTRIM', KEYS[i], -(max + 1), -1)
       end
       redis.call('EXPIRE', KEYS[i], ARGV[2])
     end
@@ -95,8 +123,8 @@ return out
 "#;
 
 /// KEYS: seq, epoch, seen id, streams…; ARGV: `id` or `seq`, after (for `seq`), max
-/// entries. Returns `{head, epoch start, after, {complete, payload…}…}`, or
-/// `{head, epoch start, -1}` for an unknown id.
+/// entries, body key prefix. Returns `{head, epoch start, after, {complete, payload…}…}`,
+/// or `{head, epoch start, -1}` for an unknown id.
 pub const READ_SCRIPT: &str = r#"
 local epoch = epoch_start()
 local head = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -108,30 +136,42 @@ if ARGV[1] == 'id' then
 else
   after = tonumber(ARGV[2])
 end
+local max = tonumber(ARGV[3])
 local out = {head, epoch, after}
 for i = 4, #KEYS do
   local read = {1}
-  if redis.call('EXISTS', KEYS[i]) == 1 then
+  local list = redis.pcall('LRANGE', KEYS[i], 0, -1)
+  if list.err then
+    -- not a list (an older layout): its entries cannot be read
+    read[1] = 0
+  elseif #list > 0 then
     -- Trimming removes the oldest entries: nothing after `after` is gone if nothing was
     -- ever trimmed, or if an entry at or before `after` is still there.
-    local info = redis.call('XINFO', 'STREAM', KEYS[i])
-    local len, added, first
-    for j = 1, #info, 2 do
-      if info[j] == 'length' then len = info[j + 1] end
-      if info[j] == 'entries-added' then added = info[j + 1] end
-      if info[j] == 'first-entry' then first = info[j + 1] end
-    end
-    local trimmed = (added == nil) or (added > len) -- before Redis 7: assume it was
-    if trimmed and first and tonumber(string.match(first[1], '^(%d+)')) > after then
+    if list[1] ~= '0' and not (list[2] and tonumber(list[2]) <= after) then
       read[1] = 0
     end
-    local entries = redis.call('XRANGE', KEYS[i], string.format('%d-0', after + 1), '+', 'COUNT', ARGV[3])
-    for _, e in ipairs(entries) do read[#read + 1] = e[2][2] end
+    for j = 2, #list do
+      if #read > max then break end
+      if tonumber(list[j]) > after then
+        local body = redis.call('GET', ARGV[4] .. list[j])
+        if body then
+          read[#read + 1] = body
+        else
+          -- expired or evicted: a missing entry, never skipped silently
+          read[1] = 0
+        end
+      end
+    end
   end
   out[#out + 1] = read
 end
 return out
 "#;
+
+/// Most history streams one publish script call appends to: a batch is split into calls at
+/// message boundaries so that one call stays short (a message to more users than this
+/// still goes in one call of its own).
+const STREAMS_PER_CALL: usize = 1024;
 
 /// Capacity of fred's pub/sub broadcast channel (messages buffered before lag).
 const BROADCAST_CAPACITY: usize = 1 << 16;
@@ -145,6 +185,8 @@ pub struct RedisBus {
     seq_key: String,
     epoch_key: String,
     all_key: String,
+    /// `<prefix>:b:`, followed by a sequence number: the key of a message's payload.
+    body_prefix: String,
     bus_channel: String,
     control_channel: String,
     publish_script: Script,
@@ -192,6 +234,7 @@ impl RedisBus {
             seq_key: format!("{prefix}:seq"),
             epoch_key: format!("{prefix}:epoch"),
             all_key: format!("{prefix}:all"),
+            body_prefix: format!("{prefix}:b:"),
             bus_channel: format!("{prefix}:bus"),
             control_channel: format!("{prefix}:control"),
             publish_script,
@@ -226,6 +269,54 @@ impl RedisBus {
         ];
         keys.extend(streams.into_iter().map(|k| self.stream_key(k)));
         keys
+    }
+
+    /// One [`PUBLISH_SCRIPT`] call for `msgs`.
+    async fn publish_call(&self, msgs: &[Outgoing]) -> Result<Vec<Published>, BusError> {
+        let mut keys = vec![self.seq_key.clone(), self.epoch_key.clone()];
+        let mut args: Vec<Value> = vec![
+            self.max_messages.as_str().into(),
+            self.window_secs.as_str().into(),
+            self.bus_channel.as_str().into(),
+            self.body_prefix.as_str().into(),
+        ];
+        for msg in msgs {
+            let streams = msg.streams();
+            keys.push(self.seen_key(&msg.header.id));
+            keys.extend(streams.iter().map(|k| self.stream_key(k)));
+            args.push(Value::Integer(streams.len() as i64));
+            args.push(Value::Bytes(msg.body().clone()));
+        }
+        let reply: Result<Value, _> = self
+            .publish_script
+            .evalsha_with_reload(&self.publisher, keys, args)
+            .await;
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) => {
+                self.metrics.bus_publish_errors.inc();
+                return Err(e.into());
+            }
+        };
+        let items = match reply {
+            Value::Array(items) if items.len() == 2 * msgs.len() => items,
+            other => return Err(BusError::Reply(format!("publish: {other:?}"))),
+        };
+        let published = items
+            .chunks(2)
+            .map(|pair| {
+                Ok(Published {
+                    seq: int(&pair[0])?.max(0) as u64,
+                    duplicate: int(&pair[1])? == 1,
+                })
+            })
+            .collect::<Result<Vec<_>, BusError>>()?;
+        let fresh = published.iter().filter(|p| !p.duplicate).count();
+        self.metrics
+            .bus_published
+            .with_label_values(&["bus"])
+            .inc_by(fresh as u64);
+        Ok(published)
     }
 
     fn channel_name(&self, channel: Channel) -> &str {
@@ -308,48 +399,23 @@ impl Bus for RedisBus {
     }
 
     async fn publish_messages(&self, msgs: &[Outgoing]) -> Result<Vec<Published>, BusError> {
-        let mut keys = vec![self.seq_key.clone(), self.epoch_key.clone()];
-        let mut args: Vec<Value> = vec![
-            self.max_messages.as_str().into(),
-            self.window_secs.as_str().into(),
-            self.bus_channel.as_str().into(),
-        ];
-        for msg in msgs {
-            let streams = msg.streams();
-            keys.push(self.seen_key(&msg.header.id));
-            keys.extend(streams.iter().map(|k| self.stream_key(k)));
-            args.push(Value::Integer(streams.len() as i64));
-            args.push(Value::Bytes(msg.body().clone()));
-        }
-        let reply: Result<Value, _> = self
-            .publish_script
-            .evalsha_with_reload(&self.publisher, keys, args)
-            .await;
-        let reply = match reply {
-            Ok(reply) => reply,
-            Err(e) => {
-                self.metrics.bus_publish_errors.inc();
-                return Err(e.into());
+        let mut published = Vec::with_capacity(msgs.len());
+        let mut rest = msgs;
+        while !rest.is_empty() {
+            // At least one message per call; more while their streams fit.
+            let mut streams = rest[0].stream_count();
+            let mut n = 1;
+            while n < rest.len() {
+                streams += rest[n].stream_count();
+                if streams > STREAMS_PER_CALL {
+                    break;
+                }
+                n += 1;
             }
-        };
-        let items = match reply {
-            Value::Array(items) if items.len() == 2 * msgs.len() => items,
-            other => return Err(BusError::Reply(format!("publish: {other:?}"))),
-        };
-        let published = items
-            .chunks(2)
-            .map(|pair| {
-                Ok(Published {
-                    seq: int(&pair[0])?.max(0) as u64,
-                    duplicate: int(&pair[1])? == 1,
-                })
-            })
-            .collect::<Result<Vec<_>, BusError>>()?;
-        let fresh = published.iter().filter(|p| !p.duplicate).count();
-        self.metrics
-            .bus_published
-            .with_label_values(&["bus"])
-            .inc_by(fresh as u64);
+            let (call, after) = rest.split_at(n);
+            published.extend(self.publish_call(call).await?);
+            rest = after;
+        }
         Ok(published)
     }
 
@@ -367,6 +433,7 @@ impl Bus for RedisBus {
             mode.into(),
             position.to_string().into(),
             self.max_messages.as_str().into(),
+            self.body_prefix.as_str().into(),
         ];
         let reply: Value = self
             .read_script
