@@ -696,3 +696,139 @@ async fn redis_bus_publishes_a_batch_to_many_users_in_order() {
 async fn local_bus_publishes_a_batch_to_many_users_in_order() {
     a_batch_to_many_users_is_published_in_order(local_bus()).await;
 }
+
+/// A message to more users than one script call appends to is written over several calls:
+/// still numbered in order, published once, and in every user's history.
+#[tokio::test]
+async fn redis_a_message_to_more_users_than_one_call_takes_is_published_whole() {
+    const USERS: usize = 2500;
+    let prefix = prefix();
+    let bus = redis_bus(&prefix).await;
+    let client = raw_redis().await;
+    let (live, stop) = subscribed(&bus).await;
+    let users: Vec<String> = (0..USERS).map(|i| format!("w{i}")).collect();
+    let batch = [
+        outgoing("w-before", user("w0")),
+        big_outgoing("w-big", &users, 1000),
+        outgoing("w-after", user("w2499")),
+    ];
+    let first = bus.publish_messages(&batch).await.unwrap();
+    let seqs: Vec<u64> = first.iter().map(|p| p.seq).collect();
+    assert_eq!(seqs, [seqs[0], seqs[0] + 1, seqs[0] + 2]);
+    assert!(first.iter().all(|p| !p.duplicate));
+    let again = bus.publish_messages(&batch).await.unwrap();
+    assert!(again.iter().all(|p| p.duplicate), "{again:?}");
+    assert_eq!(again.iter().map(|p| p.seq).collect::<Vec<_>>(), seqs);
+    let heard: Vec<String> = live
+        .wait_for(3)
+        .await
+        .iter()
+        .map(|(_, p)| BusMessage::decode(p.clone()).unwrap().header.id)
+        .collect();
+    assert_eq!(
+        heard,
+        ["w-before", "w-big", "w-after"],
+        "each once, in order"
+    );
+    for (u, expected) in [
+        ("w0", vec!["w-big"]),
+        ("w1500", vec!["w-big"]),
+        ("w2499", vec!["w-big", "w-after"]),
+        ("w2500", vec![]),
+    ] {
+        let Replay::Recovered { messages, head } =
+            history::replay(&*bus, u, "w-before").await.unwrap()
+        else {
+            panic!("{u}: w-before is in the history");
+        };
+        assert_eq!(ids(&messages), expected, "{u}");
+        assert_eq!(head, seqs[2]);
+    }
+    let pending = raw_command(&client, vec!["EXISTS".into(), format!("{prefix}:pending")]).await;
+    assert_eq!(pending.as_i64(), Some(0), "nothing left half written");
+    stop.cancel();
+}
+
+/// While a message is half written (its publisher between two calls) nobody reads it
+/// (the head stays before it) and other publishers wait; a publisher that stops for longer
+/// than its lease has its message aborted by the next one (its record, not committed, is
+/// published again), and streams that got its number skip it.
+#[tokio::test]
+async fn redis_a_half_written_message_is_not_read_and_is_aborted_after_its_lease() {
+    let prefix = prefix();
+    let bus = redis_bus(&prefix).await;
+    let client = raw_redis().await;
+    let h0 = bus
+        .publish_message(&outgoing("h0", user("hal")))
+        .await
+        .unwrap();
+    // What a publisher that stopped after its first call leaves.
+    let ghost = h0.seq + 1;
+    raw_command(&client, vec!["INCR".into(), format!("{prefix}:seq")]).await;
+    let body = format!("{ghost}\n{{\"id\":\"ghost\",\"type\":\"t\",\"to\":{{\"users\":[\"hal\",\"x\"]}},\"ts\":1}}\nframe ghost");
+    raw_command(
+        &client,
+        vec![
+            "SET".into(),
+            format!("{prefix}:b:{ghost}"),
+            body,
+            "EX".into(),
+            "60".into(),
+        ],
+    )
+    .await;
+    raw_command(
+        &client,
+        vec!["RPUSH".into(), format!("{prefix}:u:hal"), ghost.to_string()],
+    )
+    .await;
+    raw_command(
+        &client,
+        vec![
+            "SET".into(),
+            format!("{prefix}:pending"),
+            format!("{ghost} ghost"),
+        ],
+    )
+    .await;
+    raw_command(
+        &client,
+        vec![
+            "SET".into(),
+            format!("{prefix}:lease"),
+            "ghost".into(),
+            "PX".into(),
+            "600".into(),
+        ],
+    )
+    .await;
+
+    let read = bus.read_history(After::Seq(0), &[]).await.unwrap();
+    assert_eq!(
+        read.head, h0.seq,
+        "the half-written message is not there yet"
+    );
+    let Replay::Recovered { messages, head } = history::replay(&*bus, "hal", "h0").await.unwrap()
+    else {
+        panic!("h0 is in the history");
+    };
+    assert!(messages.is_empty() && head == h0.seq, "{messages:?} {head}");
+
+    let started = std::time::Instant::now();
+    let h1 = bus
+        .publish_message(&outgoing("h1", user("hal")))
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "waited for the lease: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(h1.seq, ghost + 1);
+    let Replay::Recovered { messages, head } = history::replay(&*bus, "hal", "h0").await.unwrap()
+    else {
+        panic!("h0 is in the history; the aborted message is not a gap");
+    };
+    assert_eq!(ids(&messages), ["h1"]);
+    assert_eq!(head, h1.seq);
+}
