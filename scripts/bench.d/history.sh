@@ -39,7 +39,7 @@ echo "==> $runs records of ~$record_bytes bytes to $users users each ($("$bin" -
 
 used_memory() { rcli info memory | tr -d '\r' | awk -F: '$1 == "used_memory" {print $2}'; }
 keys_bytes() {
-  rcli --scan --pattern "$prefix:*" | while read -r key; do rcli memory usage "$key" samples 0; done \
+  rcli --scan --pattern "$prefix:*" | awk '{print "MEMORY USAGE " $0 " SAMPLES 0"}' | rcli \
     | awk '{s += $1} END {print s + 0}'
 }
 
