@@ -832,3 +832,78 @@ async fn redis_a_half_written_message_is_not_read_and_is_aborted_after_its_lease
     assert_eq!(ids(&messages), ["h1"]);
     assert_eq!(head, h1.seq);
 }
+
+/// A publish of a message written in parts that failed half way (Redis blinked between two
+/// calls) is retried by ingest: the retry goes on with the message's number, once.
+#[tokio::test]
+async fn redis_a_retried_message_written_in_parts_keeps_its_number() {
+    let prefix = prefix();
+    let bus = redis_bus(&prefix).await;
+    let client = raw_redis().await;
+    let (live, stop) = subscribed(&bus).await;
+    let r0 = bus
+        .publish_message(&outgoing("r0", user("r5")))
+        .await
+        .unwrap();
+    let users: Vec<String> = (0..1100).map(|i| format!("r{i}")).collect();
+    let msg = big_outgoing("r-big", &users, 100);
+    // What its first call left before the error: a number, the payload, and `pending`.
+    let n = r0.seq + 1;
+    raw_command(&client, vec!["INCR".into(), format!("{prefix}:seq")]).await;
+    let payload = format!("{n}\n{}", std::str::from_utf8(msg.body()).unwrap());
+    raw_command(
+        &client,
+        vec![
+            "SET".into(),
+            format!("{prefix}:b:{n}"),
+            payload,
+            "EX".into(),
+            "60".into(),
+        ],
+    )
+    .await;
+    raw_command(
+        &client,
+        vec![
+            "SET".into(),
+            format!("{prefix}:pending"),
+            format!("{n} r-big"),
+        ],
+    )
+    .await;
+    raw_command(
+        &client,
+        vec![
+            "SET".into(),
+            format!("{prefix}:lease"),
+            "r-big".into(),
+            "PX".into(),
+            "5000".into(),
+        ],
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let published = bus.publish_message(&msg).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "did not wait for its own lease"
+    );
+    assert_eq!((published.seq, published.duplicate), (n, false));
+    let again = bus.publish_message(&msg).await.unwrap();
+    assert_eq!((again.seq, again.duplicate), (n, true));
+    let heard: Vec<String> = live
+        .wait_for(2)
+        .await
+        .iter()
+        .map(|(_, p)| BusMessage::decode(p.clone()).unwrap().header.id)
+        .collect();
+    assert_eq!(heard, ["r0", "r-big"], "published once");
+    for u in ["r5", "r1099"] {
+        let Replay::Recovered { messages, .. } = history::replay(&*bus, u, "r0").await.unwrap()
+        else {
+            panic!("{u}: r0 is in the history");
+        };
+        assert_eq!(ids(&messages), ["r-big"], "{u}");
+    }
+    stop.cancel();
+}
