@@ -470,3 +470,440 @@ async fn redis_positions_from_before_a_new_epoch_are_not_recovered_exactly() {
         .unwrap();
     assert!(!found.reset && found.messages.is_empty());
 }
+
+/// A plain client on the test Redis, for looking at keys behind the bus's back.
+async fn raw_redis() -> fred::prelude::Client {
+    let url =
+        std::env::var("FANOUT_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let client = fred::prelude::Client::new(
+        fred::prelude::Config::from_url(&url).unwrap(),
+        None,
+        None,
+        None,
+    );
+    fred::prelude::ClientLike::init(&client).await.unwrap();
+    client
+}
+
+async fn raw_command(client: &fred::prelude::Client, args: Vec<String>) -> fred::types::Value {
+    let mut args = args.into_iter();
+    let name = args.next().unwrap();
+    let cmd = fred::types::CustomCommand::new(name, fred::types::ClusterHash::FirstKey, false);
+    fred::prelude::ClientLike::custom(client, cmd, args.collect())
+        .await
+        .unwrap()
+}
+
+/// Bytes Redis uses for every key under `prefix` (`MEMORY USAGE … SAMPLES 0`: exact, and
+/// blind to what other tests do on the same server).
+async fn memory_under(client: &fred::prelude::Client, prefix: &str) -> (usize, i64) {
+    let keys = raw_command(client, vec!["KEYS".into(), format!("{prefix}:*")]).await;
+    let fred::types::Value::Array(keys) = keys else {
+        panic!("KEYS: {keys:?}");
+    };
+    let mut total = 0;
+    for key in &keys {
+        let key = key.as_string().unwrap();
+        let used = raw_command(
+            client,
+            vec![
+                "MEMORY".into(),
+                "USAGE".into(),
+                key,
+                "SAMPLES".into(),
+                "0".into(),
+            ],
+        )
+        .await;
+        total += used.as_i64().unwrap_or(0);
+    }
+    (keys.len(), total)
+}
+
+fn big_outgoing(id: &str, users: &[String], payload_bytes: usize) -> Outgoing {
+    let data = "x".repeat(payload_bytes);
+    Outgoing::new(
+        Header {
+            id: id.into(),
+            msg_type: "t".into(),
+            to: Target::Users(users.to_vec()),
+            ts: 1,
+            ttl_ms: None,
+            at_us: 0,
+        },
+        &format!(r#"{{"t":"msg","id":"{id}","data":"{data}"}}"#),
+    )
+}
+
+/// Issue 15 (4): a message to many users costs Redis its payload once plus a small entry
+/// per user, not the payload per user (which made one 151 KB record to 400 users cost
+/// 66 MB); and each of them still gets it back on resume.
+#[tokio::test]
+async fn redis_a_message_to_many_users_stores_its_payload_once() {
+    const USERS: usize = 1000;
+    const PAYLOAD: usize = 100 * 1024;
+    let prefix = prefix();
+    let bus = redis_bus(&prefix).await;
+    let client = raw_redis().await;
+    let users: Vec<String> = (0..USERS).map(|i| format!("user-{i:04}")).collect();
+    bus.publish_message(&outgoing("before", user("nobody")))
+        .await
+        .unwrap();
+    let (_, before) = memory_under(&client, &prefix).await;
+    let msg = big_outgoing("big", &users, PAYLOAD);
+    let body = msg.body().len();
+    let published = bus.publish_message(&msg).await.unwrap();
+    assert!(!published.duplicate);
+    let (keys, after) = memory_under(&client, &prefix).await;
+    let grown = (after - before) as usize;
+    // The body once (with its allocator slack), and per user a list of two short entries
+    // (~100 bytes in Redis 7).
+    let bound = 2 * body + USERS * 256;
+    eprintln!("{USERS} users, body {body} B: Redis grew by {grown} B over {keys} keys");
+    assert!(
+        grown <= bound,
+        "{USERS} users, body {body} B: Redis grew by {grown} B over {keys} keys, more than {bound} B"
+    );
+    for u in [&users[0], &users[USERS / 2], &users[USERS - 1]] {
+        let Replay::Recovered { messages, .. } = history::replay(&*bus, u, "before").await.unwrap()
+        else {
+            panic!("{u}: `before` is in the history");
+        };
+        assert_eq!(ids(&messages), ["big"], "{u}");
+        assert_eq!(messages[0].header.to, msg.header.to);
+        assert!(
+            msg.body().ends_with(messages[0].frame.as_bytes()),
+            "the frame as sent"
+        );
+    }
+    let Replay::Recovered { messages, .. } =
+        history::replay(&*bus, "user-x", "before").await.unwrap()
+    else {
+        panic!("`before` is in the history");
+    };
+    assert!(messages.is_empty(), "not for user-x");
+    let found = history::recover(&*bus, &[users[7].as_str().into()], published.seq - 1, None)
+        .await
+        .unwrap();
+    assert_eq!(ids(&found.messages), ["big"]);
+    assert!(found.lost_users.is_empty());
+}
+
+/// A message whose payload is gone from Redis (expired, evicted) while a stream still
+/// points at it is a gap, reported as such: never skipped silently.
+#[tokio::test]
+async fn redis_a_payload_gone_from_the_history_is_a_gap() {
+    let prefix = prefix();
+    let bus = redis_bus(&prefix).await;
+    let client = raw_redis().await;
+    bus.publish_message(&outgoing("g1", user("gus")))
+        .await
+        .unwrap();
+    let lost = bus
+        .publish_message(&outgoing(
+            "g2",
+            Target::Users(vec!["gus".into(), "gil".into()]),
+        ))
+        .await
+        .unwrap();
+    let last = bus
+        .publish_message(&outgoing("g3", user("gus")))
+        .await
+        .unwrap();
+    assert!(matches!(
+        history::replay(&*bus, "gil", "g1").await.unwrap(),
+        Replay::Recovered { ref messages, .. } if ids(messages) == ["g2"]
+    ));
+    raw_command(
+        &client,
+        vec!["DEL".into(), format!("{prefix}:b:{}", lost.seq)],
+    )
+    .await;
+    for u in ["gus", "gil"] {
+        assert!(
+            matches!(
+                history::replay(&*bus, u, "g1").await.unwrap(),
+                Replay::NotRecovered
+            ),
+            "{u}: g2 is gone"
+        );
+    }
+    assert!(matches!(
+        history::replay(&*bus, "gus", "g2").await.unwrap(),
+        Replay::Recovered { ref messages, .. } if ids(messages) == ["g3"]
+    ));
+    let users: Vec<Arc<str>> = vec!["gus".into(), "gil".into(), "guy".into()];
+    let found = history::recover(&*bus, &users, lost.seq - 1, None)
+        .await
+        .unwrap();
+    assert_eq!(ids(&found.messages), ["g3"]);
+    assert_eq!(found.head, last.seq);
+    assert_eq!(
+        found.lost_users,
+        [Arc::<str>::from("gus"), Arc::<str>::from("gil")]
+    );
+}
+
+/// A batch that touches more history streams than one script call takes is published in
+/// several calls, still in order and once, and every user's history has its messages.
+async fn a_batch_to_many_users_is_published_in_order(bus: Arc<dyn Bus>) {
+    let (live, stop) = subscribed(&bus).await;
+    let group = |n: usize| -> Vec<String> { (0..700).map(|i| format!("g{n}-{i}")).collect() };
+    let mut common = group(0);
+    common.push("zoe".into());
+    let batch = [
+        outgoing("z0", user("zoe")),
+        outgoing("z1", Target::Users(common)),
+        outgoing("z2", Target::Users(group(2))),
+        outgoing("z3", Target::All),
+        outgoing("z4", Target::Users(vec!["zoe".into(), "g2-5".into()])),
+    ];
+    let first = bus.publish_messages(&batch).await.unwrap();
+    let seqs: Vec<u64> = first.iter().map(|p| p.seq).collect();
+    assert_eq!(seqs, (seqs[0]..seqs[0] + 5).collect::<Vec<_>>());
+    assert!(first.iter().all(|p| !p.duplicate));
+    let again = bus.publish_messages(&batch).await.unwrap();
+    assert!(again.iter().all(|p| p.duplicate));
+    assert_eq!(again.iter().map(|p| p.seq).collect::<Vec<_>>(), seqs);
+    let heard: Vec<String> = live
+        .wait_for(5)
+        .await
+        .iter()
+        .map(|(_, p)| BusMessage::decode(p.clone()).unwrap().header.id)
+        .collect();
+    assert_eq!(heard, ["z0", "z1", "z2", "z3", "z4"], "each once, in order");
+    for (u, expected) in [
+        ("zoe", vec!["z1", "z3", "z4"]),
+        ("g0-699", vec!["z1", "z3"]),
+        ("g2-5", vec!["z2", "z3", "z4"]),
+        ("g2-699", vec!["z2", "z3"]),
+    ] {
+        let Replay::Recovered { messages, .. } = history::replay(&*bus, u, "z0").await.unwrap()
+        else {
+            panic!("{u}: z0 is in the history");
+        };
+        assert_eq!(ids(&messages), expected, "{u}");
+    }
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn redis_bus_publishes_a_batch_to_many_users_in_order() {
+    a_batch_to_many_users_is_published_in_order(redis_bus(&prefix()).await).await;
+}
+
+#[tokio::test]
+async fn local_bus_publishes_a_batch_to_many_users_in_order() {
+    a_batch_to_many_users_is_published_in_order(local_bus()).await;
+}
+
+/// A message to more users than one script call appends to is written over several calls:
+/// still numbered in order, published once, and in every user's history.
+#[tokio::test]
+async fn redis_a_message_to_more_users_than_one_call_takes_is_published_whole() {
+    const USERS: usize = 2500;
+    let prefix = prefix();
+    let bus = redis_bus(&prefix).await;
+    let client = raw_redis().await;
+    let (live, stop) = subscribed(&bus).await;
+    let users: Vec<String> = (0..USERS).map(|i| format!("w{i}")).collect();
+    let batch = [
+        outgoing("w-before", user("w0")),
+        big_outgoing("w-big", &users, 1000),
+        outgoing("w-after", user("w2499")),
+    ];
+    let first = bus.publish_messages(&batch).await.unwrap();
+    let seqs: Vec<u64> = first.iter().map(|p| p.seq).collect();
+    assert_eq!(seqs, [seqs[0], seqs[0] + 1, seqs[0] + 2]);
+    assert!(first.iter().all(|p| !p.duplicate));
+    let again = bus.publish_messages(&batch).await.unwrap();
+    assert!(again.iter().all(|p| p.duplicate), "{again:?}");
+    assert_eq!(again.iter().map(|p| p.seq).collect::<Vec<_>>(), seqs);
+    let heard: Vec<String> = live
+        .wait_for(3)
+        .await
+        .iter()
+        .map(|(_, p)| BusMessage::decode(p.clone()).unwrap().header.id)
+        .collect();
+    assert_eq!(
+        heard,
+        ["w-before", "w-big", "w-after"],
+        "each once, in order"
+    );
+    for (u, expected) in [
+        ("w0", vec!["w-big"]),
+        ("w1500", vec!["w-big"]),
+        ("w2499", vec!["w-big", "w-after"]),
+        ("w2500", vec![]),
+    ] {
+        let Replay::Recovered { messages, head } =
+            history::replay(&*bus, u, "w-before").await.unwrap()
+        else {
+            panic!("{u}: w-before is in the history");
+        };
+        assert_eq!(ids(&messages), expected, "{u}");
+        assert_eq!(head, seqs[2]);
+    }
+    let pending = raw_command(&client, vec!["EXISTS".into(), format!("{prefix}:pending")]).await;
+    assert_eq!(pending.as_i64(), Some(0), "nothing left half written");
+    stop.cancel();
+}
+
+/// While a message is half written (its publisher between two calls) nobody reads it
+/// (the head stays before it) and other publishers wait; a publisher that stops for longer
+/// than its lease has its message aborted by the next one (its record, not committed, is
+/// published again), and streams that got its number skip it.
+#[tokio::test]
+async fn redis_a_half_written_message_is_not_read_and_is_aborted_after_its_lease() {
+    let prefix = prefix();
+    let bus = redis_bus(&prefix).await;
+    let client = raw_redis().await;
+    let h0 = bus
+        .publish_message(&outgoing("h0", user("hal")))
+        .await
+        .unwrap();
+    // What a publisher that stopped after its first call leaves.
+    let ghost = h0.seq + 1;
+    raw_command(&client, vec!["INCR".into(), format!("{prefix}:seq")]).await;
+    let body = format!("{ghost}\n{{\"id\":\"ghost\",\"type\":\"t\",\"to\":{{\"users\":[\"hal\",\"x\"]}},\"ts\":1}}\nframe ghost");
+    raw_command(
+        &client,
+        vec![
+            "SET".into(),
+            format!("{prefix}:b:{ghost}"),
+            body,
+            "EX".into(),
+            "60".into(),
+        ],
+    )
+    .await;
+    raw_command(
+        &client,
+        vec!["RPUSH".into(), format!("{prefix}:u:hal"), ghost.to_string()],
+    )
+    .await;
+    raw_command(
+        &client,
+        vec![
+            "SET".into(),
+            format!("{prefix}:pending"),
+            format!("{ghost} ghost"),
+        ],
+    )
+    .await;
+    raw_command(
+        &client,
+        vec![
+            "SET".into(),
+            format!("{prefix}:lease"),
+            "ghost".into(),
+            "PX".into(),
+            "600".into(),
+        ],
+    )
+    .await;
+
+    let read = bus.read_history(After::Seq(0), &[]).await.unwrap();
+    assert_eq!(
+        read.head, h0.seq,
+        "the half-written message is not there yet"
+    );
+    let Replay::Recovered { messages, head } = history::replay(&*bus, "hal", "h0").await.unwrap()
+    else {
+        panic!("h0 is in the history");
+    };
+    assert!(messages.is_empty() && head == h0.seq, "{messages:?} {head}");
+
+    let started = std::time::Instant::now();
+    let h1 = bus
+        .publish_message(&outgoing("h1", user("hal")))
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "waited for the lease: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(h1.seq, ghost + 1);
+    let Replay::Recovered { messages, head } = history::replay(&*bus, "hal", "h0").await.unwrap()
+    else {
+        panic!("h0 is in the history; the aborted message is not a gap");
+    };
+    assert_eq!(ids(&messages), ["h1"]);
+    assert_eq!(head, h1.seq);
+}
+
+/// A publish of a message written in parts that failed half way (Redis blinked between two
+/// calls) is retried by ingest: the retry goes on with the message's number, once.
+#[tokio::test]
+async fn redis_a_retried_message_written_in_parts_keeps_its_number() {
+    let prefix = prefix();
+    let bus = redis_bus(&prefix).await;
+    let client = raw_redis().await;
+    let (live, stop) = subscribed(&bus).await;
+    let r0 = bus
+        .publish_message(&outgoing("r0", user("r5")))
+        .await
+        .unwrap();
+    let users: Vec<String> = (0..1100).map(|i| format!("r{i}")).collect();
+    let msg = big_outgoing("r-big", &users, 100);
+    // What its first call left before the error: a number, the payload, and `pending`.
+    let n = r0.seq + 1;
+    raw_command(&client, vec!["INCR".into(), format!("{prefix}:seq")]).await;
+    let payload = format!("{n}\n{}", std::str::from_utf8(msg.body()).unwrap());
+    raw_command(
+        &client,
+        vec![
+            "SET".into(),
+            format!("{prefix}:b:{n}"),
+            payload,
+            "EX".into(),
+            "60".into(),
+        ],
+    )
+    .await;
+    raw_command(
+        &client,
+        vec![
+            "SET".into(),
+            format!("{prefix}:pending"),
+            format!("{n} r-big"),
+        ],
+    )
+    .await;
+    raw_command(
+        &client,
+        vec![
+            "SET".into(),
+            format!("{prefix}:lease"),
+            "r-big".into(),
+            "PX".into(),
+            "5000".into(),
+        ],
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let published = bus.publish_message(&msg).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "did not wait for its own lease"
+    );
+    assert_eq!((published.seq, published.duplicate), (n, false));
+    let again = bus.publish_message(&msg).await.unwrap();
+    assert_eq!((again.seq, again.duplicate), (n, true));
+    let heard: Vec<String> = live
+        .wait_for(2)
+        .await
+        .iter()
+        .map(|(_, p)| BusMessage::decode(p.clone()).unwrap().header.id)
+        .collect();
+    assert_eq!(heard, ["r0", "r-big"], "published once");
+    for u in ["r5", "r1099"] {
+        let Replay::Recovered { messages, .. } = history::replay(&*bus, u, "r0").await.unwrap()
+        else {
+            panic!("{u}: r0 is in the history");
+        };
+        assert_eq!(ids(&messages), ["r-big"], "{u}");
+    }
+    stop.cancel();
+}

@@ -6,7 +6,9 @@
 //! the next **sequence number** of the cluster, appends it to the
 //! history stream of each user it targets (or the broadcast stream for `to.all`), and
 //! publishes it on `<prefix>:bus`. So the history and the live bus have one order, and a
-//! record Kafka delivers twice (same id) is published once. Preference changes go on
+//! record Kafka delivers twice (same id) is published once. The history keeps a message's
+//! payload once, however many streams it is in: a stream entry costs a few bytes, so a
+//! message to many users costs its payload plus a small entry per user. Preference changes go on
 //! `<prefix>:control` with plain [`Bus::publish`]. Every node subscribes to both.
 //!
 //! Invariants:
@@ -265,6 +267,15 @@ impl Outgoing {
     /// `<header JSON>\n<frame>`: the bus prefixes it with `<seq>\n`.
     pub fn body(&self) -> &Bytes {
         &self.body
+    }
+
+    /// How many history streams this message belongs to (`streams().len()`).
+    pub fn stream_count(&self) -> usize {
+        match &self.header.to {
+            Target::User { .. } | Target::All => 1,
+            Target::Users(users) => users.len(),
+            Target::Conn(_) => 0,
+        }
     }
 
     /// The history streams this message belongs to. A `to.conn` message has none: the

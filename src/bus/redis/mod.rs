@@ -1,12 +1,31 @@
 //! The Redis bus: scripts on one client, `SUBSCRIBE` on a dedicated subscriber client.
 //!
 //! Keys (all under `<prefix>:`): `seq` the cluster's message counter; `m:<id>` the
-//! sequence number of a published id (expires after `recovery.window`); `u:<user>` and
-//! `all` the history streams, whose entry ids are `<seq>-0` and whose one field `p` is the
-//! payload exactly as published; `epoch`, `<replication id> <first seq>` of the server's
-//! history line. [`PUBLISH_SCRIPT`] numbers, records and publishes in one atomic step, so
-//! history order is bus order; [`READ_SCRIPT`] reads the streams after a position and says
-//! whether any of it may have been trimmed (from `entries-added`, Redis 7).
+//! sequence number of a published id; `b:<seq>` a message's payload exactly as published,
+//! once however many streams it belongs to; `u:<user>` and `all` the history streams:
+//! lists of sequence numbers, oldest first, each pointing at a `b:<seq>`; `epoch`,
+//! `<replication id> <first seq>` of the server's history line. `m:` and `b:` keys expire
+//! `recovery.window` after the publish, streams that long after their last write.
+//! [`PUBLISH_SCRIPT`] numbers, records and publishes in one atomic step, so history order
+//! is bus order; [`READ_SCRIPT`] reads the streams after a position and says whether any of
+//! it may be missing.
+//!
+//! A stream is a list whose first element is a marker: `0` while nothing was trimmed from
+//! it, otherwise the number of an entry trimmed away (or `x`: the list was started again
+//! over stale or unreadable contents, see below). Then come at most `recovery.max_messages`
+//! sequence numbers. Trimming removes the oldest, so nothing after a position is gone if
+//! the marker is `0` or the first number left is at or before it; a `b:` key that has
+//! expired (or was evicted) is a missing entry too. A message to many users therefore costs
+//! Redis its payload once plus a few bytes per user (a list entry, or a small list for a
+//! user with no history yet), not the payload per user.
+//!
+//! One script call appends to at most [`STREAMS_PER_CALL`] streams, so that it stays short:
+//! a batch is split at message boundaries, and a message to more users is written over
+//! several calls ([`CHUNK_SCRIPT`]). Until its last call publishes it, `pending` names it:
+//! reads take the number before it as the head (so nobody reads it half written; it comes
+//! live), other publishers of the cluster wait, and a publisher that stops for longer than
+//! its `lease` has the message aborted by the next one (its Kafka record was not committed
+//! and is published again under a new number).
 //!
 //! Epochs: Redis replicates asynchronously, so a replica promoted by Sentinel (or a server
 //! restarted from its append-only file) may lack the last messages the old primary
@@ -58,14 +77,63 @@ local function epoch_start()
 end
 "#;
 
-/// Publishes a batch of messages in order. KEYS: seq, epoch, then per message its seen-id
-/// key and its stream keys; ARGV: max entries, window (s), bus channel, then per message its
-/// number of streams and its body. Returns `{seq, duplicate}` per message, flattened.
+/// Lua shared by both publish scripts: `append(key, seq, max, window)` adds a number to a
+/// history stream (see the module comment; a number already last in it is not added
+/// again), and `pending_check(pend, lease, body_prefix, id)` looks at the message whose
+/// appends are split over several calls: `nil` when there is none (or its publisher was
+/// presumed dead and it was aborted), else its number and whether `id` is that message.
+const PUBLISH_LUA: &str = r#"
+local function append(key, seq, max, window)
+  local num = string.format('%d', seq)
+  local last = redis.pcall('LINDEX', key, -1)
+  local len
+  if last == false then
+    -- a new stream (or one that expired a window after its last write)
+    len = redis.call('RPUSH', key, '0', num)
+  elseif type(last) == 'string' and tonumber(last) == seq then
+    return -- a retried chunk
+  elseif type(last) == 'string' and (tonumber(last) or seq) < seq then
+    len = redis.call('RPUSH', key, num)
+  else
+    -- numbers from before the counter was lost, or not a list (an older layout): stale;
+    -- start again, marked as missing what came before
+    redis.call('DEL', key)
+    len = redis.call('RPUSH', key, 'x', num)
+  end
+  if len > max + 1 then
+    -- the marker goes with the oldest; the oldest kept becomes the marker
+    redis.call('LTRIM', key, -(max + 1), -1)
+  end
+  redis.call('EXPIRE', key, window)
+end
+
+local function pending_check(pend, lease, body_prefix, id)
+  local current = redis.call('GET', pend)
+  if not current then return nil end
+  local n, owner = string.match(current, '^(%d+) (.*)$')
+  if owner == id then return tonumber(n), true end
+  if redis.call('EXISTS', lease) == 1 then return tonumber(n), false end
+  -- Its publisher stopped for longer than the lease: the message was never published on
+  -- the bus and will be again (its record's offset was not stored), under a new number.
+  -- Streams that got this number skip it: its payload becomes empty.
+  redis.call('SET', body_prefix .. n, '', 'KEEPTTL')
+  redis.call('DEL', pend)
+  return nil
+end
+"#;
+
+/// Publishes a batch of messages in order. KEYS: seq, epoch, pending, lease, then per
+/// message its seen-id key and its stream keys; ARGV: max entries, window (s), bus channel,
+/// body key prefix (`<prefix>:b:`), then per message its number of streams and its body.
+/// Returns `{seq, duplicate}` per message, flattened, or `{-1}` while another publisher's
+/// message is half written ([`CHUNK_SCRIPT`]): nothing was done, call again.
 pub const PUBLISH_SCRIPT: &str = r#"
 epoch_start()
+if pending_check(KEYS[3], KEYS[4], ARGV[4], '') then return {-1} end
+local max = tonumber(ARGV[1])
 local out = {}
-local k = 3
-for m = 4, #ARGV, 2 do
+local k = 5
+for m = 5, #ARGV, 2 do
   local streams = tonumber(ARGV[m])
   local seen = redis.call('GET', KEYS[k])
   if seen then
@@ -74,16 +142,11 @@ for m = 4, #ARGV, 2 do
   else
     local seq = redis.call('INCR', KEYS[1])
     local payload = string.format('%d', seq) .. '\n' .. ARGV[m + 1]
-    local id = string.format('%d-0', seq)
-    for i = k + 1, k + streams do
-      local added = redis.pcall('XADD', KEYS[i], 'MAXLEN', ARGV[1], id, 'p', payload)
-      if type(added) == 'table' and added.err then
-        -- entries from before the counter was lost: stale, start the stream again
-        redis.call('DEL', KEYS[i])
-        redis.call('XADD', KEYS[i], 'MAXLEN', ARGV[1], id, 'p', payload)
-      end
-      redis.call('EXPIRE', KEYS[i], ARGV[2])
+    if streams > 0 then
+      -- the payload once; each stream gets its number only
+      redis.call('SET', ARGV[4] .. string.format('%d', seq), payload, 'EX', ARGV[2])
     end
+    for i = k + 1, k + streams do append(KEYS[i], seq, max, ARGV[2]) end
     redis.call('PUBLISH', ARGV[3], payload)
     redis.call('SET', KEYS[k], seq, 'EX', ARGV[2])
     out[#out + 1] = seq
@@ -94,12 +157,59 @@ end
 return out
 "#;
 
-/// KEYS: seq, epoch, seen id, streams…; ARGV: `id` or `seq`, after (for `seq`), max
-/// entries. Returns `{head, epoch start, after, {complete, payload…}…}`, or
-/// `{head, epoch start, -1}` for an unknown id.
+/// One part of a message to more streams than one call appends to. KEYS: seq, epoch,
+/// pending, lease, seen id, streams of this part; ARGV: max entries, window (s), bus channel,
+/// body key prefix, id, `first` / `more` / `last`, body (`first`) or sequence number.
+///
+/// `first` numbers the message (unless its id was published: `{seq, 1}`), stores its
+/// payload and records `<n> <id>` in `pending`; `last` publishes it on the bus, remembers
+/// its id and clears `pending`. Meanwhile reads take `n - 1` as the head (the message is
+/// not there yet for anyone), other publishers wait (`{-1}`), and each call renews a lease
+/// of [`LEASE_MS`]: a publisher that stops for longer has its message aborted by the next
+/// one (its record is published again). `{-2}`: this message was aborted, start again with
+/// `first`. A `first` for the id already pending goes on with its number.
+pub const CHUNK_SCRIPT: &str = r#"
+epoch_start()
+local max = tonumber(ARGV[1])
+local n, mine = pending_check(KEYS[3], KEYS[4], ARGV[4], ARGV[5])
+local seq
+if ARGV[6] == 'first' then
+  if n and not mine then return {-1} end
+  seq = n
+  if not seq then
+    local seen = redis.call('GET', KEYS[5])
+    if seen then return {tonumber(seen), 1} end
+    seq = redis.call('INCR', KEYS[1])
+    local num = string.format('%d', seq)
+    redis.call('SET', ARGV[4] .. num, num .. '\n' .. ARGV[7], 'EX', ARGV[2])
+    redis.call('SET', KEYS[3], num .. ' ' .. ARGV[5])
+  end
+else
+  if not (mine and n == tonumber(ARGV[7])) then return {-2} end
+  seq = n
+end
+redis.call('SET', KEYS[4], ARGV[5], 'PX', ARGV[8])
+for i = 6, #KEYS do append(KEYS[i], seq, max, ARGV[2]) end
+if ARGV[6] == 'last' then
+  local payload = redis.call('GET', ARGV[4] .. string.format('%d', seq))
+  redis.call('PUBLISH', ARGV[3], payload)
+  redis.call('SET', KEYS[5], seq, 'EX', ARGV[2])
+  redis.call('DEL', KEYS[3], KEYS[4])
+end
+return {seq, 0}
+"#;
+
+/// KEYS: seq, epoch, seen id, pending, streams…; ARGV: `id` or `seq`, after (for `seq`),
+/// max entries, body key prefix. Returns `{head, epoch start, after, {complete,
+/// payload…}…}`, or `{head, epoch start, -1}` for an unknown id. While a message is half
+/// written ([`CHUNK_SCRIPT`]) the head is the number before it.
 pub const READ_SCRIPT: &str = r#"
 local epoch = epoch_start()
 local head = tonumber(redis.call('GET', KEYS[1]) or '0')
+local pending = redis.call('GET', KEYS[4])
+if pending then
+  head = math.min(head, tonumber(string.match(pending, '^(%d+)')) - 1)
+end
 local after
 if ARGV[1] == 'id' then
   local s = redis.call('GET', KEYS[3])
@@ -108,30 +218,52 @@ if ARGV[1] == 'id' then
 else
   after = tonumber(ARGV[2])
 end
+local max = tonumber(ARGV[3])
 local out = {head, epoch, after}
-for i = 4, #KEYS do
+for i = 5, #KEYS do
   local read = {1}
-  if redis.call('EXISTS', KEYS[i]) == 1 then
+  local list = redis.pcall('LRANGE', KEYS[i], 0, -1)
+  if list.err then
+    -- not a list (an older layout): its entries cannot be read
+    read[1] = 0
+  elseif #list > 0 then
     -- Trimming removes the oldest entries: nothing after `after` is gone if nothing was
     -- ever trimmed, or if an entry at or before `after` is still there.
-    local info = redis.call('XINFO', 'STREAM', KEYS[i])
-    local len, added, first
-    for j = 1, #info, 2 do
-      if info[j] == 'length' then len = info[j + 1] end
-      if info[j] == 'entries-added' then added = info[j + 1] end
-      if info[j] == 'first-entry' then first = info[j + 1] end
-    end
-    local trimmed = (added == nil) or (added > len) -- before Redis 7: assume it was
-    if trimmed and first and tonumber(string.match(first[1], '^(%d+)')) > after then
+    if list[1] ~= '0' and not (list[2] and tonumber(list[2]) <= after) then
       read[1] = 0
     end
-    local entries = redis.call('XRANGE', KEYS[i], string.format('%d-0', after + 1), '+', 'COUNT', ARGV[3])
-    for _, e in ipairs(entries) do read[#read + 1] = e[2][2] end
+    for j = 2, #list do
+      if #read > max then break end
+      if tonumber(list[j]) > after then
+        local body = redis.call('GET', ARGV[4] .. list[j])
+        if body == '' then
+          -- aborted before it was published (see CHUNK_SCRIPT): it is published again
+        elseif body then
+          read[#read + 1] = body
+        else
+          -- expired or evicted: a missing entry, never skipped silently
+          read[1] = 0
+        end
+      end
+    end
   end
   out[#out + 1] = read
 end
 return out
 "#;
+
+/// Most history streams one publish script call appends to, so that one call stays short
+/// (~8 ms at 1,024 users new to the history, on the 2-core test machine): a batch is split
+/// into calls at message boundaries, and a message to more users is written over several
+/// [`CHUNK_SCRIPT`] calls.
+const STREAMS_PER_CALL: usize = 1024;
+
+/// How long a publisher may stop between the calls of one message before the next
+/// publisher aborts it (ms).
+const LEASE_MS: u64 = 5_000;
+
+/// How long a publish waits for another publisher's split message before it fails.
+const BUSY_WAIT: Duration = Duration::from_millis(2 * LEASE_MS);
 
 /// Capacity of fred's pub/sub broadcast channel (messages buffered before lag).
 const BROADCAST_CAPACITY: usize = 1 << 16;
@@ -145,9 +277,16 @@ pub struct RedisBus {
     seq_key: String,
     epoch_key: String,
     all_key: String,
+    /// `<prefix>:b:`, followed by a sequence number: the key of a message's payload.
+    body_prefix: String,
+    /// `<prefix>:pending` (`<n> <id>` of a message written over several calls) and
+    /// `<prefix>:lease` (its publisher's, renewed by each call).
+    pending_key: String,
+    lease_key: String,
     bus_channel: String,
     control_channel: String,
     publish_script: Script,
+    chunk_script: Script,
     read_script: Script,
     max_messages: String,
     window_secs: String,
@@ -181,9 +320,11 @@ impl RedisBus {
         let subscriber = builder.build_subscriber_client()?;
         publisher.init().await?;
         subscriber.init().await?;
-        let publish_script = Script::from_lua(format!("{EPOCH_LUA}{PUBLISH_SCRIPT}"));
+        let publish_script = Script::from_lua(format!("{EPOCH_LUA}{PUBLISH_LUA}{PUBLISH_SCRIPT}"));
+        let chunk_script = Script::from_lua(format!("{EPOCH_LUA}{PUBLISH_LUA}{CHUNK_SCRIPT}"));
         let read_script = Script::from_lua(format!("{EPOCH_LUA}{READ_SCRIPT}"));
         publish_script.load(&publisher).await?;
+        chunk_script.load(&publisher).await?;
         read_script.load(&publisher).await?;
         Ok(Self {
             publisher,
@@ -192,9 +333,13 @@ impl RedisBus {
             seq_key: format!("{prefix}:seq"),
             epoch_key: format!("{prefix}:epoch"),
             all_key: format!("{prefix}:all"),
+            body_prefix: format!("{prefix}:b:"),
+            pending_key: format!("{prefix}:pending"),
+            lease_key: format!("{prefix}:lease"),
             bus_channel: format!("{prefix}:bus"),
             control_channel: format!("{prefix}:control"),
             publish_script,
+            chunk_script,
             read_script,
             max_messages: recovery.max_messages.to_string(),
             window_secs: recovery.window.as_secs().max(1).to_string(),
@@ -223,9 +368,154 @@ impl RedisBus {
             self.seq_key.clone(),
             self.epoch_key.clone(),
             self.seen_key(id),
+            self.pending_key.clone(),
         ];
         keys.extend(streams.into_iter().map(|k| self.stream_key(k)));
         keys
+    }
+
+    /// Publishes one message to more than [`STREAMS_PER_CALL`] streams over several
+    /// [`CHUNK_SCRIPT`] calls of at most that many streams each.
+    async fn publish_split(&self, msg: &Outgoing) -> Result<Published, BusError> {
+        let streams: Vec<String> = msg.streams().iter().map(|k| self.stream_key(k)).collect();
+        let chunks: Vec<&[String]> = streams.chunks(STREAMS_PER_CALL).collect();
+        let id = msg.header.id.as_str();
+        'message: loop {
+            let mut seq = 0;
+            for (i, chunk) in chunks.iter().enumerate() {
+                let phase = if i == 0 {
+                    "first"
+                } else if i + 1 == chunks.len() {
+                    "last"
+                } else {
+                    "more"
+                };
+                let mut keys = self.publish_keys();
+                keys.push(self.seen_key(id));
+                keys.extend(chunk.iter().cloned());
+                let body = if i == 0 {
+                    Value::Bytes(msg.body().clone())
+                } else {
+                    Value::Integer(seq as i64)
+                };
+                let args: Vec<Value> = vec![
+                    self.max_messages.as_str().into(),
+                    self.window_secs.as_str().into(),
+                    self.bus_channel.as_str().into(),
+                    self.body_prefix.as_str().into(),
+                    id.into(),
+                    phase.into(),
+                    body,
+                    Value::Integer(LEASE_MS as i64),
+                ];
+                let items = self.publish_eval(&self.chunk_script, keys, args).await?;
+                let (n, flag) = match items.as_slice() {
+                    [n] => (int(n)?, 0),
+                    [n, flag] => (int(n)?, int(flag)?),
+                    _ => return Err(BusError::Reply(format!("publish: {items:?}"))),
+                };
+                if n == -2 {
+                    tracing::warn!(
+                        id,
+                        "a message written in parts was aborted; publishing it again"
+                    );
+                    continue 'message;
+                }
+                if flag == 1 {
+                    return Ok(Published {
+                        seq: n.max(0) as u64,
+                        duplicate: true,
+                    });
+                }
+                seq = n.max(0) as u64;
+            }
+            self.metrics.bus_published.with_label_values(&["bus"]).inc();
+            return Ok(Published {
+                seq,
+                duplicate: false,
+            });
+        }
+    }
+
+    /// The four keys every publish script starts with.
+    fn publish_keys(&self) -> Vec<String> {
+        vec![
+            self.seq_key.clone(),
+            self.epoch_key.clone(),
+            self.pending_key.clone(),
+            self.lease_key.clone(),
+        ]
+    }
+
+    /// Runs a publish script until it is not told to wait (`{-1}`: another publisher's
+    /// message is half written), for at most [`BUSY_WAIT`].
+    async fn publish_eval(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> Result<Vec<Value>, BusError> {
+        let deadline = tokio::time::Instant::now() + BUSY_WAIT;
+        loop {
+            let reply: Result<Value, _> = script
+                .evalsha_with_reload(&self.publisher, keys.clone(), args.clone())
+                .await;
+            let items = match reply {
+                Ok(Value::Array(items)) => items,
+                Ok(other) => return Err(BusError::Reply(format!("publish: {other:?}"))),
+                Err(e) => {
+                    self.metrics.bus_publish_errors.inc();
+                    return Err(e.into());
+                }
+            };
+            if items.len() != 1 || int(&items[0])? != -1 {
+                return Ok(items);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.metrics.bus_publish_errors.inc();
+                return Err(BusError::Reply(
+                    "another publisher's message stayed half written".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// One [`PUBLISH_SCRIPT`] call for `msgs`.
+    async fn publish_call(&self, msgs: &[Outgoing]) -> Result<Vec<Published>, BusError> {
+        let mut keys = self.publish_keys();
+        let mut args: Vec<Value> = vec![
+            self.max_messages.as_str().into(),
+            self.window_secs.as_str().into(),
+            self.bus_channel.as_str().into(),
+            self.body_prefix.as_str().into(),
+        ];
+        for msg in msgs {
+            let streams = msg.streams();
+            keys.push(self.seen_key(&msg.header.id));
+            keys.extend(streams.iter().map(|k| self.stream_key(k)));
+            args.push(Value::Integer(streams.len() as i64));
+            args.push(Value::Bytes(msg.body().clone()));
+        }
+        let items = self.publish_eval(&self.publish_script, keys, args).await?;
+        if items.len() != 2 * msgs.len() {
+            return Err(BusError::Reply(format!("publish: {items:?}")));
+        }
+        let published = items
+            .chunks(2)
+            .map(|pair| {
+                Ok(Published {
+                    seq: int(&pair[0])?.max(0) as u64,
+                    duplicate: int(&pair[1])? == 1,
+                })
+            })
+            .collect::<Result<Vec<_>, BusError>>()?;
+        let fresh = published.iter().filter(|p| !p.duplicate).count();
+        self.metrics
+            .bus_published
+            .with_label_values(&["bus"])
+            .inc_by(fresh as u64);
+        Ok(published)
     }
 
     fn channel_name(&self, channel: Channel) -> &str {
@@ -308,48 +598,28 @@ impl Bus for RedisBus {
     }
 
     async fn publish_messages(&self, msgs: &[Outgoing]) -> Result<Vec<Published>, BusError> {
-        let mut keys = vec![self.seq_key.clone(), self.epoch_key.clone()];
-        let mut args: Vec<Value> = vec![
-            self.max_messages.as_str().into(),
-            self.window_secs.as_str().into(),
-            self.bus_channel.as_str().into(),
-        ];
-        for msg in msgs {
-            let streams = msg.streams();
-            keys.push(self.seen_key(&msg.header.id));
-            keys.extend(streams.iter().map(|k| self.stream_key(k)));
-            args.push(Value::Integer(streams.len() as i64));
-            args.push(Value::Bytes(msg.body().clone()));
-        }
-        let reply: Result<Value, _> = self
-            .publish_script
-            .evalsha_with_reload(&self.publisher, keys, args)
-            .await;
-        let reply = match reply {
-            Ok(reply) => reply,
-            Err(e) => {
-                self.metrics.bus_publish_errors.inc();
-                return Err(e.into());
+        let mut published = Vec::with_capacity(msgs.len());
+        let mut rest = msgs;
+        while !rest.is_empty() {
+            if rest[0].stream_count() > STREAMS_PER_CALL {
+                published.push(self.publish_split(&rest[0]).await?);
+                rest = &rest[1..];
+                continue;
             }
-        };
-        let items = match reply {
-            Value::Array(items) if items.len() == 2 * msgs.len() => items,
-            other => return Err(BusError::Reply(format!("publish: {other:?}"))),
-        };
-        let published = items
-            .chunks(2)
-            .map(|pair| {
-                Ok(Published {
-                    seq: int(&pair[0])?.max(0) as u64,
-                    duplicate: int(&pair[1])? == 1,
-                })
-            })
-            .collect::<Result<Vec<_>, BusError>>()?;
-        let fresh = published.iter().filter(|p| !p.duplicate).count();
-        self.metrics
-            .bus_published
-            .with_label_values(&["bus"])
-            .inc_by(fresh as u64);
+            // Messages while their streams fit in one call.
+            let mut streams = rest[0].stream_count();
+            let mut n = 1;
+            while n < rest.len() {
+                streams += rest[n].stream_count();
+                if streams > STREAMS_PER_CALL {
+                    break;
+                }
+                n += 1;
+            }
+            let (call, after) = rest.split_at(n);
+            published.extend(self.publish_call(call).await?);
+            rest = after;
+        }
         Ok(published)
     }
 
@@ -367,6 +637,7 @@ impl Bus for RedisBus {
             mode.into(),
             position.to_string().into(),
             self.max_messages.as_str().into(),
+            self.body_prefix.as_str().into(),
         ];
         let reply: Value = self
             .read_script
