@@ -305,7 +305,7 @@ impl Metrics {
             ),
             registry: r,
         };
-        for reason in Reject::ALL {
+        for reason in Reject::ALL.into_iter().chain(["undecodable"]) {
             m.ingest_rejected.with_label_values(&[reason]);
         }
         for kind in ["undecodable", "broker", "other"] {

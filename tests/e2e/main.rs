@@ -13,3 +13,4 @@ mod resume;
 mod sentinel;
 mod support;
 mod tls;
+mod undecodable;
