@@ -248,7 +248,11 @@ impl Worker {
         .ok()
         .flatten();
         if found.is_none() {
-            tracing::error!(%topic, partition, "a batch the consumer cannot decode and no known offset: the partition stalls; move the group past it with kafka-consumer-groups --reset-offsets --to-offset <offset + 1>");
+            // librdkafka fetches the batch again every `fetch.error.backoff.ms`.
+            let allowed = self.skip_log.lock().allow();
+            if let Some(suppressed) = allowed {
+                tracing::error!(%topic, partition, suppressed, "a batch the consumer cannot decode and no known offset: the partition stalls; move the group past it with kafka-consumer-groups --reset-offsets --to-offset <offset + 1>");
+            }
         }
         found
     }
