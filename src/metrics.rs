@@ -334,7 +334,7 @@ impl Metrics {
             m.http_pending.with_label_values(&[listener]);
             m.http_evicted.with_label_values(&[listener]);
         }
-        for reason in Reject::ALL {
+        for reason in Reject::ALL.into_iter().chain(["undecodable"]) {
             m.ingest_rejected.with_label_values(&[reason]);
         }
         for kind in ["undecodable", "broker", "other"] {

@@ -15,3 +15,4 @@ mod resume;
 mod sentinel;
 mod support;
 mod tls;
+mod undecodable;
