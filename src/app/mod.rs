@@ -166,184 +166,266 @@ async fn run_node(
     shutdown: CancellationToken,
     in_process_broker: bool,
 ) -> anyhow::Result<()> {
-    let settings = Arc::new(settings);
-    let metrics = Arc::new(Metrics::new());
+    // Dropped last: the message path's tasks run on it until the shutdown is over.
     let pipeline = Pipeline::start()?;
-    let bus: Arc<dyn Bus> = if settings.redis.url.is_empty() {
-        Arc::new(LocalBus::new(1 << 16, &settings.recovery))
-    } else {
-        // Connected from the pipeline runtime, where fred then runs its connection tasks.
-        let (s, m) = (settings.clone(), metrics.clone());
-        let bus = pipeline
-            .handle
-            .spawn(async move { RedisBus::connect(&s.redis, &s.recovery, m).await })
-            .await
-            .context("the pipeline runtime stopped")?
-            .with_context(|| redis_context(&settings.redis))?;
-        Arc::new(bus)
-    };
-    let auth = Arc::new(Authenticator::new(&settings.auth).map_err(anyhow::Error::msg)?);
-    if auth.is_insecure() {
-        tracing::warn!("auth.mode = \"insecure\": ANYONE can connect as ANY user with ?user=. Never expose this node.");
+    let parts = Parts::build(settings, &pipeline, in_process_broker).await?;
+    let node = Tasks::default();
+    node.spawn_message_path(&parts, &pipeline.handle);
+    node.spawn_probes(&parts);
+    let gateway = node.serve_ports(&parts, listeners);
+    node.tracker.close();
+    tokio::select! {
+        _ = shutdown.cancelled() => tracing::info!("shutting down"),
+        _ = node.watch.failed.cancelled() => tracing::error!("a task failed; shutting down"),
     }
-    let producer = Producer::new(&settings.kafka).context("creating the Kafka producer")?;
-    let consumer = Arc::new(
-        ingest::consumer(
+    node.shut_down(&parts, &gateway).await
+}
+
+/// Everything a node is made of, built and connected before any task runs.
+struct Parts {
+    settings: Arc<Settings>,
+    metrics: Arc<Metrics>,
+    bus: Arc<dyn Bus>,
+    auth: Arc<Authenticator>,
+    producer: Producer,
+    consumer: Arc<ingest::IngestConsumer>,
+    registry: Arc<Registry>,
+    health: Arc<Health>,
+    types: Arc<TypeRegistry>,
+    store: Store,
+    prefs: Arc<Prefs>,
+    /// `server.max_pending_connections`, fitted into the open-file limit.
+    max_pending: usize,
+}
+
+impl Parts {
+    async fn build(
+        settings: Settings,
+        pipeline: &Pipeline,
+        in_process_broker: bool,
+    ) -> anyhow::Result<Self> {
+        let settings = Arc::new(settings);
+        let metrics = Arc::new(Metrics::new());
+        let bus: Arc<dyn Bus> = if settings.redis.url.is_empty() {
+            Arc::new(LocalBus::new(1 << 16, &settings.recovery))
+        } else {
+            // Connected from the pipeline runtime, where fred then runs its connection tasks.
+            let (s, m) = (settings.clone(), metrics.clone());
+            let bus = pipeline
+                .handle
+                .spawn(async move { RedisBus::connect(&s.redis, &s.recovery, m).await })
+                .await
+                .context("the pipeline runtime stopped")?
+                .with_context(|| redis_context(&settings.redis))?;
+            Arc::new(bus)
+        };
+        let auth = Arc::new(Authenticator::new(&settings.auth).map_err(anyhow::Error::msg)?);
+        if auth.is_insecure() {
+            tracing::warn!("auth.mode = \"insecure\": ANYONE can connect as ANY user with ?user=. Never expose this node.");
+        }
+        let producer = Producer::new(&settings.kafka).context("creating the Kafka producer")?;
+        let consumer = ingest::consumer(
             &consumer_settings(&settings.kafka, in_process_broker),
             metrics.clone(),
         )
-        .context("creating the Kafka consumer")?,
-    );
-    let (max_connections, max_pending) = file_budget(&settings)?;
-    let registry = Registry::new(limits(&settings, max_connections), metrics.clone());
-    let health = Arc::new(Health::new(bus.clone()));
-    let types = Arc::new(TypeRegistry::new(&settings.types));
-    let store = open_store(&settings)?;
-    migrate(&store).await?;
-    let prefs = Arc::new(Prefs::new(store.clone(), types.clone(), bus.clone()));
-
-    let tasks = TaskTracker::new();
-    let watch = TaskWatch::default();
-    let stop_ingest = CancellationToken::new();
-    let stop_bus = CancellationToken::new();
-    let stop_http = CancellationToken::new();
-    let drain = CancellationToken::new();
-
-    let ingest = Ingest {
-        consumer: consumer.clone(),
-        bus: bus.clone(),
-        producer: producer.clone(),
-        kafka: settings.kafka.clone(),
-        types: settings.types.clone(),
-        metrics: metrics.clone(),
-    };
-    let on_pipeline = Some(&pipeline.handle);
-    spawn(
-        &tasks,
-        &watch,
-        "ingest",
-        ingest.run(stop_ingest.clone()),
-        on_pipeline,
-    );
-
-    let router = Router::new(
-        registry.clone(),
-        metrics.clone(),
-        types.clone(),
-        bus.clone(),
-        Some(prefs.clone()),
-        settings.recovery.window,
-    );
-    let (events, events_rx) = tokio::sync::mpsc::channel(BUS_EVENTS);
-    let sub_bus = bus.clone();
-    let sub_stop = stop_bus.clone();
-    let subscriber = async move {
-        sub_bus
-            .subscribe(Box::new(EventSender::new(events)), sub_stop)
-            .await
-            .map_err(anyhow::Error::from)
-    };
-    spawn(&tasks, &watch, "bus subscriber", subscriber, on_pipeline);
-    let routing = router.run(events_rx, stop_bus.clone());
-    spawn(&tasks, &watch, "router", routing, on_pipeline);
-
-    let (h, stop) = (health.clone(), stop_bus.clone());
-    let database = async move { probe("database", &h.database, database_check(store), stop).await };
-    spawn(&tasks, &watch, "database probe", database, None);
-    let (h, stop) = (health.clone(), stop_bus.clone());
-    let check = kafka_check(producer.clone(), settings.kafka.topics[0].clone());
-    let kafka = async move { probe("kafka", &h.kafka, check, stop).await };
-    spawn(&tasks, &watch, "kafka probe", kafka, None);
-
-    let gateway = Arc::new(Gateway {
-        settings: settings.clone(),
-        registry: registry.clone(),
-        auth,
-        metrics: metrics.clone(),
-        upstream: (!settings.kafka.upstream_topic.is_empty()).then(|| producer.clone()),
-        sessions: TaskTracker::new(),
-        stopping: CancellationToken::new(),
-        drain: drain.clone(),
-        prefs: prefs.clone(),
-        bus: bus.clone(),
-    });
-    let public_api = Arc::new(api::Api {
-        settings: settings.clone(),
-        auth: gateway.auth.clone(),
-        producer: producer.clone(),
-        prefs,
-    });
-    let public = api::router(gateway.clone(), public_api);
-    let http = |listener: &str| HttpMetrics {
-        pending: metrics.http_pending.with_label_values(&[listener]),
-        evicted: metrics.http_evicted.with_label_values(&[listener]),
-    };
-    let s = &settings.server;
-    let public_limits = HttpLimits {
-        header_timeout: s.header_timeout,
-        body_timeout: s.body_timeout,
-        max_pending,
-    };
-    let admin_limits = HttpLimits {
-        max_pending: settings.admin.max_connections,
-        ..public_limits
-    };
-    let serving = serve(
-        listeners.public,
-        public,
-        public_limits,
-        http("public"),
-        stop_http.clone(),
-    );
-    spawn(&tasks, &watch, "public server", serving, None);
-    let admin = admin::router(Arc::new(Admin {
-        metrics: metrics.clone(),
-        health: health.clone(),
-        registry: registry.clone(),
-        node_id: settings.node.id.clone(),
-    }));
-    let serving = serve(
-        listeners.admin,
-        admin,
-        admin_limits,
-        http("admin"),
-        stop_bus.clone(),
-    );
-    spawn(&tasks, &watch, "admin server", serving, None);
-    tasks.close();
-
-    tokio::select! {
-        _ = shutdown.cancelled() => tracing::info!("shutting down"),
-        _ = watch.failed.cancelled() => tracing::error!("a task failed; shutting down"),
+        .context("creating the Kafka consumer")?;
+        let (max_connections, max_pending) = file_budget(&settings)?;
+        let registry = Registry::new(limits(&settings, max_connections), metrics.clone());
+        let health = Arc::new(Health::new(bus.clone()));
+        let types = Arc::new(TypeRegistry::new(&settings.types));
+        let store = open_store(&settings)?;
+        migrate(&store).await?;
+        let prefs = Arc::new(Prefs::new(store.clone(), types.clone(), bus.clone()));
+        Ok(Self {
+            settings,
+            metrics,
+            bus,
+            auth,
+            producer,
+            consumer: Arc::new(consumer),
+            registry,
+            health,
+            types,
+            store,
+            prefs,
+            max_pending,
+        })
     }
-    watch.ending.cancel();
-    health.draining.store(true, Ordering::Relaxed);
-    stop_http.cancel();
-    shutdown::close_sessions(&gateway, &drain, settings.shutdown.drain).await;
-    // One deadline for the rest (shutdown.grace): close handshakes, open HTTP requests,
-    // the Kafka commit and leave, the bus; the last fifth for the producer's flush.
-    let grace = settings.shutdown.grace;
-    let end = tokio::time::Instant::now() + grace;
-    stop_ingest.cancel();
-    stop_bus.cancel();
-    let stopped = async {
-        gateway.sessions.wait().await;
-        tasks.wait().await;
-    };
-    if tokio::time::timeout_at(end - grace / 5, stopped)
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            sessions = gateway.registry.connection_count(),
-            "not everything stopped within shutdown.grace; exiting anyway"
+}
+
+/// The node's long-lived tasks, and the cancellations that stop them, in the order the
+/// shutdown fires them: `http` (stop accepting), `drain` (sessions registering late close
+/// themselves), `ingest` (commit and leave), `bus` (subscriber, router, probes, admin port).
+#[derive(Default)]
+struct Tasks {
+    tracker: TaskTracker,
+    watch: TaskWatch,
+    http: CancellationToken,
+    drain: CancellationToken,
+    ingest: CancellationToken,
+    bus: CancellationToken,
+}
+
+impl Tasks {
+    /// Ingest, the bus subscriber and the router, on the pipeline runtime.
+    fn spawn_message_path(&self, parts: &Parts, pipeline: &Handle) {
+        let ingest = Ingest {
+            consumer: parts.consumer.clone(),
+            bus: parts.bus.clone(),
+            producer: parts.producer.clone(),
+            kafka: parts.settings.kafka.clone(),
+            types: parts.settings.types.clone(),
+            metrics: parts.metrics.clone(),
+        };
+        let ingesting = ingest.run(self.ingest.clone());
+        spawn(
+            &self.tracker,
+            &self.watch,
+            "ingest",
+            ingesting,
+            Some(pipeline),
+        );
+
+        let router = Router::new(
+            parts.registry.clone(),
+            parts.metrics.clone(),
+            parts.types.clone(),
+            parts.bus.clone(),
+            Some(parts.prefs.clone()),
+            parts.settings.recovery.window,
+        );
+        let (events, events_rx) = tokio::sync::mpsc::channel(BUS_EVENTS);
+        let (bus, stop) = (parts.bus.clone(), self.bus.clone());
+        let subscriber = async move {
+            bus.subscribe(Box::new(EventSender::new(events)), stop)
+                .await
+                .map_err(anyhow::Error::from)
+        };
+        spawn(
+            &self.tracker,
+            &self.watch,
+            "bus subscriber",
+            subscriber,
+            Some(pipeline),
+        );
+        let routing = router.run(events_rx, self.bus.clone());
+        spawn(
+            &self.tracker,
+            &self.watch,
+            "router",
+            routing,
+            Some(pipeline),
         );
     }
-    producer.flush(end.saturating_duration_since(tokio::time::Instant::now()));
-    if watch.failed.is_cancelled() {
-        anyhow::bail!("stopped after a task failed (see the log above)");
+
+    /// The readiness probes of the database and Kafka.
+    fn spawn_probes(&self, parts: &Parts) {
+        let (h, stop) = (parts.health.clone(), self.bus.clone());
+        let check = database_check(parts.store.clone());
+        let database = async move { probe("database", &h.database, check, stop).await };
+        spawn(&self.tracker, &self.watch, "database probe", database, None);
+        let (h, stop) = (parts.health.clone(), self.bus.clone());
+        let topic = parts.settings.kafka.topics[0].clone();
+        let check = kafka_check(parts.producer.clone(), topic);
+        let kafka = async move { probe("kafka", &h.kafka, check, stop).await };
+        spawn(&self.tracker, &self.watch, "kafka probe", kafka, None);
     }
-    Ok(())
+
+    /// The public port (`/ws` and the HTTP API) and the admin port; returns the gateway,
+    /// which the shutdown drains.
+    fn serve_ports(&self, parts: &Parts, listeners: Listeners) -> Arc<Gateway> {
+        let settings = &parts.settings;
+        let gateway = Arc::new(Gateway {
+            settings: settings.clone(),
+            registry: parts.registry.clone(),
+            auth: parts.auth.clone(),
+            metrics: parts.metrics.clone(),
+            upstream: (!settings.kafka.upstream_topic.is_empty()).then(|| parts.producer.clone()),
+            sessions: TaskTracker::new(),
+            stopping: CancellationToken::new(),
+            drain: self.drain.clone(),
+            prefs: parts.prefs.clone(),
+            bus: parts.bus.clone(),
+        });
+        let public_api = Arc::new(api::Api {
+            settings: settings.clone(),
+            auth: parts.auth.clone(),
+            producer: parts.producer.clone(),
+            prefs: parts.prefs.clone(),
+        });
+        let http = |listener: &str| HttpMetrics {
+            pending: parts.metrics.http_pending.with_label_values(&[listener]),
+            evicted: parts.metrics.http_evicted.with_label_values(&[listener]),
+        };
+        let public_limits = HttpLimits {
+            header_timeout: settings.server.header_timeout,
+            body_timeout: settings.server.body_timeout,
+            max_pending: parts.max_pending,
+        };
+        let admin_limits = HttpLimits {
+            max_pending: settings.admin.max_connections,
+            ..public_limits
+        };
+        let public = api::router(gateway.clone(), public_api);
+        let serving = serve(
+            listeners.public,
+            public,
+            public_limits,
+            http("public"),
+            self.http.clone(),
+        );
+        spawn(&self.tracker, &self.watch, "public server", serving, None);
+        let admin = admin::router(Arc::new(Admin {
+            metrics: parts.metrics.clone(),
+            health: parts.health.clone(),
+            registry: parts.registry.clone(),
+            node_id: settings.node.id.clone(),
+        }));
+        let serving = serve(
+            listeners.admin,
+            admin,
+            admin_limits,
+            http("admin"),
+            self.bus.clone(),
+        );
+        spawn(&self.tracker, &self.watch, "admin server", serving, None);
+        gateway
+    }
+
+    /// The shutdown (DESIGN §8): readiness off, stop accepting, close the sessions in waves
+    /// over `shutdown.drain`; then one deadline, `shutdown.grace`, for the rest — close
+    /// handshakes, open HTTP requests, the Kafka commit and leave, the bus — with its last
+    /// fifth kept for the producer's flush. Errors if a task failed.
+    async fn shut_down(&self, parts: &Parts, gateway: &Gateway) -> anyhow::Result<()> {
+        self.watch.ending.cancel();
+        parts.health.draining.store(true, Ordering::Relaxed);
+        self.http.cancel();
+        shutdown::close_sessions(gateway, &self.drain, parts.settings.shutdown.drain).await;
+        let grace = parts.settings.shutdown.grace;
+        let end = tokio::time::Instant::now() + grace;
+        self.ingest.cancel();
+        self.bus.cancel();
+        let stopped = async {
+            gateway.sessions.wait().await;
+            self.tracker.wait().await;
+        };
+        if tokio::time::timeout_at(end - grace / 5, stopped)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                sessions = gateway.registry.connection_count(),
+                "not everything stopped within shutdown.grace; exiting anyway"
+            );
+        }
+        parts
+            .producer
+            .flush(end.saturating_duration_since(tokio::time::Instant::now()));
+        if self.watch.failed.is_cancelled() {
+            anyhow::bail!("stopped after a task failed (see the log above)");
+        }
+        Ok(())
+    }
 }
 
 /// Open files kept for what is not a client socket: Kafka, Redis and database connections,

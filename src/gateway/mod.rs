@@ -33,7 +33,7 @@ use crate::kafka::Producer;
 use crate::metrics::Metrics;
 use crate::prefs::Prefs;
 use crate::protocol::{self, ClientFrame, Close, Hello};
-use crate::registry::{ConnHandle, RegisterError, Registration, Registry};
+use crate::registry::{ConnHandle, QueueRx, RegisterError, Registration, Registry};
 use session::{FrameHandler, Session};
 
 /// Read buffer per connection: small, since clients send little (DESIGN §9). tungstenite
@@ -92,101 +92,109 @@ fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
         && headers.contains_key(header::SEC_WEBSOCKET_KEY)
 }
 
-/// `GET /ws`
+/// `GET /ws`: admission ([`admit`]), then the `101 Switching Protocols`; the connection's
+/// task ([`Gateway::connection`]) takes over once hyper hands the socket over.
 pub async fn upgrade(
     State(gw): State<Arc<Gateway>>,
     Query(query): Query<HashMap<String, String>>,
     mut req: Request,
 ) -> Response {
+    let connect = match admit(&gw, req.headers(), &query).await {
+        Ok(connect) => connect,
+        Err(refusal) => return refusal,
+    };
     let headers = req.headers();
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .expect("checked by admit")
+        .as_bytes();
+    let accept = derive_accept_key(key);
+    let offered_v1 = auth::offered_protocols(headers).any(|p| p == auth::SUBPROTOCOL);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    // Boxed: the task's future keeps room for what it captured as long as the connection
+    // lives, and `Connect` is needed only until the session starts.
+    gw.sessions
+        .spawn(gw.clone().connection(on_upgrade, Box::new(connect)));
+    switching_protocols(accept, offered_v1)
+}
+
+/// The checks before the upgrade, in order: a WebSocket upgrade at all, not draining, the
+/// browser's origin, room on the node, the token, the platform, the user's preferences.
+/// A refusal is an HTTP status with the JSON error body, counted by status.
+async fn admit(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+) -> Result<Connect, Response> {
+    let refusal = |status, code: &str, message: &str| refuse(&gw.metrics, status, code, message);
     if !is_websocket_upgrade(headers) {
-        return refuse(
-            &gw.metrics,
+        return Err(refusal(
             StatusCode::BAD_REQUEST,
             "not_websocket",
             "GET /ws needs a WebSocket upgrade (version 13)",
-        );
+        ));
     }
     if gw.stopping.is_cancelled() {
-        return refuse(
-            &gw.metrics,
+        return Err(refusal(
             StatusCode::SERVICE_UNAVAILABLE,
             "draining",
             "this node is shutting down",
-        );
+        ));
     }
     if !origin::permits(&gw.settings.server.allowed_origins, headers) {
-        return refuse(
-            &gw.metrics,
+        return Err(refusal(
             StatusCode::FORBIDDEN,
             origin::REFUSED_CODE,
             origin::REFUSED_MESSAGE,
-        );
+        ));
     }
     if gw.registry.is_full() {
-        return refuse(
-            &gw.metrics,
+        return Err(refusal(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
             "this node is at its connection limit",
-        );
+        ));
     }
-    let identity = match gw.auth.authenticate_upgrade(headers, &query) {
-        Ok(identity) => identity,
-        Err(e) => return refuse(&gw.metrics, e.status(), e.code(), &e.to_string()),
-    };
+    let identity = gw
+        .auth
+        .authenticate_upgrade(headers, query)
+        .map_err(|e| refusal(e.status(), e.code(), &e.to_string()))?;
     let platform = match (identity.platform, query.get("platform")) {
         (Some(p), _) => Some(p),
         (None, None) => None,
-        (None, Some(p)) => match Platform::parse(p) {
-            Some(p) => Some(p),
-            None => {
-                return refuse(
-                    &gw.metrics,
-                    StatusCode::BAD_REQUEST,
-                    "bad_platform",
-                    "platform must be h5, ios or android",
-                )
-            }
-        },
+        (None, Some(p)) => Some(Platform::parse(p).ok_or_else(|| {
+            refusal(
+                StatusCode::BAD_REQUEST,
+                "bad_platform",
+                "platform must be h5, ios or android",
+            )
+        })?),
     };
     // A user's first connection here needs their preferences: without them we would
     // deliver what they switched off, so refuse rather than guess.
     let (bits, version) = match gw.registry.user_prefs(&identity.user) {
         Some(prefs) => (prefs.get(), prefs.version()),
-        None => match gw.prefs.load_bits(&identity.user).await {
-            Ok(loaded) => loaded,
-            Err(e) => {
-                tracing::warn!(user = %identity.user, error = %e, "preferences unavailable; connection refused");
-                return refuse(
-                    &gw.metrics,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "preferences_unavailable",
-                    "preferences cannot be loaded now; retry with backoff",
-                );
-            }
-        },
+        None => gw.prefs.load_bits(&identity.user).await.map_err(|e| {
+            tracing::warn!(user = %identity.user, error = %e, "preferences unavailable; connection refused");
+            refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "preferences_unavailable",
+                "preferences cannot be loaded now; retry with backoff",
+            )
+        })?,
     };
-    let headers = req.headers();
-    let key = headers
-        .get(header::SEC_WEBSOCKET_KEY)
-        .expect("checked above")
-        .as_bytes();
-    let accept = derive_accept_key(key);
-    let offered_v1 = auth::offered_protocols(headers).any(|p| p == auth::SUBPROTOCOL);
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let connect = Connect {
+    Ok(Connect {
         identity,
         bits,
         version,
         platform,
         tab: query.get("tab").cloned(),
         since: query.get("since").cloned(),
-    };
-    // Boxed: the task's future keeps room for what it captured as long as the connection
-    // lives, and `Connect` is needed only until the session starts.
-    gw.sessions
-        .spawn(gw.clone().connection(on_upgrade, Box::new(connect)));
+    })
+}
+
+/// The `101 Switching Protocols` answer, naming `fanout.v1` when the client offered it.
+fn switching_protocols(accept: String, offered_v1: bool) -> Response {
     let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
@@ -258,6 +266,13 @@ impl Gateway {
                 return None;
             }
         };
+        let limit = self.settings.server.max_frame_bytes;
+        let config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
+            .write_buffer_size(WRITE_BUFFER)
+            .max_message_size(Some(limit))
+            .max_frame_size(Some(limit));
+        let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
         let Connect {
             identity,
             bits,
@@ -266,13 +281,6 @@ impl Gateway {
             tab,
             since,
         } = *connect;
-        let limit = self.settings.server.max_frame_bytes;
-        let config = WebSocketConfig::default()
-            .read_buffer_size(READ_BUFFER)
-            .write_buffer_size(WRITE_BUFFER)
-            .max_message_size(Some(limit))
-            .max_frame_size(Some(limit));
-        let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
         let registered = self
             .registry
             .register(&identity.user, platform, tab, bits, version);
@@ -280,21 +288,7 @@ impl Gateway {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(user = %identity.user, error = %e, "connection refused after upgrade");
-                let close = match e {
-                    RegisterError::NodeFull => Close::NodeFull,
-                    RegisterError::UserFull => Close::UserFull,
-                };
-                let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
-                    code: close.code().into(),
-                    reason: close.reason().into(),
-                };
-                let _ =
-                    tokio::time::timeout(std::time::Duration::from_secs(1), ws.close(Some(frame)))
-                        .await;
-                self.metrics
-                    .connections_closed
-                    .with_label_values(&[close.label()])
-                    .inc();
+                self.refuse_after_upgrade(&mut ws, e).await;
                 return None;
             }
         };
@@ -302,9 +296,42 @@ impl Gateway {
         if self.drain.is_cancelled() {
             conn.close(Close::Draining); // registered after the drain went through the registry
         }
-        // Registered first, so live messages queue up while the history is read; the
-        // session skips those the replay already covers.
-        let (resume, replay, skip_through) = match &since {
+        let session = self
+            .session(conn, queue, identity.exp, since.as_deref())
+            .await;
+        Some((session, ws, registration))
+    }
+
+    /// Closes a connection the registry refused with 1013 (waiting at most a second for the
+    /// close frame to go out), and counts it.
+    async fn refuse_after_upgrade(&self, ws: &mut Ws, refused: RegisterError) {
+        let close = match refused {
+            RegisterError::NodeFull => Close::NodeFull,
+            RegisterError::UserFull => Close::UserFull,
+        };
+        let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: close.code().into(),
+            reason: close.reason().into(),
+        };
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(1), ws.close(Some(frame))).await;
+        self.metrics
+            .connections_closed
+            .with_label_values(&[close.label()])
+            .inc();
+    }
+
+    /// The session of a registered connection: the replay of what a resuming client missed
+    /// (read after registering, so live messages queue up meanwhile; the session skips
+    /// those the replay covers) and its `hello`.
+    async fn session(
+        self: &Arc<Self>,
+        conn: Arc<ConnHandle>,
+        queue: QueueRx,
+        token_exp: Option<u64>,
+        since: Option<&str>,
+    ) -> Session {
+        let (resume, replay, skip_through) = match since {
             Some(since) => {
                 let r = self.resume(&conn, since).await;
                 (Some(r.resume), r.frames, r.skip_through)
@@ -321,19 +348,18 @@ impl Gateway {
             resume,
         }
         .render();
-        let session = Session {
+        Session {
             conn,
             queue,
             hello,
             replay,
             skip_through,
             heartbeat: self.settings.heartbeat.clone(),
-            token_exp: identity.exp,
+            token_exp,
             max_frames_per_sec: self.settings.server.max_frames_per_sec,
             handler: self.clone(),
             metrics: self.metrics.clone(),
-        };
-        Some((session, ws, registration))
+        }
     }
 
     fn ask(

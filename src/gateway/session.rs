@@ -163,22 +163,23 @@ impl Session {
         ws.flush().await
     }
 
+    /// The session's loop: greets, then selects over the timer (token expiry, silence,
+    /// Pings), the queue (frames to write, close requests) and the socket (client frames),
+    /// in that order of priority. Every write goes through [`write_within`].
     async fn serve<S>(&mut self, ws: &mut S) -> End
     where
         S: Sink<Message, Error = WsError> + Stream<Item = Result<Message, WsError>> + Unpin,
     {
         let HeartbeatConfig { interval, timeout } = self.heartbeat;
         let expires = expiry_instant(self.token_exp);
-        let mut last_seen = Instant::now();
-        let mut next_ping = last_seen + interval;
-        let mut rate = (Instant::now(), 0u32);
-        let mut bad_frames = 0u32;
+        let mut inbound = Inbound::new();
+        let mut next_ping = inbound.last_seen + interval;
         let conn = self.conn.clone();
         // One timer for three deadlines (the token's expiry, too long a silence, the next
         // Ping): every idle connection holds it, and one is ~250 B smaller than three. A
         // frame from the client only moves `last_seen`; when the timer fires, it checks
         // what is due and is re-armed for the earliest deadline left.
-        let timer = sleep_until(expires.min(last_seen + timeout).min(next_ping));
+        let timer = sleep_until(expires.min(inbound.last_seen + timeout).min(next_ping));
         tokio::pin!(timer);
         let limits = WriteLimits {
             expires,
@@ -201,7 +202,7 @@ impl Session {
                     if now >= expires {
                         return End::Close(Close::TokenExpired);
                     }
-                    if now >= last_seen + timeout {
+                    if now >= inbound.last_seen + timeout {
                         return End::Close(Close::HeartbeatTimeout);
                     }
                     if now >= next_ping {
@@ -211,7 +212,7 @@ impl Session {
                         }
                         next_ping = Instant::now() + interval;
                     }
-                    timer.as_mut().reset(expires.min(last_seen + timeout).min(next_ping));
+                    timer.as_mut().reset(expires.min(inbound.last_seen + timeout).min(next_ping));
                 }
                 _ = self.queue.ready() => {
                     if let Some(close) = conn.closing() {
@@ -222,41 +223,11 @@ impl Session {
                         return end;
                     }
                 }
-                incoming = ws.next() => {
-                    let message = match incoming {
-                        None => return End::ClientGone,
-                        Some(Err(WsError::Capacity(_))) => return End::Close(Close::TooBig),
-                        Some(Err(WsError::Utf8(_))) => return End::Close(Close::InvalidPayload),
-                        Some(Err(WsError::Protocol(e))) if e != ProtocolError::ResetWithoutClosingHandshake => {
-                            tracing::debug!(conn = %conn.id, error = %e, "protocol violation");
-                            return End::Close(Close::ProtocolError);
-                        }
-                        Some(Err(e)) => {
-                            tracing::debug!(conn = %conn.id, error = %e, "socket read ended");
-                            return End::ClientGone;
-                        }
-                        Some(Ok(message)) => message,
+                read = ws.next() => {
+                    let reply = match self.on_read(read, &mut inbound) {
+                        Ok(reply) => reply,
+                        Err(end) => return end,
                     };
-                    last_seen = Instant::now();
-                    if rate.0.elapsed() >= Duration::from_secs(1) {
-                        rate = (Instant::now(), 0);
-                    }
-                    rate.1 += 1;
-                    if rate.1 > self.max_frames_per_sec {
-                        return End::Close(Close::Policy);
-                    }
-                    let reply = match message {
-                        Message::Text(text) => self.on_text(&text, &mut bad_frames),
-                        Message::Binary(_) => {
-                            bad_frames += 1;
-                            Some(protocol::error_frame(&self.metrics.client_errors, "bad_frame", "binary frames are not part of the protocol", None))
-                        }
-                        Message::Close(_) => return End::ClientGone,
-                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
-                    };
-                    if bad_frames > MAX_BAD_FRAMES {
-                        return End::Close(Close::Policy);
-                    }
                     if let Some(reply) = reply {
                         let send = ws.send(Message::Text(reply));
                         if let Err(end) = write_within(&conn, timer.as_mut(), &limits, pin!(send)).await {
@@ -266,6 +237,50 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// One read from the socket: the reply it needs, if any, or how the session ends — the
+    /// client left, broke the protocol (1002, 1007, 1009) or went over a limit (1008).
+    fn on_read(
+        &self,
+        read: Option<Result<Message, WsError>>,
+        inbound: &mut Inbound,
+    ) -> Result<Option<Utf8Bytes>, End> {
+        let message = match read {
+            None => return Err(End::ClientGone),
+            Some(Ok(message)) => message,
+            Some(Err(WsError::Capacity(_))) => return Err(End::Close(Close::TooBig)),
+            Some(Err(WsError::Utf8(_))) => return Err(End::Close(Close::InvalidPayload)),
+            Some(Err(WsError::Protocol(e))) if e != ProtocolError::ResetWithoutClosingHandshake => {
+                tracing::debug!(conn = %self.conn.id, error = %e, "protocol violation");
+                return Err(End::Close(Close::ProtocolError));
+            }
+            Some(Err(e)) => {
+                tracing::debug!(conn = %self.conn.id, error = %e, "socket read ended");
+                return Err(End::ClientGone);
+            }
+        };
+        if !inbound.count(self.max_frames_per_sec) {
+            return Err(End::Close(Close::Policy));
+        }
+        let reply = match message {
+            Message::Text(text) => self.on_text(&text, &mut inbound.bad_frames),
+            Message::Binary(_) => {
+                inbound.bad_frames += 1;
+                Some(protocol::error_frame(
+                    &self.metrics.client_errors,
+                    "bad_frame",
+                    "binary frames are not part of the protocol",
+                    None,
+                ))
+            }
+            Message::Close(_) => return Err(End::ClientGone),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
+        };
+        if inbound.bad_frames > MAX_BAD_FRAMES {
+            return Err(End::Close(Close::Policy));
+        }
+        Ok(reply)
     }
 
     fn on_text(&self, text: &str, bad_frames: &mut u32) -> Option<Utf8Bytes> {
@@ -319,6 +334,35 @@ impl Session {
             return Ok(());
         }
         ws.flush().await
+    }
+}
+
+/// What the session has heard from its client: when last (any frame is a sign of life),
+/// the frames of the current one-second window, and the bad frames in a row.
+struct Inbound {
+    last_seen: Instant,
+    window: (Instant, u32),
+    bad_frames: u32,
+}
+
+impl Inbound {
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            last_seen: now,
+            window: (now, 0),
+            bad_frames: 0,
+        }
+    }
+
+    /// Counts a frame; false if it is one more than `max_per_sec` in its second.
+    fn count(&mut self, max_per_sec: u32) -> bool {
+        self.last_seen = Instant::now();
+        if self.window.0.elapsed() >= Duration::from_secs(1) {
+            self.window = (self.last_seen, 0);
+        }
+        self.window.1 += 1;
+        self.window.1 <= max_per_sec
     }
 }
 
