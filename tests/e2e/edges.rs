@@ -1,6 +1,6 @@
-//! The edges of the public and admin ports (issue 15, items 3 and 7): JWT `nbf` and `aud`
-//! per RFC 7519, one rule for user ids wherever they enter, the JSON error body on every
-//! status, and the embedded default letting in browser pages from this machine only.
+//! The edges of the public and admin ports: JWT `nbf` and `aud` per RFC 7519, one rule
+//! for user ids wherever they enter, the JSON error body on every status, and the embedded
+//! default letting in browser pages from this machine only.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
