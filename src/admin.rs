@@ -14,7 +14,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::bus::Bus;
+use crate::bus::{Bus, Channel};
 use crate::http::{self, json_error};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -117,7 +117,7 @@ async fn stats(State(admin): State<Arc<Admin>>) -> Json<serde_json::Value> {
         "users": admin.registry.user_count(),
         "kafka_partitions": m.kafka_partitions.get(),
         "messages_in": m.ingest_records.get(),
-        "bus_received": m.bus_received.with_label_values(&["bus"]).get(),
+        "bus_received": m.bus_received.with_label_values(&[Channel::Bus.as_str()]).get(),
         "messages_out": m.deliveries.get(),
     }))
 }

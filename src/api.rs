@@ -103,6 +103,17 @@ fn denied(d: Denied) -> Response {
     }
 }
 
+/// The 401 for an admin-only endpoint (`what`) called without `auth.admin_token`.
+fn not_admin(auth: &Authenticator, headers: &HeaderMap, what: &str) -> Option<Response> {
+    (!auth.is_admin(headers)).then(|| {
+        json_error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            &format!("{what} needs Authorization: Bearer <auth.admin_token>"),
+        )
+    })
+}
+
 fn prefs_error(e: PrefsError) -> Response {
     let status = match e {
         PrefsError::UnknownType(_) => StatusCode::BAD_REQUEST,
@@ -177,12 +188,8 @@ async fn reload_prefs(
     if let Some(bad) = bad_user(&user) {
         return bad;
     }
-    if !api.auth.is_admin(&headers) {
-        return json_error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "reload needs Authorization: Bearer <auth.admin_token>",
-        );
+    if let Some(refused) = not_admin(&api.auth, &headers, "reload") {
+        return refused;
     }
     match api.prefs.announce(&user).await {
         Ok(prefs) => prefs_body(&user, &prefs),
@@ -190,22 +197,17 @@ async fn reload_prefs(
     }
 }
 
-/// `GET /v1/types`: the type registry.
+/// `GET /v1/types`: the type registry the node runs with (names with their defaults).
 async fn types(State(api): State<Arc<Api>>) -> Json<serde_json::Value> {
-    // The configured registry, as written (names with their defaults).
-    let types = &api.settings.types;
-    Json(json!({ "types": types.registry, "unknown": types.unknown }))
+    let types = &api.prefs.types;
+    Json(json!({ "types": types.registered(), "unknown": types.unknown }))
 }
 
 /// `POST /v1/publish`: validates an envelope and produces it to the first topic, keyed
 /// by the target user when there is exactly one.
 async fn publish(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> Response {
-    if !api.auth.is_admin(&headers) {
-        return json_error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "POST /v1/publish needs Authorization: Bearer <auth.admin_token>",
-        );
+    if let Some(refused) = not_admin(&api.auth, &headers, "POST /v1/publish") {
+        return refused;
     }
     let kafka = &api.settings.kafka;
     let env = match envelope::decode(Some(&body), kafka.max_record_bytes) {
@@ -218,8 +220,7 @@ async fn publish(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -
             )
         }
     };
-    let types = &api.prefs.types;
-    if types.unknown == crate::types::UnknownTypes::Reject && !types.contains(&env.msg_type) {
+    if !api.prefs.types.admits(&env.msg_type) {
         return json_error(
             StatusCode::BAD_REQUEST,
             "unknown_type",

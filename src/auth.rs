@@ -35,6 +35,7 @@ pub struct Claims {
     pub nbf: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<String>,
+    /// Accepted (DESIGN §3), not used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -57,7 +58,6 @@ pub enum Audience {
 pub struct Identity {
     pub user: String,
     pub platform: Option<Platform>,
-    pub device: Option<String>,
     /// Token expiry, seconds since the epoch (`None` in insecure mode).
     pub exp: Option<u64>,
 }
@@ -162,7 +162,6 @@ impl Authenticator {
             return Ok(Identity {
                 user: user.clone(),
                 platform: None,
-                device: None,
                 exp: None,
             });
         }
@@ -227,7 +226,6 @@ impl Authenticator {
         Ok(Identity {
             user: claims.sub,
             platform,
-            device: claims.device,
             exp: Some(claims.exp),
         })
     }

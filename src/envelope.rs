@@ -194,8 +194,6 @@ pub struct Envelope {
     pub to: Target,
     /// `data`, verbatim (JSON `null` when absent).
     pub data: Box<RawValue>,
-    /// The producer's own id, if it gave one.
-    pub producer_id: Option<String>,
     pub ttl_ms: Option<u64>,
 }
 
@@ -253,8 +251,9 @@ struct RawEnvelope<'a> {
     to: Option<&'a RawValue>,
     #[serde(default)]
     data: Option<Box<RawValue>>,
-    #[serde(default)]
-    id: Option<String>,
+    /// The producer's own id (DESIGN §2): accepted if a string, not used.
+    #[serde(borrow, default, rename = "id")]
+    _id: Option<std::borrow::Cow<'a, str>>,
     #[serde(default)]
     ttl_ms: Option<u64>,
 }
@@ -287,7 +286,6 @@ pub fn decode(value: Option<&[u8]>, max_bytes: usize) -> Result<Envelope, Reject
         msg_type,
         to,
         data,
-        producer_id: raw.id,
         ttl_ms: raw.ttl_ms,
     })
 }
@@ -359,7 +357,13 @@ mod tests {
     fn missing_data_is_null_and_extras_are_kept() {
         let e = ok(r#"{"type":"x","to":{"all":true},"id":"p-1","ttl_ms":5000}"#);
         assert_eq!(e.data.get(), "null");
-        assert_eq!(e.producer_id.as_deref(), Some("p-1"));
+        assert!(
+            matches!(
+                decode(Some(br#"{"type":"x","to":{"all":true},"id":5}"#), 1000),
+                Err(Reject::Invalid(_))
+            ),
+            "a producer id is a string"
+        );
         assert_eq!(e.ttl_ms, Some(5000));
     }
 

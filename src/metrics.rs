@@ -15,6 +15,105 @@ const STAGE_BUCKETS: [f64; 31] = [
     0.75, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// A closed set of label values of one metric family: each value is written once, here, and
+/// call sites name the variant. [`Metrics::new`] registers the values it starts at zero
+/// from these lists.
+macro_rules! labels {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $value:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The label value.
+            pub const fn label(self) -> &'static str {
+                match self {
+                    $($name::$variant => $value),+
+                }
+            }
+        }
+    };
+}
+
+labels! {
+    /// `reason` of `fanout_dropped_total`.
+    Dropped {
+        QueueFull => "queue_full",
+        Expired => "expired",
+        Duplicate => "duplicate",
+        Closed => "closed",
+        BufferFull => "buffer_full",
+    }
+}
+
+labels! {
+    /// `reason` of `fanout_bus_gaps_total`.
+    Gap {
+        Reconnected => "reconnected",
+        Lagged => "lagged",
+        Skipped => "skipped",
+        Reset => "reset",
+    }
+}
+
+labels! {
+    /// `kind` of `fanout_kafka_consumer_errors_total`.
+    ConsumerError {
+        Undecodable => "undecodable",
+        Broker => "broker",
+        Other => "other",
+    }
+}
+
+labels! {
+    /// `result` of `fanout_resumes_total`.
+    Resume {
+        Recovered => "recovered",
+        NotRecovered => "not_recovered",
+        Error => "error",
+    }
+}
+
+labels! {
+    /// `result` of `fanout_gap_recoveries_total`.
+    GapRecovery {
+        Recovered => "recovered",
+        Lost => "lost",
+    }
+}
+
+labels! {
+    /// `listener` of `fanout_http_pending_connections` and
+    /// `fanout_http_connections_evicted_total`.
+    Listener {
+        Public => "public",
+        Admin => "admin",
+    }
+}
+
+labels! {
+    /// `result` of `fanout_asks_total`.
+    Ask {
+        Ok => "ok",
+        Error => "error",
+        Disabled => "disabled",
+    }
+}
+
+/// The `reason` of `fanout_ingest_rejected_total` for an offset skipped because the consumer
+/// cannot decode its batch (the other reasons are [`Reject::ALL`]).
+pub const REJECTED_UNDECODABLE: &str = "undecodable";
+
+/// The `channel` label of `fanout_bus_published_total` / `fanout_bus_received_total`: the
+/// bus's channel names (`bus::Channel::as_str`; this module cannot name `bus`, which
+/// depends on it).
+const BUS_CHANNELS: [&str; 2] = ["bus", "control"];
+
 /// The metrics of one node.
 pub struct Metrics {
     pub registry: Registry,
@@ -330,37 +429,31 @@ impl Metrics {
             ),
             registry: r,
         };
-        for listener in ["public", "admin"] {
-            m.http_pending.with_label_values(&[listener]);
-            m.http_evicted.with_label_values(&[listener]);
+        for listener in Listener::ALL {
+            m.http_pending.with_label_values(&[listener.label()]);
+            m.http_evicted.with_label_values(&[listener.label()]);
         }
-        for reason in Reject::ALL.into_iter().chain(["undecodable"]) {
+        for reason in Reject::ALL.into_iter().chain([REJECTED_UNDECODABLE]) {
             m.ingest_rejected.with_label_values(&[reason]);
         }
-        for kind in ["undecodable", "broker", "other"] {
-            m.kafka_consumer_errors.with_label_values(&[kind]);
+        for kind in ConsumerError::ALL {
+            m.kafka_consumer_errors.with_label_values(&[kind.label()]);
         }
-        for reason in [
-            "queue_full",
-            "expired",
-            "duplicate",
-            "closed",
-            "buffer_full",
-        ] {
-            m.dropped.with_label_values(&[reason]);
+        for reason in Dropped::ALL {
+            m.dropped.with_label_values(&[reason.label()]);
         }
-        for channel in ["bus", "control"] {
+        for channel in BUS_CHANNELS {
             m.bus_published.with_label_values(&[channel]);
             m.bus_received.with_label_values(&[channel]);
         }
-        for reason in ["reconnected", "lagged", "skipped", "reset"] {
-            m.bus_gaps.with_label_values(&[reason]);
+        for reason in Gap::ALL {
+            m.bus_gaps.with_label_values(&[reason.label()]);
         }
-        for result in ["recovered", "not_recovered", "error"] {
-            m.resumes.with_label_values(&[result]);
+        for result in Resume::ALL {
+            m.resumes.with_label_values(&[result.label()]);
         }
-        for result in ["recovered", "lost"] {
-            m.gap_recoveries.with_label_values(&[result]);
+        for result in GapRecovery::ALL {
+            m.gap_recoveries.with_label_values(&[result.label()]);
         }
         m
     }

@@ -145,8 +145,22 @@ impl TypeRegistry {
         self.index.contains_key(msg_type)
     }
 
-    pub fn names(&self) -> &[String] {
-        &self.names
+    /// The unknown-type rule (`types.unknown`): false for a type ingest and
+    /// `POST /v1/publish` refuse (`unknown_type`). One map lookup, no allocation.
+    pub fn admits(&self, msg_type: &str) -> bool {
+        self.unknown == UnknownTypes::Deliver || self.contains(msg_type)
+    }
+
+    /// The registered types in bit order, with their defaults (what `GET /v1/types` lists).
+    pub fn registered(&self) -> Vec<TypeConfig> {
+        self.names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| TypeConfig {
+                name: n.clone(),
+                default: self.defaults & (1 << i) != 0,
+            })
+            .collect()
     }
 
     /// Applies choices by name onto `bits`; names not in the registry are ignored.
@@ -233,6 +247,23 @@ mod tests {
         assert_eq!(
             r.to_map(bits),
             BTreeMap::from([("marketing".into(), true), ("robot.reply".into(), false)])
+        );
+    }
+
+    #[test]
+    fn the_unknown_type_rule_and_the_listing_come_from_the_registry() {
+        let mut r = registry();
+        assert!(r.admits("marketing") && r.admits("never.registered"));
+        r.unknown = UnknownTypes::Reject;
+        assert!(r.admits("marketing") && !r.admits("never.registered"));
+        let listed: Vec<(String, bool)> = r
+            .registered()
+            .into_iter()
+            .map(|t| (t.name, t.default))
+            .collect();
+        assert_eq!(
+            listed,
+            [("robot.reply".into(), true), ("marketing".into(), false)]
         );
     }
 

@@ -14,6 +14,9 @@ use fanout::envelope::Target;
 use fanout::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 
+#[path = "common/servers.rs"]
+mod servers;
+
 /// Records what a subscriber hands its handler.
 #[derive(Clone, Default)]
 struct Recorder(Arc<Mutex<Vec<(Channel, Bytes)>>>);
@@ -39,8 +42,7 @@ impl Recorder {
 }
 
 async fn redis_bus(prefix: &str) -> Arc<dyn Bus> {
-    let url =
-        std::env::var("FANOUT_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let url = servers::redis_url();
     let cfg = RedisConfig {
         url: url.clone(),
         prefix: prefix.to_owned(),
@@ -422,8 +424,7 @@ async fn redis_positions_from_before_a_new_epoch_are_not_recovered_exactly() {
         Replay::Recovered { .. }
     ));
 
-    let url =
-        std::env::var("FANOUT_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let url = servers::redis_url();
     let client = fred::prelude::Client::new(
         fred::prelude::Config::from_url(&url).unwrap(),
         None,
@@ -473,8 +474,7 @@ async fn redis_positions_from_before_a_new_epoch_are_not_recovered_exactly() {
 
 /// A plain client on the test Redis, for looking at keys behind the bus's back.
 async fn raw_redis() -> fred::prelude::Client {
-    let url =
-        std::env::var("FANOUT_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let url = servers::redis_url();
     let client = fred::prelude::Client::new(
         fred::prelude::Config::from_url(&url).unwrap(),
         None,

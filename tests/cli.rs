@@ -137,11 +137,7 @@ fn types_unknown_from_the_environment_keeps_the_registry() {
     let dir = std::env::temp_dir().join(format!("fanout-cli-types-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("types.toml");
-    std::fs::write(
-        &file,
-        "[[types]]\nname = \"robot.reply\"\n[[types]]\nname = \"marketing\"\ndefault = false\n",
-    )
-    .unwrap();
+    std::fs::write(&file, include_str!("fixtures/types.toml")).unwrap();
     let out = fanout(
         &["--config", file.to_str().unwrap(), "check-config"],
         &[("FANOUT__TYPES__UNKNOWN", "reject")],

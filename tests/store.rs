@@ -3,16 +3,17 @@
 
 use fanout::prefs::Store;
 
+#[path = "common/servers.rs"]
+mod servers;
+
 fn admin_url() -> String {
-    std::env::var("FANOUT_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    servers::database_url()
 }
 
 /// A store on a fresh PostgreSQL database, and the database's name.
 async fn postgres() -> (Store, String) {
     use sqlx::Connection;
-    let admin = std::env::var("FANOUT_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let admin = admin_url();
     let mut conn = sqlx::PgConnection::connect(&admin)
         .await
         .unwrap_or_else(|e| {

@@ -59,11 +59,6 @@ impl MemoryHistory {
         }
     }
 
-    /// The last sequence number given out.
-    pub fn head(&self) -> u64 {
-        self.seq
-    }
-
     /// Numbers and records `msg`; returns the payload to publish, or `None` for a duplicate.
     pub fn append(&mut self, msg: &Outgoing) -> (Published, Option<Bytes>) {
         let now = Instant::now();

@@ -24,7 +24,6 @@
 mod batcher;
 mod partitions;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,8 +41,8 @@ use crate::clock::{now_ms, now_us};
 use crate::config::{KafkaConfig, OffsetReset};
 use crate::envelope::{self, Reject};
 use crate::kafka::{client_config, Producer};
-use crate::metrics::Metrics;
-use crate::types::{TypesConfig, UnknownTypes};
+use crate::metrics::{ConsumerError, Metrics};
+use crate::types::{TypeRegistry, TypesConfig};
 
 /// Logs rebalances, keeps the partition gauge current and wakes the driver, which splits
 /// the new assignment into partition queues.
@@ -175,7 +174,8 @@ const CHANNEL: usize = 4 * batcher::BATCH_MAX;
 /// What the readers and the driver share.
 struct Worker {
     ingest: Ingest,
-    known: HashSet<String>,
+    /// The registry built from `types`: the unknown-type rule.
+    types: TypeRegistry,
     reject_log: Mutex<RateLimitedLog>,
     error_log: Mutex<RateLimitedLog>,
     skip_log: Mutex<RateLimitedLog>,
@@ -228,10 +228,11 @@ impl ErrorKind {
     /// The `kind` label of `fanout_kafka_consumer_errors_total`.
     fn label(self) -> &'static str {
         match self {
-            ErrorKind::Undecodable | ErrorKind::UndecodableFetch => "undecodable",
-            ErrorKind::Broker => "broker",
-            ErrorKind::Other => "other",
+            ErrorKind::Undecodable | ErrorKind::UndecodableFetch => ConsumerError::Undecodable,
+            ErrorKind::Broker => ConsumerError::Broker,
+            ErrorKind::Other => ConsumerError::Other,
         }
+        .label()
     }
 }
 
@@ -249,10 +250,10 @@ impl Ingest {
     /// Consumes until `shutdown`, then commits what was published and leaves the group.
     /// The driver and one reader per partition run as tasks; the batcher runs here.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let known = self.types.registry.iter().map(|t| t.name.clone()).collect();
+        let types = TypeRegistry::new(&self.types);
         let worker = Arc::new(Worker {
             ingest: self,
-            known,
+            types,
             reject_log: Mutex::new(RateLimitedLog::new()),
             error_log: Mutex::new(RateLimitedLog::new()),
             skip_log: Mutex::new(RateLimitedLog::new()),
@@ -285,9 +286,7 @@ impl Worker {
             Ok(env) => env,
             Err(reject) => return Outcome::Reject(reject),
         };
-        if self.ingest.types.unknown == UnknownTypes::Reject
-            && !self.known.contains(env.msg_type.as_str())
-        {
+        if !self.types.admits(&env.msg_type) {
             return Outcome::Reject(Reject::UnknownType(env.msg_type));
         }
         let ts = record.timestamp().to_millis().unwrap_or_else(now_ms);

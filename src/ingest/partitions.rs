@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ErrorKind, IngestContext, Taken, Worker};
 use crate::config::OffsetReset;
+use crate::metrics::REJECTED_UNDECODABLE;
 
 /// How long the reader of a stalled partition waits for the broker to say where the
 /// partition stands (committed offset, low watermark).
@@ -197,7 +198,7 @@ impl Worker {
         self.ingest
             .metrics
             .ingest_rejected
-            .with_label_values(&["undecodable"])
+            .with_label_values(&[REJECTED_UNDECODABLE])
             .inc();
         let allowed = self.skip_log.lock().allow();
         if let Some(suppressed) = allowed {

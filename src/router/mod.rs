@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{After, Bus, BusEvent, BusMessage, Channel};
 use crate::clock::{now_ms, now_us};
-use crate::metrics::Metrics;
+use crate::metrics::{Dropped, Gap, Metrics};
 use crate::prefs::{Change, Prefs};
 use crate::protocol;
 use crate::registry::{PushError, Registry};
@@ -187,7 +187,7 @@ impl Router {
             // Dropped here, it shows up later as a sequence jump and is recovered again.
             self.metrics
                 .dropped
-                .with_label_values(&["buffer_full"])
+                .with_label_values(&[Dropped::BufferFull.label()])
                 .inc();
         }
     }
@@ -251,18 +251,28 @@ impl Router {
         }
         if msg.seq <= last && msg.seq <= self.recovered_through {
             // Already routed from the history.
-            self.metrics.dropped.with_label_values(&["duplicate"]).inc();
+            self.metrics
+                .dropped
+                .with_label_values(&[Dropped::Duplicate.label()])
+                .inc();
             return None;
         }
         // A jump: messages were missed. A step back: the bus's counter was reset.
-        let reason = if msg.seq > last { "skipped" } else { "reset" };
+        let reason = if msg.seq > last {
+            Gap::Skipped
+        } else {
+            Gap::Reset
+        };
         tracing::warn!(
             last,
             seq = msg.seq,
-            reason,
+            reason = reason.label(),
             "bus sequence broken: recovering"
         );
-        self.metrics.bus_gaps.with_label_values(&[reason]).inc();
+        self.metrics
+            .bus_gaps
+            .with_label_values(&[reason.label()])
+            .inc();
         self.buffer.push_front(BusEvent::Message {
             channel: Channel::Bus,
             payload,
@@ -285,11 +295,17 @@ impl Router {
     pub fn route(&mut self, msg: &BusMessage) {
         let h = &msg.header;
         if h.expired(now_ms()) {
-            self.metrics.dropped.with_label_values(&["expired"]).inc();
+            self.metrics
+                .dropped
+                .with_label_values(&[Dropped::Expired.label()])
+                .inc();
             return;
         }
         if !self.recent.insert(&h.id) {
-            self.metrics.dropped.with_label_values(&["duplicate"]).inc();
+            self.metrics
+                .dropped
+                .with_label_values(&[Dropped::Duplicate.label()])
+                .inc();
             return;
         }
         let slot = self.types.slot(&h.msg_type);
@@ -327,13 +343,13 @@ impl Router {
         if full > 0 {
             self.metrics
                 .dropped
-                .with_label_values(&["queue_full"])
+                .with_label_values(&[Dropped::QueueFull.label()])
                 .inc_by(full);
         }
         if closed > 0 {
             self.metrics
                 .dropped
-                .with_label_values(&["closed"])
+                .with_label_values(&[Dropped::Closed.label()])
                 .inc_by(closed);
         }
     }

@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use super::Router;
 use crate::bus::history::{self, Recovered};
 use crate::bus::{After, Bus, BusError};
-use crate::metrics::Metrics;
+use crate::metrics::{GapRecovery, Metrics};
 use crate::prefs::Prefs;
 use crate::protocol;
 use crate::registry::Registry;
@@ -192,11 +192,15 @@ impl Router {
                 })
                 .sum()
         };
-        let result = if lost > 0 { "lost" } else { "recovered" };
+        let result = if lost > 0 {
+            GapRecovery::Lost
+        } else {
+            GapRecovery::Recovered
+        };
         if outcome.missed {
             self.metrics
                 .gap_recoveries
-                .with_label_values(&[result])
+                .with_label_values(&[result.label()])
                 .inc();
             tracing::info!(
                 from = last,

@@ -1,6 +1,6 @@
-//! Bounds on what a client can make a node hold (issue 15): connections that never finish
-//! their HTTP request, a session whose client does not read, WebSocket protocol
-//! violations, and a shutdown that must end within `shutdown.drain` + `shutdown.grace`
+//! Bounds on what a client can make a node hold: connections that never finish their HTTP
+//! request, a session whose client does not read, WebSocket protocol violations, and a
+//! shutdown that must end within `shutdown.drain` + `shutdown.grace`
 //! whatever the clients do.
 
 use std::time::{Duration, Instant};

@@ -1,6 +1,6 @@
-//! The edges of the public and admin ports (issue 15, items 3 and 7): JWT `nbf` and `aud`
-//! per RFC 7519, one rule for user ids wherever they enter, the JSON error body on every
-//! status, and the embedded default letting in browser pages from this machine only.
+//! The edges of the public and admin ports: JWT `nbf` and `aud` per RFC 7519, one rule
+//! for user ids wherever they enter, the JSON error body on every status, and the embedded
+//! default letting in browser pages from this machine only.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -135,7 +135,7 @@ async fn bad_user_ids_get_400_naming_the_problem_wherever_they_enter() {
     let node = cluster.node(0);
     let http = reqwest::Client::new();
     let long = "u".repeat(10 * 1024);
-    // JWT `sub`: NUL (PostgreSQL cannot store it: was 503, retryable) and 10 KB.
+    // JWT `sub`: NUL (PostgreSQL cannot store it: a 400 here, not a retryable 503) and 10 KB.
     for (sub, says) in [("nu\0l", "U+0000"), (long.as_str(), "10240 bytes")] {
         let token = token_of(json!({"sub": sub, "exp": now() + 600}));
         let (status, body) = refusal(ws_with_token(&node.ws_url(""), &token).await);

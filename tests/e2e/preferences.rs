@@ -277,3 +277,47 @@ async fn while_the_database_is_down_new_users_are_refused_and_nodes_recover_by_t
     let hal = cluster.connect(0, "hal", "").await;
     assert_eq!(hal.hello["user"], "hal");
 }
+
+/// `types.unknown = "reject"`, one rule in both places: `POST /v1/publish` refuses an
+/// unregistered type (400 `unknown_type`) and ingest rejects one read from Kafka (counted,
+/// never delivered); a registered type passes both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_unknown_reject_an_unregistered_type_is_refused_at_publish_and_at_ingest() {
+    let cluster = TestCluster::start_with(
+        1,
+        Options::default().with("FANOUT__TYPES__UNKNOWN", "reject"),
+    )
+    .await;
+    let node = cluster.node(0);
+    let mut ida = cluster.connect(0, "ida", "").await;
+    let http = reqwest::Client::new();
+    let publish = |msg_type: &str| {
+        http.post(node.http("/v1/publish"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&for_user("ida", msg_type, "via http"))
+            .send()
+    };
+
+    let r = publish("never.registered").await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "unknown_type");
+
+    // Same key, same partition: the registered one is decided after the other.
+    let producer = &cluster.producer;
+    producer
+        .send("ida", for_user("ida", "never.registered", "unknown"))
+        .await;
+    producer
+        .send("ida", for_user("ida", "robot.reply", "known"))
+        .await;
+    assert_eq!(ida.expect_msg(WAIT).await["data"]["text"], "known");
+    assert_eq!(
+        node.metric("fanout_ingest_rejected_total{reason=\"unknown_type\"}")
+            .await,
+        1.0
+    );
+
+    let r = publish("robot.reply").await.unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(ida.expect_msg(WAIT).await["data"]["text"], "via http");
+}

@@ -32,18 +32,10 @@ pub const SECRET: &str = "e2e-secret";
 pub const ADMIN_TOKEN: &str = "e2e-admin";
 pub const PARTITIONS: i32 = 4;
 
-/// The broker every test uses. Fails (never skips) when none is configured.
-pub fn kafka_addr() -> String {
-    std::env::var("FANOUT_TEST_KAFKA").unwrap_or_else(|_| {
-        panic!("FANOUT_TEST_KAFKA is not set: run ./scripts/test (it starts Apache Kafka), or point it at a Kafka broker host:port")
-    })
-}
-
-/// The PostgreSQL server tests create their databases on (`FANOUT_TEST_DATABASE_URL`).
-pub fn database_url() -> String {
-    std::env::var("FANOUT_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
+#[path = "../common/servers.rs"]
+mod servers;
+/// The servers: each fails the test in seconds, with one line, when it is not there.
+pub use servers::{database_url, kafka_addr, redis_url};
 
 /// `url` with its database name replaced by `name`.
 fn with_database(url: &str, name: &str) -> String {
@@ -107,23 +99,8 @@ impl Drop for TestDatabase {
     }
 }
 
-/// The type registry every test cluster uses.
-pub const TYPES_TOML: &str = r#"
-[[types]]
-name = "robot.reply"
-default = true
-[[types]]
-name = "order.status"
-default = true
-[[types]]
-name = "marketing"
-default = false
-"#;
-
-/// The Redis every test uses (default: the local one).
-pub fn redis_url() -> String {
-    std::env::var("FANOUT_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
+/// The type registry every test cluster uses (shared with tests/cli.rs).
+pub const TYPES_TOML: &str = include_str!("../fixtures/types.toml");
 
 /// A name no other test run uses.
 pub fn unique(name: &str) -> String {
@@ -144,21 +121,16 @@ pub fn token(user: &str, ttl: Duration) -> String {
     token_with(SECRET, user, ttl, None)
 }
 
+/// A token from [`fanout::auth::mint`] (what `fanout token` runs) signed with `secret`.
 pub fn token_with(secret: &str, user: &str, ttl: Duration, platform: Option<&str>) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        + ttl;
-    let mut claims = json!({ "sub": user, "exp": exp.as_secs() });
-    if let Some(p) = platform {
-        claims["platform"] = p.into();
-    }
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
+    let auth = fanout::config::AuthConfig {
+        jwt_secret: secret.into(),
+        ..Default::default()
+    };
+    let platform = platform.map(|p| {
+        fanout::envelope::Platform::parse(p).unwrap_or_else(|| panic!("no platform `{p}`"))
+    });
+    fanout::auth::mint(&auth, user, ttl, platform).unwrap()
 }
 
 fn kafka_config_for(brokers: &str) -> ClientConfig {

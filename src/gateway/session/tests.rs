@@ -163,10 +163,8 @@ async fn token_expiry_closes_with_4003() {
     assert_eq!(close_code(&h.out.next().await.unwrap()), Some(4003));
 }
 
-/// The session's future is most of an idle connection's memory: 1408 B before the
-/// queue's wait stopped holding a frame and the close signal shared the queue's
-/// wake-up (1144 B after, over an in-memory stream); 1264 B since every write is bounded
-/// (a write that cannot finish at once also waits for close requests and its stall limit).
+/// The session's future is most of an idle connection's memory: 1264 B over an in-memory
+/// stream (its history: docs/benchmarks.md, "A wait holds no frame, one wake-up signal").
 #[test]
 fn the_session_future_stays_small() {
     type Ws = tokio_tungstenite::WebSocketStream<tokio::io::DuplexStream>;
