@@ -28,7 +28,7 @@ use crate::config::{mask_url_password, RedisConfig, Settings};
 use crate::gateway::Gateway;
 use crate::ingest::{self, Ingest};
 use crate::kafka::{self, Producer};
-use crate::metrics::Metrics;
+use crate::metrics::{Listener, Metrics};
 use crate::prefs::{Prefs, Store};
 use crate::registry::{Limits, Registry};
 use crate::router::Router;
@@ -274,7 +274,7 @@ impl Tasks {
             bus: parts.bus.clone(),
             producer: parts.producer.clone(),
             kafka: parts.settings.kafka.clone(),
-            types: parts.settings.types.clone(),
+            types: parts.types.clone(),
             metrics: parts.metrics.clone(),
         };
         let ingesting = ingest.run(self.ingest.clone());
@@ -353,9 +353,15 @@ impl Tasks {
             producer: parts.producer.clone(),
             prefs: parts.prefs.clone(),
         });
-        let http = |listener: &str| HttpMetrics {
-            pending: parts.metrics.http_pending.with_label_values(&[listener]),
-            evicted: parts.metrics.http_evicted.with_label_values(&[listener]),
+        let http = |listener: Listener| HttpMetrics {
+            pending: parts
+                .metrics
+                .http_pending
+                .with_label_values(&[listener.label()]),
+            evicted: parts
+                .metrics
+                .http_evicted
+                .with_label_values(&[listener.label()]),
         };
         let public_limits = HttpLimits {
             header_timeout: settings.server.header_timeout,
@@ -371,7 +377,7 @@ impl Tasks {
             listeners.public,
             public,
             public_limits,
-            http("public"),
+            http(Listener::Public),
             self.http.clone(),
         );
         spawn(&self.tracker, &self.watch, "public server", serving, None);
@@ -385,7 +391,7 @@ impl Tasks {
             listeners.admin,
             admin,
             admin_limits,
-            http("admin"),
+            http(Listener::Admin),
             self.bus.clone(),
         );
         spawn(&self.tracker, &self.watch, "admin server", serving, None);

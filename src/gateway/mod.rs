@@ -30,7 +30,7 @@ use crate::config::Settings;
 use crate::envelope::Platform;
 use crate::http::json_error;
 use crate::kafka::Producer;
-use crate::metrics::Metrics;
+use crate::metrics::{Ask, Metrics};
 use crate::prefs::Prefs;
 use crate::protocol::{self, ClientFrame, Close, Hello};
 use crate::registry::{ConnHandle, QueueRx, RegisterError, Registration, Registry};
@@ -370,7 +370,10 @@ impl Gateway {
     ) -> Option<Utf8Bytes> {
         let topic = &self.settings.kafka.upstream_topic;
         let Some(producer) = self.upstream.clone().filter(|_| !topic.is_empty()) else {
-            self.metrics.asks.with_label_values(&["disabled"]).inc();
+            self.metrics
+                .asks
+                .with_label_values(&[Ask::Disabled.label()])
+                .inc();
             return Some(protocol::error_frame(
                 &self.metrics.client_errors,
                 "ask_disabled",
@@ -396,12 +399,12 @@ impl Gateway {
                 .await
             {
                 Ok(()) => {
-                    metrics.asks.with_label_values(&["ok"]).inc();
+                    metrics.asks.with_label_values(&[Ask::Ok.label()]).inc();
                     protocol::ask_ok(reference.as_deref())
                 }
                 Err(e) => {
                     tracing::warn!(conn = %conn.id, error = %e, "ask could not be produced");
-                    metrics.asks.with_label_values(&["error"]).inc();
+                    metrics.asks.with_label_values(&[Ask::Error.label()]).inc();
                     protocol::error_frame(
                         &metrics.client_errors,
                         "ask_failed",

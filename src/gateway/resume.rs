@@ -10,6 +10,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use super::Gateway;
 use crate::bus::history::{self, Replay};
 use crate::clock::now_ms;
+use crate::metrics::Resume as ResumeLabel;
 use crate::protocol::Resume;
 use crate::registry::ConnHandle;
 use crate::types;
@@ -30,8 +31,11 @@ impl Gateway {
     /// Reads what `conn` missed after `since`, filtered for this connection: its target
     /// details, its user's preferences now, and each message's ttl. Exact or nothing.
     pub(super) async fn resume(&self, conn: &ConnHandle, since: &str) -> Resumed {
-        let not_recovered = |result: &str| {
-            self.metrics.resumes.with_label_values(&[result]).inc();
+        let not_recovered = |result: ResumeLabel| {
+            self.metrics
+                .resumes
+                .with_label_values(&[result.label()])
+                .inc();
             Resumed {
                 resume: Resume {
                     recovered: false,
@@ -42,14 +46,14 @@ impl Gateway {
             }
         };
         if since.is_empty() || since.len() > MAX_SINCE_BYTES {
-            return not_recovered("not_recovered");
+            return not_recovered(ResumeLabel::NotRecovered);
         }
         let (messages, head) = match history::replay(&*self.bus, &conn.user, since).await {
             Ok(Replay::Recovered { messages, head }) => (messages, head),
-            Ok(Replay::NotRecovered) => return not_recovered("not_recovered"),
+            Ok(Replay::NotRecovered) => return not_recovered(ResumeLabel::NotRecovered),
             Err(e) => {
                 tracing::warn!(conn = %conn.id, user = %conn.user, error = %e, "history unreadable; resume not recovered");
-                return not_recovered("error");
+                return not_recovered(ResumeLabel::Error);
             }
         };
         let (now, bits) = (now_ms(), conn.prefs.get());
@@ -62,7 +66,10 @@ impl Gateway {
             })
             .map(|m| m.frame)
             .collect();
-        self.metrics.resumes.with_label_values(&["recovered"]).inc();
+        self.metrics
+            .resumes
+            .with_label_values(&[ResumeLabel::Recovered.label()])
+            .inc();
         self.metrics.replayed.inc_by(frames.len() as u64);
         Resumed {
             resume: Resume {

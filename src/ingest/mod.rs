@@ -42,7 +42,7 @@ use crate::config::{KafkaConfig, OffsetReset};
 use crate::envelope::{self, Reject};
 use crate::kafka::{client_config, Producer};
 use crate::metrics::{ConsumerError, Metrics};
-use crate::types::{TypeRegistry, TypesConfig};
+use crate::types::TypeRegistry;
 
 /// Logs rebalances, keeps the partition gauge current and wakes the driver, which splits
 /// the new assignment into partition queues.
@@ -153,7 +153,8 @@ pub struct Ingest {
     pub bus: Arc<dyn Bus>,
     pub producer: Producer,
     pub kafka: KafkaConfig,
-    pub types: TypesConfig,
+    /// The node's type registry: the unknown-type rule.
+    pub types: Arc<TypeRegistry>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -174,8 +175,6 @@ const CHANNEL: usize = 4 * batcher::BATCH_MAX;
 /// What the readers and the driver share.
 struct Worker {
     ingest: Ingest,
-    /// The registry built from `types`: the unknown-type rule.
-    types: TypeRegistry,
     reject_log: Mutex<RateLimitedLog>,
     error_log: Mutex<RateLimitedLog>,
     skip_log: Mutex<RateLimitedLog>,
@@ -250,10 +249,8 @@ impl Ingest {
     /// Consumes until `shutdown`, then commits what was published and leaves the group.
     /// The driver and one reader per partition run as tasks; the batcher runs here.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let types = TypeRegistry::new(&self.types);
         let worker = Arc::new(Worker {
             ingest: self,
-            types,
             reject_log: Mutex::new(RateLimitedLog::new()),
             error_log: Mutex::new(RateLimitedLog::new()),
             skip_log: Mutex::new(RateLimitedLog::new()),
@@ -286,7 +283,7 @@ impl Worker {
             Ok(env) => env,
             Err(reject) => return Outcome::Reject(reject),
         };
-        if !self.types.admits(&env.msg_type) {
+        if !self.ingest.types.admits(&env.msg_type) {
             return Outcome::Reject(Reject::UnknownType(env.msg_type));
         }
         let ts = record.timestamp().to_millis().unwrap_or_else(now_ms);

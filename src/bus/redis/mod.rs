@@ -56,7 +56,7 @@ use super::{
     StreamKey, StreamRead,
 };
 use crate::config::{RecoveryConfig, RedisConfig};
-use crate::metrics::Metrics;
+use crate::metrics::{Gap, Metrics};
 
 mod connect;
 
@@ -429,7 +429,10 @@ impl RedisBus {
                 }
                 seq = n.max(0) as u64;
             }
-            self.metrics.bus_published.with_label_values(&["bus"]).inc();
+            self.metrics
+                .bus_published
+                .with_label_values(&[Channel::Bus.as_str()])
+                .inc();
             return Ok(Published {
                 seq,
                 duplicate: false,
@@ -513,7 +516,7 @@ impl RedisBus {
         let fresh = published.iter().filter(|p| !p.duplicate).count();
         self.metrics
             .bus_published
-            .with_label_values(&["bus"])
+            .with_label_values(&[Channel::Bus.as_str()])
             .inc_by(fresh as u64);
         Ok(published)
     }
@@ -657,8 +660,14 @@ impl Bus for RedisBus {
         self.subscriber
             .subscribe(vec![self.bus_channel.clone(), self.control_channel.clone()])
             .await?;
-        let received_bus = self.metrics.bus_received.with_label_values(&["bus"]);
-        let received_control = self.metrics.bus_received.with_label_values(&["control"]);
+        let received_bus = self
+            .metrics
+            .bus_received
+            .with_label_values(&[Channel::Bus.as_str()]);
+        let received_control = self
+            .metrics
+            .bus_received
+            .with_label_values(&[Channel::Control.as_str()]);
         let result = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
@@ -679,7 +688,7 @@ impl Bus for RedisBus {
                     }
                     Err(RecvError::Lagged(missed)) => {
                         tracing::error!(missed, "bus receiver lagged: messages lost");
-                        self.metrics.bus_gaps.with_label_values(&["lagged"]).inc();
+                        self.metrics.bus_gaps.with_label_values(&[Gap::Lagged.label()]).inc();
                         handler.on_event(BusEvent::Gap { reason: "lagged" });
                     }
                     Err(RecvError::Closed) => break Err(BusError::Closed),
@@ -687,7 +696,7 @@ impl Bus for RedisBus {
                 reconnected = reconnects.recv() => match reconnected {
                     Ok(server) => {
                         tracing::warn!(%server, "redis subscriber reconnected; resubscribing");
-                        self.metrics.bus_gaps.with_label_values(&["reconnected"]).inc();
+                        self.metrics.bus_gaps.with_label_values(&[Gap::Reconnected.label()]).inc();
                         handler.on_event(BusEvent::Gap { reason: "reconnected" });
                     }
                     Err(RecvError::Lagged(_)) => {}
