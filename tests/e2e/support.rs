@@ -1023,11 +1023,17 @@ pub struct EmbeddedNode {
     /// `host:port` of the public and admin listeners (127.0.0.1).
     pub public: String,
     pub admin: String,
-    dir: PathBuf,
+    /// The in-process Kafka broker's bootstrap address, as the banner prints it.
+    pub bootstrap: String,
+    /// Its working directory (where `fanout.db` is made).
+    pub dir: PathBuf,
 }
 
 impl EmbeddedNode {
+    /// Starts the embedded default (nothing configured but the listen addresses and `env`)
+    /// in a fresh directory, and waits until it is ready.
     pub async fn start(env: &[(&str, &str)]) -> Self {
+        use std::io::{BufRead as _, BufReader};
         let dir = std::env::temp_dir().join(unique("fanout-embedded"));
         std::fs::create_dir_all(&dir).unwrap();
         let public = format!("127.0.0.1:{}", free_port());
@@ -1035,17 +1041,32 @@ impl EmbeddedNode {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fanout"));
         cmd.current_dir(&dir)
             .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("FANOUT__SERVER__LISTEN", &public)
             .env("FANOUT__ADMIN__LISTEN", &admin)
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(Stdio::piped());
         for (key, value) in env {
             cmd.env(key, value);
         }
+        let mut child = cmd.spawn().expect("spawn fanout");
+        // The banner names the in-process broker: "Kafka       bootstrap HOST:PORT topic T".
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let bootstrap = lines
+            .by_ref()
+            .take(50)
+            .map_while(Result::ok)
+            .find_map(|l| {
+                let rest = l.trim().strip_prefix("Kafka")?.to_owned();
+                rest.split_whitespace().nth(1).map(str::to_owned)
+            })
+            .expect("the banner prints the Kafka bootstrap address");
+        std::thread::spawn(move || lines.for_each(drop)); // keep draining the log
         let node = Self {
-            child: cmd.spawn().expect("spawn fanout"),
+            child,
             public,
             admin,
+            bootstrap,
             dir,
         };
         let ready = format!("http://{}/readyz", node.admin);
@@ -1058,6 +1079,19 @@ impl EmbeddedNode {
 
     pub fn http(&self, path: &str) -> String {
         format!("http://{}{path}", self.public)
+    }
+
+    /// The value of one metric sample, e.g. `fanout_ingest_rejected_total{reason="empty"}`.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+            .unwrap_or(0.0)
     }
 }
 

@@ -6,80 +6,11 @@
 //! the record count and the attributes). librdkafka fails to decompress that batch and,
 //! without fanout's skip, fetches it again forever: the partition stalls.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::support::*;
-
-/// The embedded default in its own directory, with its admin and broker addresses.
-struct Embedded {
-    child: std::process::Child,
-    public: String,
-    admin: String,
-    bootstrap: String,
-    dir: std::path::PathBuf,
-}
-
-impl Embedded {
-    fn start() -> Self {
-        let dir = std::env::temp_dir().join(unique("fanout-undecodable"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (public, admin) = (
-            format!("127.0.0.1:{}", free_port()),
-            format!("127.0.0.1:{}", free_port()),
-        );
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fanout"))
-            .current_dir(&dir)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("FANOUT__SERVER__LISTEN", &public)
-            .env("FANOUT__ADMIN__LISTEN", &admin)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // The banner names the in-process broker: "Kafka       bootstrap HOST:PORT topic T".
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let bootstrap = lines
-            .by_ref()
-            .take(50)
-            .map_while(Result::ok)
-            .find_map(|l| {
-                let rest = l.trim().strip_prefix("Kafka")?.to_owned();
-                rest.split_whitespace().nth(1).map(str::to_owned)
-            })
-            .expect("the banner prints the Kafka bootstrap address");
-        std::thread::spawn(move || lines.for_each(drop)); // keep draining the log
-        Self {
-            child,
-            public,
-            admin,
-            bootstrap,
-            dir,
-        }
-    }
-
-    async fn metric(&self, sample: &str) -> f64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
-            .unwrap_or(0.0)
-    }
-}
-
-impl Drop for Embedded {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// CRC-32C (Castagnoli), as RecordBatch v2 carries it (bitwise; the batch is tiny).
 fn crc32c(data: &[u8]) -> u32 {
@@ -170,11 +101,7 @@ fn produce_raw(broker: &str, topic: &str, partition: i32, batch: &[u8]) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_the_consumer_cannot_decode_is_skipped_offset_by_offset_and_the_partition_moves_on()
 {
-    let node = Embedded::start();
-    eventually(Duration::from_secs(30), "embedded node ready", || async {
-        matches!(reqwest::get(format!("http://{}/readyz", node.admin)).await, Ok(r) if r.status().is_success())
-    })
-    .await;
+    let node = EmbeddedNode::start(&[]).await;
     let mut ada = Client::connect(&format!("ws://{}/ws?user=ada", node.public), None).await;
     let topic = "fanout.messages";
     let producer = Producer::new(&node.bootstrap, topic);
