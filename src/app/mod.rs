@@ -30,16 +30,20 @@ use crate::ingest::{self, Ingest};
 use crate::kafka::{self, Producer};
 use crate::metrics::{Listener, Metrics};
 use crate::prefs::{Prefs, Store};
-use crate::registry::{Limits, Registry};
+use crate::registry::Registry;
 use crate::router::Router;
 use crate::types::TypeRegistry;
 use crate::{api, shutdown};
 
+mod budget;
 mod embedded;
 mod serve;
+mod watch;
 
+use budget::{file_budget, limits};
 use embedded::{consumer_settings, print_embedded_banner, start_embedded_kafka};
 use serve::{serve, HttpLimits, HttpMetrics};
+use watch::{spawn, TaskWatch};
 
 /// The database of the embedded default, in the working directory.
 pub const EMBEDDED_DATABASE: &str = "sqlite://fanout.db";
@@ -434,113 +438,6 @@ impl Tasks {
     }
 }
 
-/// Open files kept for what is not a client socket: Kafka, Redis and database connections,
-/// the SQLite file, the runtime's own descriptors.
-const RESERVED_FILES: usize = 128;
-
-/// The connection limits that fit the process's open-file limit: a node must not run out
-/// of file descriptors under a flood (then it could not even answer `/healthz`). Raises
-/// the soft limit to the hard one first; lowers `server.max_pending_connections` (to a
-/// quarter of the room) and `server.max_connections` only when they do not fit, with a
-/// warning naming the key. `(max_connections, max_pending_connections)`.
-fn file_budget(settings: &Settings) -> anyhow::Result<(usize, usize)> {
-    let s = &settings.server;
-    let files = rlimit::increase_nofile_limit(u64::MAX)
-        .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
-        .unwrap_or(usize::MAX);
-    let fixed = RESERVED_FILES + settings.admin.max_connections;
-    let room = files.saturating_sub(fixed);
-    if room < 32 {
-        anyhow::bail!(
-            "the process may open only {files} files (RLIMIT_NOFILE); fanout needs {fixed} for itself and admin.max_connections, and room for clients"
-        );
-    }
-    let pending = s.max_pending_connections.min(room / 4);
-    if pending < s.max_pending_connections {
-        tracing::warn!(
-            configured = s.max_pending_connections,
-            effective = pending,
-            open_files = files,
-            "server.max_pending_connections lowered to fit the open-file limit"
-        );
-    }
-    let connections = s.max_connections.min(room - pending);
-    if connections < s.max_connections {
-        tracing::warn!(
-            configured = s.max_connections,
-            effective = connections,
-            open_files = files,
-            "server.max_connections lowered to fit the open-file limit"
-        );
-    }
-    Ok((connections, pending))
-}
-
-fn limits(settings: &Settings, max_connections: usize) -> Limits {
-    let s = &settings.server;
-    Limits {
-        max_connections,
-        max_connections_per_user: s.max_connections_per_user,
-        queue_max_messages: s.queue_max_messages,
-        queue_max_bytes: s.queue_max_bytes,
-    }
-}
-
-/// Spawns a long-lived task (on `runtime`, else the current one). Its end is logged once;
-/// an error, a panic, or an end before `ending` was cancelled (nothing asked it to stop)
-/// marks the node failed, which turns readiness off and makes `run` return an error.
-fn spawn<F>(
-    tasks: &TaskTracker,
-    watch: &TaskWatch,
-    name: &'static str,
-    task: F,
-    runtime: Option<&Handle>,
-) where
-    F: Future<Output = anyhow::Result<()>> + Send + 'static,
-{
-    let task = watch.watched(name, task);
-    match runtime {
-        Some(handle) => drop(tasks.spawn_on(task, handle)),
-        None => drop(tasks.spawn(task)),
-    }
-}
-
-/// How the node learns that a long-lived task ended: `failed` is cancelled when one fails;
-/// `ending` is cancelled by the shutdown sequence before it stops the tasks, so an end after
-/// it is expected and an end before it is a failure.
-#[derive(Clone, Default)]
-struct TaskWatch {
-    failed: CancellationToken,
-    ending: CancellationToken,
-}
-
-impl TaskWatch {
-    /// `task`, wrapped: catches its panic (a panicking task must not leave a node that looks
-    /// healthy and delivers nothing) and reports how it ended.
-    fn watched<F>(&self, name: &'static str, task: F) -> impl Future<Output = ()> + Send + 'static
-    where
-        F: Future<Output = anyhow::Result<()>> + Send + 'static,
-    {
-        use futures::FutureExt as _;
-        let watch = self.clone();
-        async move {
-            let outcome = std::panic::AssertUnwindSafe(task).catch_unwind().await;
-            let failure = match outcome {
-                Ok(Ok(())) if watch.ending.is_cancelled() => {
-                    tracing::info!(task = name, "stopped");
-                    return;
-                }
-                Ok(Ok(())) => "ended before shutdown".to_owned(),
-                Ok(Err(e)) => format!("{e:#}"),
-                // The panic hook (main.rs) logged its message and location.
-                Err(_) => "panicked".to_owned(),
-            };
-            tracing::error!(task = name, error = failure, "failed");
-            watch.failed.cancel();
-        }
-    }
-}
-
 /// Keeps one readiness flag current: runs `check` every 5 s (every second while failing)
 /// and logs each change.
 async fn probe<F, Fut>(
@@ -603,39 +500,5 @@ fn kafka_check(
                 .await
                 .unwrap_or(false)
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    async fn outcome<F>(watch: &TaskWatch, task: F) -> bool
-    where
-        F: Future<Output = anyhow::Result<()>> + Send + 'static,
-    {
-        tokio::spawn(watch.watched("test", task)).await.unwrap();
-        watch.failed.is_cancelled()
-    }
-
-    #[tokio::test]
-    async fn a_panicking_task_fails_the_node() {
-        let watch = TaskWatch::default();
-        let panics = async { panic!("recovery lost its waiter") };
-        assert!(outcome(&watch, panics).await);
-    }
-
-    #[tokio::test]
-    async fn a_task_that_ends_before_shutdown_fails_the_node() {
-        assert!(outcome(&TaskWatch::default(), async { Ok(()) }).await);
-        let errs = async { Err(anyhow::anyhow!("bus gone")) };
-        assert!(outcome(&TaskWatch::default(), errs).await);
-    }
-
-    #[tokio::test]
-    async fn a_task_asked_to_stop_ends_cleanly() {
-        let watch = TaskWatch::default();
-        watch.ending.cancel();
-        assert!(!outcome(&watch, async { Ok(()) }).await);
     }
 }

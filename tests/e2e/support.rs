@@ -361,18 +361,7 @@ impl Node {
 
     /// The value of one metric sample, e.g. `fanout_ingest_rejected_total{reason="not_json"}`.
     pub async fn metric(&self, sample: &str) -> f64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(sample)
-                    .and_then(|rest| rest.trim().parse().ok())
-            })
-            .unwrap_or(0.0)
+        metric_at(&self.admin, sample).await
     }
 
     /// SIGKILL: the node dies without leaving the group or committing.
@@ -1083,15 +1072,7 @@ impl EmbeddedNode {
 
     /// The value of one metric sample, e.g. `fanout_ingest_rejected_total{reason="empty"}`.
     pub async fn metric(&self, sample: &str) -> f64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
-            .unwrap_or(0.0)
+        metric_at(&self.admin, sample).await
     }
 }
 
@@ -1101,4 +1082,17 @@ impl Drop for EmbeddedNode {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The value of one metric sample on the admin port `admin` (0 when absent).
+pub async fn metric_at(admin: &str, sample: &str) -> f64 {
+    let text = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }

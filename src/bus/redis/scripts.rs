@@ -1,0 +1,194 @@
+//! The Redis bus's Lua scripts (the layout and protocol they implement are described in
+//! the parent module's comment). Each call is one atomic step on the server.
+
+/// Lua shared by both scripts: the first sequence number of the current epoch (see the
+/// module comment), starting a new one when the server's replication id changed.
+/// `KEYS[1]` is `seq`, `KEYS[2]` is `epoch`.
+pub(super) const EPOCH_LUA: &str = r#"
+local function epoch_start()
+  local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or ''
+  local current = redis.call('GET', KEYS[2])
+  if current then
+    local id, start = string.match(current, '^(%x*) (%d+)$')
+    if id == replid then return tonumber(start) end
+  end
+  local start = tonumber(redis.call('GET', KEYS[1]) or '0') + 1
+  redis.call('SET', KEYS[2], replid .. ' ' .. start)
+  return start
+end
+"#;
+
+/// Lua shared by both publish scripts: `append(key, seq, max, window)` adds a number to a
+/// history stream (see the module comment; a number already last in it is not added
+/// again), and `pending_check(pend, lease, body_prefix, id)` looks at the message whose
+/// appends are split over several calls: `nil` when there is none (or its publisher was
+/// presumed dead and it was aborted), else its number and whether `id` is that message.
+pub(super) const PUBLISH_LUA: &str = r#"
+local function append(key, seq, max, window)
+  local num = string.format('%d', seq)
+  local last = redis.pcall('LINDEX', key, -1)
+  local len
+  if last == false then
+    -- a new stream (or one that expired a window after its last write)
+    len = redis.call('RPUSH', key, '0', num)
+  elseif type(last) == 'string' and tonumber(last) == seq then
+    return -- a retried chunk
+  elseif type(last) == 'string' and (tonumber(last) or seq) < seq then
+    len = redis.call('RPUSH', key, num)
+  else
+    -- numbers from before the counter was lost, or not a list (an older layout): stale;
+    -- start again, marked as missing what came before
+    redis.call('DEL', key)
+    len = redis.call('RPUSH', key, 'x', num)
+  end
+  if len > max + 1 then
+    -- the marker goes with the oldest; the oldest kept becomes the marker
+    redis.call('LTRIM', key, -(max + 1), -1)
+  end
+  redis.call('EXPIRE', key, window)
+end
+
+local function pending_check(pend, lease, body_prefix, id)
+  local current = redis.call('GET', pend)
+  if not current then return nil end
+  local n, owner = string.match(current, '^(%d+) (.*)$')
+  if owner == id then return tonumber(n), true end
+  if redis.call('EXISTS', lease) == 1 then return tonumber(n), false end
+  -- Its publisher stopped for longer than the lease: the message was never published on
+  -- the bus and will be again (its record's offset was not stored), under a new number.
+  -- Streams that got this number skip it: its payload becomes empty.
+  redis.call('SET', body_prefix .. n, '', 'KEEPTTL')
+  redis.call('DEL', pend)
+  return nil
+end
+"#;
+
+/// Publishes a batch of messages in order. KEYS: seq, epoch, pending, lease, then per
+/// message its seen-id key and its stream keys; ARGV: max entries, window (s), bus channel,
+/// body key prefix (`<prefix>:b:`), then per message its number of streams and its body.
+/// Returns `{seq, duplicate}` per message, flattened, or `{-1}` while another publisher's
+/// message is half written ([`CHUNK_SCRIPT`]): nothing was done, call again.
+pub const PUBLISH_SCRIPT: &str = r#"
+epoch_start()
+if pending_check(KEYS[3], KEYS[4], ARGV[4], '') then return {-1} end
+local max = tonumber(ARGV[1])
+local out = {}
+local k = 5
+for m = 5, #ARGV, 2 do
+  local streams = tonumber(ARGV[m])
+  local seen = redis.call('GET', KEYS[k])
+  if seen then
+    out[#out + 1] = tonumber(seen)
+    out[#out + 1] = 1
+  else
+    local seq = redis.call('INCR', KEYS[1])
+    local payload = string.format('%d', seq) .. '\n' .. ARGV[m + 1]
+    if streams > 0 then
+      -- the payload once; each stream gets its number only
+      redis.call('SET', ARGV[4] .. string.format('%d', seq), payload, 'EX', ARGV[2])
+    end
+    for i = k + 1, k + streams do append(KEYS[i], seq, max, ARGV[2]) end
+    redis.call('PUBLISH', ARGV[3], payload)
+    redis.call('SET', KEYS[k], seq, 'EX', ARGV[2])
+    out[#out + 1] = seq
+    out[#out + 1] = 0
+  end
+  k = k + 1 + streams
+end
+return out
+"#;
+
+/// One part of a message to more streams than one call appends to. KEYS: seq, epoch,
+/// pending, lease, seen id, streams of this part; ARGV: max entries, window (s), bus channel,
+/// body key prefix, id, `first` / `more` / `last`, body (`first`) or sequence number.
+///
+/// `first` numbers the message (unless its id was published: `{seq, 1}`), stores its
+/// payload and records `<n> <id>` in `pending`; `last` publishes it on the bus, remembers
+/// its id and clears `pending`. Meanwhile reads take `n - 1` as the head (the message is
+/// not there yet for anyone), other publishers wait (`{-1}`), and each call renews a lease
+/// of [`LEASE_MS`]: a publisher that stops for longer has its message aborted by the next
+/// one (its record is published again). `{-2}`: this message was aborted, start again with
+/// `first`. A `first` for the id already pending goes on with its number.
+pub const CHUNK_SCRIPT: &str = r#"
+epoch_start()
+local max = tonumber(ARGV[1])
+local n, mine = pending_check(KEYS[3], KEYS[4], ARGV[4], ARGV[5])
+local seq
+if ARGV[6] == 'first' then
+  if n and not mine then return {-1} end
+  seq = n
+  if not seq then
+    local seen = redis.call('GET', KEYS[5])
+    if seen then return {tonumber(seen), 1} end
+    seq = redis.call('INCR', KEYS[1])
+    local num = string.format('%d', seq)
+    redis.call('SET', ARGV[4] .. num, num .. '\n' .. ARGV[7], 'EX', ARGV[2])
+    redis.call('SET', KEYS[3], num .. ' ' .. ARGV[5])
+  end
+else
+  if not (mine and n == tonumber(ARGV[7])) then return {-2} end
+  seq = n
+end
+redis.call('SET', KEYS[4], ARGV[5], 'PX', ARGV[8])
+for i = 6, #KEYS do append(KEYS[i], seq, max, ARGV[2]) end
+if ARGV[6] == 'last' then
+  local payload = redis.call('GET', ARGV[4] .. string.format('%d', seq))
+  redis.call('PUBLISH', ARGV[3], payload)
+  redis.call('SET', KEYS[5], seq, 'EX', ARGV[2])
+  redis.call('DEL', KEYS[3], KEYS[4])
+end
+return {seq, 0}
+"#;
+
+/// KEYS: seq, epoch, seen id, pending, streams…; ARGV: `id` or `seq`, after (for `seq`),
+/// max entries, body key prefix. Returns `{head, epoch start, after, {complete,
+/// payload…}…}`, or `{head, epoch start, -1}` for an unknown id. While a message is half
+/// written ([`CHUNK_SCRIPT`]) the head is the number before it.
+pub const READ_SCRIPT: &str = r#"
+local epoch = epoch_start()
+local head = tonumber(redis.call('GET', KEYS[1]) or '0')
+local pending = redis.call('GET', KEYS[4])
+if pending then
+  head = math.min(head, tonumber(string.match(pending, '^(%d+)')) - 1)
+end
+local after
+if ARGV[1] == 'id' then
+  local s = redis.call('GET', KEYS[3])
+  if not s then return {head, epoch, -1} end
+  after = tonumber(s)
+else
+  after = tonumber(ARGV[2])
+end
+local max = tonumber(ARGV[3])
+local out = {head, epoch, after}
+for i = 5, #KEYS do
+  local read = {1}
+  local list = redis.pcall('LRANGE', KEYS[i], 0, -1)
+  if list.err then
+    -- not a list (an older layout): its entries cannot be read
+    read[1] = 0
+  elseif #list > 0 then
+    -- Trimming removes the oldest entries: nothing after `after` is gone if nothing was
+    -- ever trimmed, or if an entry at or before `after` is still there.
+    if list[1] ~= '0' and not (list[2] and tonumber(list[2]) <= after) then
+      read[1] = 0
+    end
+    for j = 2, #list do
+      if #read > max then break end
+      if tonumber(list[j]) > after then
+        local body = redis.call('GET', ARGV[4] .. list[j])
+        if body == '' then
+          -- aborted before it was published (see CHUNK_SCRIPT): it is published again
+        elseif body then
+          read[#read + 1] = body
+        else
+          -- expired or evicted: a missing entry, never skipped silently
+          read[1] = 0
+        end
+      end
+    end
+  end
+  out[#out + 1] = read
+end
+return out
+"#;
