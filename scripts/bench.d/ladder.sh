@@ -2,7 +2,10 @@
 # load generators connected to it, and rate steps, each measured as one loadgen interval.
 #
 #   cluster_up SIDE NODES DIR     fanout or peer servers in one cluster (same topic, group,
-#                                 Redis); sets cluster_pids, cluster_targets, cluster_admins
+#                                 Redis); sets cluster_pids, cluster_targets, cluster_admins.
+#                                 fanout sides: `fanout` (this build, receipts and presence
+#                                 topics off), `fanout-on` (this build, both topics on),
+#                                 `base` (BENCH_BASE_BIN, another build, topics off)
 #   clients_up N [loadgen args]   N connections spread evenly over the nodes, at most
 #                                 $per_shard per generator process; users u0…u(N-1)
 #   warm_up                       until every consumer owns its partitions (see publisher.rs)
@@ -28,7 +31,12 @@
 # What every message scenario needs, for the sides in $sides.
 need_redis
 need_kafka
-[[ " $sides " = *" fanout "* ]] && need_postgres
+# fanout_side SIDE: whether SIDE is a fanout build (anything but the socket.io peer).
+fanout_side() { [ "$1" != peer ]; }
+for s in $sides; do fanout_side "$s" && { need_postgres; break; }; done
+if [[ " $sides " = *" base "* ]]; then
+  [ -x "${BENCH_BASE_BIN:-}" ] || { echo "side base needs BENCH_BASE_BIN=<another fanout build>" >&2; exit 2; }
+fi
 [[ " $sides " = *" peer "* ]] && need_peer
 build loadgen publisher
 
@@ -54,9 +62,16 @@ cluster_up() {
   topic=bench-$side-$RANDOM$RANDOM
   new_topic "$topic" "$partitions"
   for i in $(seq 0 $((nodes - 1))); do
-    if [ "$side" = fanout ]; then
+    if fanout_side "$side"; then
       [ -n "$shared_db" ] || shared_db=$(new_database)
-      node_config=$work/types.toml start_fanout "$dir/node$i" \
+      local extra=() node_bin=$bin
+      [ "$side" = base ] && node_bin=$BENCH_BASE_BIN
+      if [ "$side" = fanout-on ]; then
+        # Receipts and presence on: both topics exist before the nodes start.
+        [ "$i" != 0 ] || { new_topic "$topic-receipts" "$partitions"; new_topic "$topic-presence" "$partitions"; }
+        extra=(FANOUT__KAFKA__RECEIPTS_TOPIC="$topic-receipts" FANOUT__KAFKA__PRESENCE_TOPIC="$topic-presence")
+      fi
+      bin=$node_bin node_config=$work/types.toml start_fanout "$dir/node$i" "${extra[@]}" \
         FANOUT__NODE__ID="bench-$i" FANOUT__KAFKA__BROKERS="$kafka" FANOUT__KAFKA__TOPICS="$topic" \
         FANOUT__KAFKA__GROUP_ID="$topic" FANOUT__REDIS__URL="$redis_url" FANOUT__REDIS__PREFIX="$topic" \
         FANOUT__DATABASE__URL="$shared_db" FANOUT__AUTH__JWT_SECRET="$secret" \
@@ -74,7 +89,7 @@ clients_up() {
   local n=$1 nodes=${#cluster_targets[@]} i k per shards proto=fanout auth=()
   shift
   [ "$cluster_side" = peer ] && proto=socketio
-  [ "$cluster_side" = fanout ] && auth=(--token-secret "$secret")
+  fanout_side "$cluster_side" && auth=(--token-secret "$secret")
   gen_pids=() gen_out=() gen_warm=() gen_connected=0
   per=$(( (n + nodes - 1) / nodes ))
   for i in $(seq 0 $((nodes - 1))); do
@@ -137,13 +152,13 @@ step() {
   local rate=$1 seconds=$2 cpu0 cpu1 gcpu0 gcpu1 lines=() f p
   shift 2
   for f in "${gen_out[@]}"; do lines+=("$(wc -l <"$f")"); done
-  [ "$cluster_side" = fanout ] && node_metrics >"$cluster_dir/metrics0"
+  fanout_side "$cluster_side" && node_metrics >"$cluster_dir/metrics0"
   cpu0=$(sum_cpu_ms "${cluster_pids[@]}") gcpu0=$(sum_cpu_ms "${gen_pids[@]}")
   "$examples/publisher" --brokers "$kafka" --topic "$topic" --rate "$rate" --seconds "$seconds" "$@" \
     >"$cluster_dir/publish.json"
   sleep "$drain"
   cpu1=$(sum_cpu_ms "${cluster_pids[@]}") gcpu1=$(sum_cpu_ms "${gen_pids[@]}")
-  [ "$cluster_side" = fanout ] && node_metrics >"$cluster_dir/metrics1"
+  fanout_side "$cluster_side" && node_metrics >"$cluster_dir/metrics1"
   for p in "${gen_pids[@]}"; do kill -USR1 "$p"; done
   local i=0
   for f in "${gen_out[@]}"; do
@@ -184,7 +199,7 @@ print(json.dumps({
 }))
 PY
 )
-  if [ "$cluster_side" = fanout ]; then
+  if fanout_side "$cluster_side"; then
     step_json=$(python3 scripts/bench.d/stages.py "$cluster_dir/metrics0" "$cluster_dir/metrics1" "$step_json")
   fi
 }
