@@ -277,7 +277,15 @@ async fn disconnect(
     let body: DisconnectBody = if body.iter().all(u8::is_ascii_whitespace) {
         DisconnectBody::default()
     } else {
-        match serde_json::from_slice(&body) {
+        // An object only: serde would also take `[]` (a struct as a sequence) for `{}`.
+        let object = serde_json::from_slice::<serde_json::Value>(&body).and_then(|v| {
+            if v.is_object() {
+                serde_json::from_value(v)
+            } else {
+                Err(serde::de::Error::custom("the body must be a JSON object"))
+            }
+        });
+        match object {
             Ok(b) => b,
             Err(e) => {
                 return json_error(
