@@ -333,3 +333,43 @@ async fn control_messages_dispatch_on_kind_and_kicks_close_only_that_user() {
     assert_eq!(metrics.bus_bad_payloads.get(), 1);
     assert_eq!(bob.closing(), None);
 }
+
+#[tokio::test]
+async fn a_bus_gap_makes_the_node_reread_revocations_at_once() {
+    let (router, registry) = setup();
+    let path = std::env::temp_dir().join(format!("fanout-kick-{:08x}.db", rand::random::<u32>()));
+    let store = crate::prefs::Store::open(&format!("sqlite://{}", path.display())).unwrap();
+    store.migrate().await.unwrap();
+    let auth = Arc::new(
+        crate::auth::Authenticator::new(&crate::config::AuthConfig {
+            jwt_secret: "s".into(),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let kicks = crate::kick::Kicks::new(
+        store.clone(),
+        router.bus.clone(),
+        auth.clone(),
+        registry.clone(),
+        router.metrics.clone(),
+    );
+    let mut router = router.with_kicks(kicks.clone());
+    let stop = CancellationToken::new();
+    let reloading = tokio::spawn(kicks.run(stop.clone()));
+    // Revoked while this node heard nothing (its announcement lost with the gap).
+    store.revoke("dora", 50).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(auth.revocations().revoked_before("dora"), None);
+
+    let _recovery = router.handle(BusEvent::Gap { reason: "test" });
+    let deadline = Instant::now() + Duration::from_secs(3); // the periodic re-read: 10 s
+    while auth.revocations().revoked_before("dora").is_none() {
+        assert!(Instant::now() < deadline, "not re-read after the gap");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(auth.revocations().revoked_before("dora"), Some(50));
+    stop.cancel();
+    reloading.await.unwrap().unwrap();
+    let _ = std::fs::remove_file(&path);
+}
