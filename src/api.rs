@@ -25,6 +25,7 @@ use crate::envelope;
 use crate::gateway::{self, Gateway};
 use crate::http::{self, json_error};
 use crate::kafka::Producer;
+use crate::kick::{KickError, Kicks};
 use crate::prefs::{Prefs, PrefsError};
 use crate::user_id::{self, UserIdError};
 
@@ -59,6 +60,8 @@ pub struct Api {
     pub auth: Arc<Authenticator>,
     pub producer: Producer,
     pub prefs: Arc<Prefs>,
+    /// Disconnects and revocations.
+    pub kicks: Arc<Kicks>,
 }
 
 /// The public router: `/ws`, `/v1/types`, `/v1/publish`, `/v1/users/{user}/preferences`,
@@ -76,6 +79,7 @@ pub fn router(gateway: Arc<Gateway>, api: Arc<Api>) -> Router {
             get(get_prefs).put(put_prefs),
         )
         .route("/v1/users/{user}/preferences/reload", post(reload_prefs))
+        .route("/v1/users/{user}/disconnect", post(disconnect))
         .route_layer(middleware::from_fn_with_state(
             api.settings.clone(),
             check_origin,
@@ -241,6 +245,77 @@ async fn publish(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -
         Err(e) => json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "kafka_unavailable",
+            &e.to_string(),
+        ),
+    }
+}
+
+/// The body of `POST /v1/users/{user}/disconnect` (optional: empty means `{}`).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DisconnectBody {
+    #[serde(default)]
+    revoke: bool,
+}
+
+/// `POST /v1/users/{user}/disconnect` (admin): closes every connection of the user on every
+/// node with 4004; with `{"revoke":true}`, also refuses their tokens issued before now, and
+/// open connections close with 4003. Answers `{"user":…,"revoked":…}` (and the revocation's
+/// `revoked_before`, the first `iat` accepted again).
+async fn disconnect(
+    State(api): State<Arc<Api>>,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(bad) = bad_user(&user) {
+        return bad;
+    }
+    if let Some(refused) = not_admin(&api.auth, &headers, "disconnect") {
+        return refused;
+    }
+    let body: DisconnectBody = if body.iter().all(u8::is_ascii_whitespace) {
+        DisconnectBody::default()
+    } else {
+        // An object only: serde would also take `[]` (a struct as a sequence) for `{}`.
+        let object = serde_json::from_slice::<serde_json::Value>(&body).and_then(|v| {
+            if v.is_object() {
+                serde_json::from_value(v)
+            } else {
+                Err(serde::de::Error::custom("the body must be a JSON object"))
+            }
+        });
+        match object {
+            Ok(b) => b,
+            Err(e) => {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!("expected no body, {{}} or {{\"revoke\":true|false}}: {e}"),
+                )
+            }
+        }
+    };
+    if body.revoke && api.auth.is_insecure() {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "revoke_unsupported",
+            "auth.mode = \"insecure\" has no tokens to revoke: nothing was changed (disconnect without revoke works)",
+        );
+    }
+    match api.kicks.disconnect(&user, body.revoke).await {
+        Ok(None) => Json(json!({ "user": user, "revoked": false })).into_response(),
+        Ok(Some(before)) => {
+            Json(json!({ "user": user, "revoked": true, "revoked_before": before })).into_response()
+        }
+        Err(e @ KickError::Store(_)) => json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            &e.to_string(),
+        ),
+        Err(e @ KickError::Announce(_)) => json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_announced",
             &e.to_string(),
         ),
     }

@@ -25,6 +25,7 @@
 //! * [`registry`] — the index of this node's connections and their bounded queues.
 //! * [`auth`] — tokens: JWT validation, the insecure mode, minting (`fanout token`).
 //! * [`gateway`] — `/ws`: admission, handshake, one session per connection.
+//! * [`kick`] — disconnecting a user everywhere, and revoking their tokens.
 //! * [`http`] — the JSON error body every HTTP error of both ports carries.
 //! * [`api`] — the public HTTP API.
 //! * [`demo`] — the demo page at `/`.
@@ -47,6 +48,7 @@ pub mod gateway;
 pub mod http;
 pub mod ingest;
 pub mod kafka;
+pub mod kick;
 pub mod metrics;
 pub mod prefs;
 pub mod protocol;

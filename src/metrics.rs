@@ -105,6 +105,30 @@ labels! {
     }
 }
 
+labels! {
+    /// `revoke` of `fanout_kicks_total`: was the disconnect request a revocation.
+    KickKind {
+        Kick => "false",
+        Revoke => "true",
+    }
+}
+
+labels! {
+    /// `code` of `fanout_kicked_connections_total`: the close code a kick asked for.
+    KickClose {
+        Kicked => "4004",
+        Revoked => "4003",
+    }
+}
+
+labels! {
+    /// `result` of `fanout_revocation_reloads_total`.
+    Reload {
+        Ok => "ok",
+        Error => "error",
+    }
+}
+
 /// The `reason` of `fanout_ingest_rejected_total` for an offset skipped because the consumer
 /// cannot decode its batch (the other reasons are [`Reject::ALL`]).
 pub const REJECTED_UNDECODABLE: &str = "undecodable";
@@ -189,6 +213,16 @@ pub struct Metrics {
     pub http_pending: IntGaugeVec,
     /// Such connections closed to make room for a new one, by listener.
     pub http_evicted: IntCounterVec,
+    /// `POST /v1/users/{user}/disconnect` requests this node carried out, by `revoke`.
+    pub kicks: IntCounterVec,
+    /// Connections this node asked to close for a kick (4004) or a revocation (4003).
+    pub kicked_connections: IntCounterVec,
+    /// Users whose tokens issued before some time this node refuses.
+    pub revocations: IntGauge,
+    /// Tokens refused because their user's tokens were revoked (`/ws` and the HTTP API).
+    pub revoked_refused: IntCounter,
+    /// Re-reads of `fanout_revocations` (periodic and after a bus gap), by result.
+    pub revocation_reloads: IntCounterVec,
 }
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntGaugeVec {
@@ -427,6 +461,34 @@ impl Metrics {
                 "Connections that were not sessions, closed to make room for a new one",
                 "listener",
             ),
+            kicks: counter_vec(
+                &r,
+                "fanout_kicks_total",
+                "Disconnect requests carried out by this node, by revoke",
+                "revoke",
+            ),
+            kicked_connections: counter_vec(
+                &r,
+                "fanout_kicked_connections_total",
+                "Connections asked to close for a kick (4004) or a revocation (4003)",
+                "code",
+            ),
+            revocations: gauge(
+                &r,
+                "fanout_revocations",
+                "Users whose tokens issued before some time this node refuses",
+            ),
+            revoked_refused: counter(
+                &r,
+                "fanout_revoked_tokens_refused_total",
+                "Tokens refused because their user's tokens were revoked",
+            ),
+            revocation_reloads: counter_vec(
+                &r,
+                "fanout_revocation_reloads_total",
+                "Re-reads of the revocation list from the database, by result",
+                "result",
+            ),
             registry: r,
         };
         for listener in Listener::ALL {
@@ -454,6 +516,15 @@ impl Metrics {
         }
         for result in GapRecovery::ALL {
             m.gap_recoveries.with_label_values(&[result.label()]);
+        }
+        for kind in KickKind::ALL {
+            m.kicks.with_label_values(&[kind.label()]);
+        }
+        for close in KickClose::ALL {
+            m.kicked_connections.with_label_values(&[close.label()]);
+        }
+        for result in Reload::ALL {
+            m.revocation_reloads.with_label_values(&[result.label()]);
         }
         m
     }

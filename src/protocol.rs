@@ -32,6 +32,11 @@ pub enum Close {
     TooSlow,
     /// 4003: the token expired.
     TokenExpired,
+    /// 4004: an operator disconnected the user (`POST /v1/users/{user}/disconnect`).
+    Kicked,
+    /// 4003: the user's tokens were revoked (`POST /v1/users/{user}/disconnect` with
+    /// `{"revoke":true}`).
+    TokenRevoked,
 }
 
 impl Close {
@@ -47,6 +52,8 @@ impl Close {
             Close::HeartbeatTimeout => 4000,
             Close::TooSlow => 4001,
             Close::TokenExpired => 4003,
+            Close::Kicked => 4004,
+            Close::TokenRevoked => 4003,
         }
     }
 
@@ -64,6 +71,8 @@ impl Close {
             Close::HeartbeatTimeout => "heartbeat timeout",
             Close::TooSlow => "too slow: queue overflowed",
             Close::TokenExpired => "token expired",
+            Close::Kicked => "disconnected by an operator",
+            Close::TokenRevoked => "token revoked",
         }
     }
 
@@ -91,11 +100,13 @@ impl Close {
             Close::HeartbeatTimeout => "4000",
             Close::TooSlow => "4001",
             Close::TokenExpired => "4003",
+            Close::Kicked => "4004",
+            Close::TokenRevoked => "4003",
         }
     }
 
     /// Every close, for exporting the metric's labels at zero.
-    pub const ALL: [Close; 10] = [
+    pub const ALL: [Close; 12] = [
         Close::ProtocolError,
         Close::InvalidPayload,
         Close::Policy,
@@ -106,6 +117,8 @@ impl Close {
         Close::HeartbeatTimeout,
         Close::TooSlow,
         Close::TokenExpired,
+        Close::Kicked,
+        Close::TokenRevoked,
     ];
 
     /// A compact form for an atomic (0 is "none").

@@ -201,3 +201,31 @@ async fn an_unreachable_database_is_an_error_not_a_hang() {
     assert!(load.expect("load returns").is_err());
     assert!(!store.ping().await);
 }
+
+/// A revocation keeps the later time, whichever order the writes come in.
+async fn keeps_the_later_revocation(store: Store) {
+    store.migrate().await.unwrap();
+    assert!(store.revocations().await.unwrap().is_empty());
+    assert_eq!(store.revoke("alice", 200).await.unwrap(), 200);
+    assert_eq!(
+        store.revoke("alice", 100).await.unwrap(),
+        200,
+        "an earlier time changes nothing"
+    );
+    assert_eq!(store.revoke("alice", 300).await.unwrap(), 300);
+    assert_eq!(store.revoke("bob", 5).await.unwrap(), 5);
+    let mut all = store.revocations().await.unwrap();
+    all.sort();
+    assert_eq!(all, [("alice".to_owned(), 300), ("bob".to_owned(), 5)]);
+}
+
+#[tokio::test]
+async fn postgres_store_keeps_the_later_revocation() {
+    on_postgres(keeps_the_later_revocation).await;
+}
+
+#[tokio::test]
+async fn sqlite_store_keeps_the_later_revocation() {
+    let (store, _path) = sqlite();
+    keeps_the_later_revocation(store).await;
+}

@@ -28,6 +28,7 @@ use crate::config::{mask_url_password, RedisConfig, Settings};
 use crate::gateway::Gateway;
 use crate::ingest::{self, Ingest};
 use crate::kafka::{self, Producer};
+use crate::kick::Kicks;
 use crate::metrics::{Listener, Metrics};
 use crate::prefs::{Prefs, Store};
 use crate::registry::Registry;
@@ -198,6 +199,7 @@ struct Parts {
     types: Arc<TypeRegistry>,
     store: Store,
     prefs: Arc<Prefs>,
+    kicks: Arc<Kicks>,
     /// `server.max_pending_connections`, fitted into the open-file limit.
     max_pending: usize,
 }
@@ -240,6 +242,15 @@ impl Parts {
         let store = open_store(&settings)?;
         migrate(&store).await?;
         let prefs = Arc::new(Prefs::new(store.clone(), types.clone(), bus.clone()));
+        let kicks = Kicks::new(
+            store.clone(),
+            bus.clone(),
+            auth.clone(),
+            registry.clone(),
+            metrics.clone(),
+        );
+        // Before any port is open: a node never accepts a token revoked before it started.
+        kicks.load().await.context("reading fanout_revocations")?;
         Ok(Self {
             settings,
             metrics,
@@ -252,6 +263,7 @@ impl Parts {
             types,
             store,
             prefs,
+            kicks,
             max_pending,
         })
     }
@@ -297,7 +309,8 @@ impl Tasks {
             parts.bus.clone(),
             Some(parts.prefs.clone()),
             parts.settings.recovery.window,
-        );
+        )
+        .with_kicks(parts.kicks.clone());
         let (events, events_rx) = tokio::sync::mpsc::channel(BUS_EVENTS);
         let (bus, stop) = (parts.bus.clone(), self.bus.clone());
         let subscriber = async move {
@@ -322,8 +335,10 @@ impl Tasks {
         );
     }
 
-    /// The readiness probes of the database and Kafka.
+    /// The readiness probes of the database and Kafka (and the revocation re-reads).
     fn spawn_probes(&self, parts: &Parts) {
+        let reloading = parts.kicks.clone().run(self.bus.clone());
+        spawn(&self.tracker, &self.watch, "revocations", reloading, None);
         let (h, stop) = (parts.health.clone(), self.bus.clone());
         let check = database_check(parts.store.clone());
         let database = async move { probe("database", &h.database, check, stop).await };
@@ -356,6 +371,7 @@ impl Tasks {
             auth: parts.auth.clone(),
             producer: parts.producer.clone(),
             prefs: parts.prefs.clone(),
+            kicks: parts.kicks.clone(),
         });
         let http = |listener: Listener| HttpMetrics {
             pending: parts

@@ -5,6 +5,11 @@
 //! `nbf` is honoured with [`NBF_LEEWAY_SECS`] of clock skew; `iss`/`aud` are checked when
 //! configured, `aud` as one string or an array of them (RFC 7519 §4.1.3). In insecure mode the
 //! user comes from `?user=`. Either way the user id must pass [`user_id::validate`].
+//!
+//! A token whose user's tokens were revoked ([`Revocations`]) is refused like an invalid
+//! one, wherever it is presented (`/ws`, the HTTP API).
+
+mod revoked;
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{AuthConfig, AuthMode};
 use crate::envelope::Platform;
 use crate::user_id::{self, UserIdError};
+pub use revoked::Revocations;
 
 /// The subprotocol a browser lists, and the server answers with.
 pub const SUBPROTOCOL: &str = "fanout.v1";
@@ -42,6 +48,9 @@ pub struct Claims {
     pub iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aud: Option<Audience>,
+    /// Issued at (seconds since the epoch): compared with a revocation of the user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<i64>,
 }
 
 /// The `aud` claim: one audience or several (RFC 7519 §4.1.3). jsonwebtoken checks it
@@ -60,6 +69,8 @@ pub struct Identity {
     pub platform: Option<Platform>,
     /// Token expiry, seconds since the epoch (`None` in insecure mode).
     pub exp: Option<u64>,
+    /// The token's `iat`, seconds since the epoch (`None`: no claim, or insecure mode).
+    pub issued_at: Option<i64>,
 }
 
 /// Why a client was not let in (HTTP 401).
@@ -75,6 +86,8 @@ pub enum AuthError {
     Invalid(String),
     #[error("insecure mode needs ?user=<id>")]
     NoUser,
+    #[error("this user's tokens issued before {before} (seconds since the epoch) were revoked: get a new token")]
+    Revoked { before: i64 },
     /// The user id (`?user=` or the token's `sub`) breaks the rule of [`user_id`].
     #[error("{0}")]
     BadUser(#[from] UserIdError),
@@ -88,6 +101,7 @@ impl AuthError {
             AuthError::Expired => "token_expired",
             AuthError::NotYetValid { .. } => "token_not_yet_valid",
             AuthError::Invalid(_) => "invalid_token",
+            AuthError::Revoked { .. } => "token_revoked",
             AuthError::BadUser(_) => UserIdError::CODE,
         }
     }
@@ -109,6 +123,8 @@ pub struct Authenticator {
     issuer: String,
     audience: String,
     admin_token: String,
+    /// Users whose older tokens are refused (filled by `crate::kick`).
+    revoked: Revocations,
 }
 
 impl Authenticator {
@@ -138,6 +154,7 @@ impl Authenticator {
             issuer: cfg.issuer.clone(),
             audience: cfg.audience.clone(),
             admin_token: cfg.admin_token.clone(),
+            revoked: Revocations::default(),
         })
     }
 
@@ -163,6 +180,7 @@ impl Authenticator {
                 user: user.clone(),
                 platform: None,
                 exp: None,
+                issued_at: None,
             });
         }
         let token = bearer_header(headers)
@@ -216,6 +234,10 @@ impl Authenticator {
             }
         }
         user_id::validate(&claims.sub)?;
+        if self.revoked.refuses(&claims.sub, claims.iat) {
+            let before = self.revoked.revoked_before(&claims.sub).unwrap_or_default();
+            return Err(AuthError::Revoked { before });
+        }
         let platform = match claims.platform.as_deref() {
             None => None,
             Some(p) => Some(
@@ -227,7 +249,13 @@ impl Authenticator {
             user: claims.sub,
             platform,
             exp: Some(claims.exp),
+            issued_at: claims.iat,
         })
+    }
+
+    /// The users whose tokens issued before some time are refused.
+    pub fn revocations(&self) -> &Revocations {
+        &self.revoked
     }
 
     /// True if `headers` carry `auth.admin_token` (always true in insecure mode).
@@ -323,6 +351,7 @@ pub fn mint(
         device: None,
         iss: (!cfg.issuer.is_empty()).then(|| cfg.issuer.clone()),
         aud: (!cfg.audience.is_empty()).then(|| Audience::One(cfg.audience.clone())),
+        iat: Some(unix_now() as i64),
     };
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(Algorithm::HS256),

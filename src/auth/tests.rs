@@ -88,6 +88,7 @@ fn bad_tokens_are_refused() {
             device: None,
             iss: None,
             aud: None,
+            iat: None,
         },
         &EncodingKey::from_secret(b"s3cret"),
     )
@@ -129,6 +130,7 @@ fn signed(alg: Algorithm, private_pem: &[u8], sub: &str) -> String {
         device: None,
         iss: None,
         aud: None,
+        iat: None,
     };
     jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), &claims, &key).unwrap()
 }
@@ -273,4 +275,58 @@ fn admin_token_is_compared_exactly() {
     assert!(auth.is_admin(&with_header(header::AUTHORIZATION, "Bearer adm")));
     assert!(!auth.is_admin(&with_header(header::AUTHORIZATION, "Bearer adx")));
     assert!(!auth.is_admin(&HeaderMap::new()));
+}
+
+#[test]
+fn a_revoked_users_older_tokens_are_refused() {
+    let auth = Authenticator::new(&cfg()).unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let with_iat = |user: &str, iat: Option<i64>| {
+        let claims = Claims {
+            sub: user.into(),
+            exp: now as u64 + 60,
+            nbf: None,
+            platform: None,
+            device: None,
+            iss: None,
+            aud: None,
+            iat,
+        };
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &EncodingKey::from_secret(b"s3cret"),
+        )
+        .unwrap()
+    };
+    let minted = mint(&cfg(), "alice", Duration::from_secs(60), None).unwrap();
+    assert!(
+        auth.verify(&minted).unwrap().issued_at.unwrap() >= now,
+        "mint sets iat"
+    );
+    auth.revocations().revoke("alice", now + 1);
+    let refused = auth.verify(&minted).unwrap_err();
+    assert_eq!(refused, AuthError::Revoked { before: now + 1 });
+    assert_eq!(refused.code(), "token_revoked");
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    assert!(
+        auth.verify(&with_iat("alice", None)).is_err(),
+        "no iat: refused"
+    );
+    assert!(auth.verify(&with_iat("alice", Some(now))).is_err());
+    assert_eq!(
+        auth.verify(&with_iat("alice", Some(now + 1)))
+            .unwrap()
+            .issued_at,
+        Some(now + 1)
+    );
+    assert!(auth.verify(&with_iat("bob", None)).is_ok(), "bob untouched");
+    let headers = with_header(header::AUTHORIZATION, &format!("Bearer {minted}"));
+    assert!(matches!(
+        auth.may_act_for(&headers, "alice"),
+        Err(Denied::Unauthenticated(AuthError::Revoked { .. }))
+    ));
 }

@@ -296,6 +296,14 @@ impl Gateway {
         if self.drain.is_cancelled() {
             conn.close(Close::Draining); // registered after the drain went through the registry
         }
+        if !self.auth.is_insecure()
+            && self
+                .auth
+                .revocations()
+                .refuses(&identity.user, identity.issued_at)
+        {
+            conn.close(Close::TokenRevoked); // revoked after admission, before registering
+        }
         let session = self
             .session(conn, queue, identity.exp, since.as_deref())
             .await;

@@ -1,4 +1,5 @@
-//! The preference store: `fanout_preferences` on PostgreSQL or SQLite, one row per choice.
+//! The preference store: `fanout_preferences` on PostgreSQL or SQLite, one row per choice;
+//! and `fanout_revocations`, one row per user whose older tokens are refused (`crate::kick`).
 //!
 //! The same SQL runs on both; migrations ship in `migrations/` and run at start and with
 //! `fanout migrate`.
@@ -55,6 +56,13 @@ const LOAD_MANY_CHUNK: usize = 500;
 const UPSERT: &str = "INSERT INTO fanout_preferences (user_id, msg_type, enabled, updated_at) \
      VALUES ($1, $2, $3, CURRENT_TIMESTAMP) \
      ON CONFLICT (user_id, msg_type) DO UPDATE SET enabled = excluded.enabled, updated_at = excluded.updated_at";
+
+/// Keeps the later time when the user already has a row (the same SQL on both databases).
+const REVOKE: &str = "INSERT INTO fanout_revocations (user_id, revoked_before) VALUES ($1, $2) \
+     ON CONFLICT (user_id) DO UPDATE SET revoked_before = excluded.revoked_before \
+     WHERE excluded.revoked_before > fanout_revocations.revoked_before";
+const REVOKED_BEFORE: &str = "SELECT revoked_before FROM fanout_revocations WHERE user_id = $1";
+const REVOCATIONS: &str = "SELECT user_id, revoked_before FROM fanout_revocations";
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -196,5 +204,22 @@ impl Store {
             tx.commit().await?;
         });
         Ok(())
+    }
+
+    /// Refuses `user`'s tokens issued before `before` (seconds since the epoch), keeping a
+    /// later time already stored; returns the time now stored.
+    pub async fn revoke(&self, user: &str, before: i64) -> Result<i64, StoreError> {
+        Ok(on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            sqlx::query(REVOKE).bind(user).bind(before).execute(&mut *tx).await?;
+            let (stored,): (i64,) = sqlx::query_as(REVOKED_BEFORE).bind(user).fetch_one(&mut *tx).await?;
+            tx.commit().await?;
+            stored
+        }))
+    }
+
+    /// Every revocation, `(user, revoked_before)`.
+    pub async fn revocations(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(on_pool!(self, pool => sqlx::query_as(REVOCATIONS).fetch_all(pool).await?))
     }
 }

@@ -5,8 +5,9 @@
 //! recipient it does one preference check (an atomic load and a mask) and one `try_send`
 //! of a shared frame: no JSON, no allocation, no lock across `.await`, no database query.
 //!
-//! Control messages (preference changes) arrive in the same stream, so a message published
-//! after a change is filtered by the new preferences on every node.
+//! Control messages arrive in the same stream, dispatched on their `kind`: preference
+//! changes (`prefs`), so a message published after a change is filtered by the new
+//! preferences on every node; and kicks (`kick`, see [`crate::kick`]).
 //!
 //! Invariant: the router has routed every bus message up to `last_seq` (or told the
 //! affected users they lost some). A message whose sequence number jumps past
@@ -30,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{After, Bus, BusEvent, BusMessage, Channel};
 use crate::clock::{now_ms, now_us};
+use crate::kick::{self, Kick, Kicks};
 use crate::metrics::{Dropped, Gap, Metrics};
 use crate::prefs::{Change, Prefs};
 use crate::protocol;
@@ -102,6 +104,14 @@ pub struct Router {
     whole_at: Instant,
     /// Events held while a recovery runs.
     buffer: VecDeque<BusEvent>,
+    /// Applies kicks; told to re-read revocations after a gap. `None`: kicks are ignored.
+    kicks: Option<Arc<Kicks>>,
+}
+
+/// The field every control message has.
+#[derive(serde::Deserialize)]
+struct ControlKind {
+    kind: String,
 }
 
 impl Router {
@@ -127,7 +137,14 @@ impl Router {
             last_event: Instant::now(),
             whole_at: Instant::now(),
             buffer: VecDeque::new(),
+            kicks: None,
         }
+    }
+
+    /// Applies kicks announced on the control channel with `kicks`.
+    pub fn with_kicks(mut self, kicks: Arc<Kicks>) -> Self {
+        self.kicks = Some(kicks);
+        self
     }
 
     /// Routes `events` until `shutdown`.
@@ -211,13 +228,7 @@ impl Router {
                 channel: Channel::Control,
                 payload,
             } => {
-                match Change::decode(&payload) {
-                    Ok(change) => self.apply_change(&change),
-                    Err(e) => {
-                        self.metrics.bus_bad_payloads.inc();
-                        tracing::warn!(error = %e, "undecodable control message dropped");
-                    }
-                }
+                self.on_control(&payload);
                 None
             }
             BusEvent::Gap { reason } => {
@@ -280,7 +291,39 @@ impl Router {
         Some(self.start_recovery(true))
     }
 
+    /// Applies one control message, by its `kind`. An unknown kind (from a newer node
+    /// during a rolling upgrade) is ignored and counted as undecodable.
+    fn on_control(&mut self, payload: &[u8]) {
+        let kind = match serde_json::from_slice::<ControlKind>(payload) {
+            Ok(c) => c.kind,
+            Err(e) => return self.bad_control(&e.to_string()),
+        };
+        match kind.as_str() {
+            "prefs" => match Change::decode(payload) {
+                Ok(change) => self.apply_change(&change),
+                Err(e) => self.bad_control(&e.to_string()),
+            },
+            kick::KIND => match Kick::decode(payload) {
+                Ok(kick) => {
+                    if let Some(kicks) = &self.kicks {
+                        kicks.apply(&kick);
+                    }
+                }
+                Err(e) => self.bad_control(&e.to_string()),
+            },
+            other => self.bad_control(&format!("unknown kind `{other}`")),
+        }
+    }
+
+    fn bad_control(&self, error: &str) {
+        self.metrics.bus_bad_payloads.inc();
+        tracing::warn!(error, "undecodable control message dropped");
+    }
+
     fn start_recovery(&self, reload_prefs: bool) -> Recovery {
+        if let Some(kicks) = self.kicks.as_ref().filter(|_| reload_prefs) {
+            kicks.reload_soon(); // announcements may have been lost with the gap
+        }
         Recovery::start(
             self.bus.clone(),
             self.prefs.clone().filter(|_| reload_prefs),

@@ -268,3 +268,108 @@ async fn a_lost_subscription_is_recovered_even_when_the_bus_then_goes_quiet() {
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn control_messages_dispatch_on_kind_and_kicks_close_only_that_user() {
+    let (router, registry) = setup();
+    let metrics = router.metrics.clone();
+    let auth = Arc::new(
+        crate::auth::Authenticator::new(&crate::config::AuthConfig {
+            jwt_secret: "s".into(),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let store = crate::prefs::Store::open("sqlite::memory:").unwrap(); // lazy: not used here
+    let kicks = crate::kick::Kicks::new(
+        store,
+        router.bus.clone(),
+        auth.clone(),
+        registry.clone(),
+        metrics.clone(),
+    );
+    let mut router = router.with_kicks(kicks);
+    let defaults = router.types.defaults();
+    let (_a1, alice1, _q1) = registry.register("alice", None, None, defaults, 0).unwrap();
+    let (_a2, alice2, _q2) = registry.register("alice", None, None, defaults, 0).unwrap();
+    let (_b, bob, _qb) = registry.register("bob", None, None, defaults, 0).unwrap();
+    let (_c, carol, _qc) = registry.register("carol", None, None, defaults, 0).unwrap();
+    let kick = |user: &str, revoked_before: Option<i64>| BusEvent::Message {
+        channel: Channel::Control,
+        payload: crate::kick::Kick {
+            kind: "kick".into(),
+            user: user.into(),
+            revoked_before,
+            ts: now_ms(),
+        }
+        .encode(),
+    };
+
+    assert!(router.handle(kick("alice", None)).is_none());
+    assert_eq!(alice1.closing(), Some(protocol::Close::Kicked));
+    assert_eq!(alice2.closing(), Some(protocol::Close::Kicked));
+    assert_eq!(bob.closing(), None, "other users stay");
+    assert!(
+        auth.revocations().is_empty(),
+        "a plain kick revokes nothing"
+    );
+
+    router.handle(kick("carol", Some(42)));
+    assert_eq!(carol.closing(), Some(protocol::Close::TokenRevoked));
+    assert_eq!(auth.revocations().revoked_before("carol"), Some(42));
+    assert_eq!(bob.closing(), None);
+    assert_eq!(metrics.revocations.get(), 1);
+    let kicked = |code: &str| metrics.kicked_connections.with_label_values(&[code]).get();
+    assert_eq!((kicked("4004"), kicked("4003")), (2, 1));
+
+    // Preference changes still apply; an unknown kind is dropped and counted.
+    router.handle(control("bob", &[("t", false)]));
+    assert_eq!(bob.prefs.get() & router.types.defaults(), 0);
+    assert_eq!(metrics.bus_bad_payloads.get(), 0);
+    router.handle(BusEvent::Message {
+        channel: Channel::Control,
+        payload: bytes::Bytes::from_static(br#"{"kind":"later","user":"bob"}"#),
+    });
+    assert_eq!(metrics.bus_bad_payloads.get(), 1);
+    assert_eq!(bob.closing(), None);
+}
+
+#[tokio::test]
+async fn a_bus_gap_makes_the_node_reread_revocations_at_once() {
+    let (router, registry) = setup();
+    let path = std::env::temp_dir().join(format!("fanout-kick-{:08x}.db", rand::random::<u32>()));
+    let store = crate::prefs::Store::open(&format!("sqlite://{}", path.display())).unwrap();
+    store.migrate().await.unwrap();
+    let auth = Arc::new(
+        crate::auth::Authenticator::new(&crate::config::AuthConfig {
+            jwt_secret: "s".into(),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let kicks = crate::kick::Kicks::new(
+        store.clone(),
+        router.bus.clone(),
+        auth.clone(),
+        registry.clone(),
+        router.metrics.clone(),
+    );
+    let mut router = router.with_kicks(kicks.clone());
+    let stop = CancellationToken::new();
+    let reloading = tokio::spawn(kicks.run(stop.clone()));
+    // Revoked while this node heard nothing (its announcement lost with the gap).
+    store.revoke("dora", 50).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(auth.revocations().revoked_before("dora"), None);
+
+    let _recovery = router.handle(BusEvent::Gap { reason: "test" });
+    let deadline = Instant::now() + Duration::from_secs(3); // the periodic re-read: 10 s
+    while auth.revocations().revoked_before("dora").is_none() {
+        assert!(Instant::now() < deadline, "not re-read after the gap");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(auth.revocations().revoked_before("dora"), Some(50));
+    stop.cancel();
+    reloading.await.unwrap().unwrap();
+    let _ = std::fs::remove_file(&path);
+}
