@@ -178,6 +178,7 @@ fn outgoing(id: &str, to: Target) -> Outgoing {
             ts: 1,
             ttl_ms: None,
             at_us: 0,
+            collapse: None,
         },
         &format!("frame {id}"),
     )
@@ -251,19 +252,21 @@ async fn history_replays_exactly_what_a_user_missed(bus: Arc<dyn Bus>) {
         "consecutive, once each"
     );
 
-    let Replay::Recovered { messages, head } = history::replay(&*bus, "ann", "a1").await.unwrap()
+    let Replay::Recovered { messages, head } =
+        history::replay(&*bus, "ann", &[], "a1").await.unwrap()
     else {
         panic!("a1 is in the history");
     };
     assert_eq!(ids(&messages), ["all1", "ab"]);
     assert_eq!(head, first.seq + 4);
-    let Replay::Recovered { messages, .. } = history::replay(&*bus, "bob", "a1").await.unwrap()
+    let Replay::Recovered { messages, .. } =
+        history::replay(&*bus, "bob", &[], "a1").await.unwrap()
     else {
         panic!("any known id is a position");
     };
     assert_eq!(ids(&messages), ["b1", "all1", "ab"]);
     assert!(matches!(
-        history::replay(&*bus, "ann", "never-published")
+        history::replay(&*bus, "ann", &[], "never-published")
             .await
             .unwrap(),
         Replay::NotRecovered
@@ -282,13 +285,13 @@ async fn history_trimmed_past_since_is_not_recovered(bus: Arc<dyn Bus>) {
             .unwrap();
     }
     assert!(
-        matches!(history::replay(&*bus, "tim", "t2").await.unwrap(), Replay::Recovered { ref messages, .. } if messages.len() == 4),
+        matches!(history::replay(&*bus, "tim", &[], "t2").await.unwrap(), Replay::Recovered { ref messages, .. } if messages.len() == 4),
         "t2..t6 are kept: t3..t6 after t2"
     );
     for gone in ["t0", "t1"] {
         assert!(
             matches!(
-                history::replay(&*bus, "tim", gone).await.unwrap(),
+                history::replay(&*bus, "tim", &[], gone).await.unwrap(),
                 Replay::NotRecovered
             ),
             "after {gone}: t1 was trimmed (or may have been): no partial replay"
@@ -313,7 +316,9 @@ async fn recovery_reads_what_a_node_missed(bus: Arc<dyn Bus>) {
         .await
         .unwrap();
     let users: Vec<Arc<str>> = vec!["ria".into(), "rob".into()];
-    let found = history::recover(&*bus, &users, start, None).await.unwrap();
+    let found = history::recover(&*bus, &users, &[], start, None)
+        .await
+        .unwrap();
     assert_eq!(ids(&found.messages), ["r1", "r-all"]);
     assert_eq!(found.head, start + 3);
     assert!(!found.reset && !found.lost_all && found.lost_users.is_empty());
@@ -384,7 +389,8 @@ async fn a_batch_is_published_in_order_and_a_retry_adds_nothing(bus: Arc<dyn Bus
         .map(|(_, p)| BusMessage::decode(p.clone()).unwrap().header.id)
         .collect();
     assert_eq!(heard, ["k0", "k-all", "k1", "k2"], "each once, in order");
-    let Replay::Recovered { messages, .. } = history::replay(&*bus, "lea", "k0").await.unwrap()
+    let Replay::Recovered { messages, .. } =
+        history::replay(&*bus, "lea", &[], "k0").await.unwrap()
     else {
         panic!("k0 is in the history");
     };
@@ -420,7 +426,7 @@ async fn redis_positions_from_before_a_new_epoch_are_not_recovered_exactly() {
         "{before:?}"
     );
     assert!(matches!(
-        history::replay(&*bus, "eda", "e1").await.unwrap(),
+        history::replay(&*bus, "eda", &[], "e1").await.unwrap(),
         Replay::Recovered { .. }
     ));
 
@@ -448,17 +454,17 @@ async fn redis_positions_from_before_a_new_epoch_are_not_recovered_exactly() {
     );
     assert!(
         matches!(
-            history::replay(&*bus, "eda", "e1").await.unwrap(),
+            history::replay(&*bus, "eda", &[], "e1").await.unwrap(),
             Replay::NotRecovered
         ),
         "a since from the old epoch is not recovered"
     );
     assert!(matches!(
-        history::replay(&*bus, "eda", "e2").await.unwrap(),
+        history::replay(&*bus, "eda", &[], "e2").await.unwrap(),
         Replay::Recovered { .. }
     ));
     let users: Vec<Arc<str>> = vec!["eda".into()];
-    let found = history::recover(&*bus, &users, first.seq, Some(before.epoch_start))
+    let found = history::recover(&*bus, &users, &[], first.seq, Some(before.epoch_start))
         .await
         .unwrap();
     assert!(
@@ -466,7 +472,7 @@ async fn redis_positions_from_before_a_new_epoch_are_not_recovered_exactly() {
         "a node that saw the old epoch is told it may have lost messages"
     );
     assert_eq!(ids(&found.messages), ["e2"]);
-    let found = history::recover(&*bus, &users, second.seq, Some(after.epoch_start))
+    let found = history::recover(&*bus, &users, &[], second.seq, Some(after.epoch_start))
         .await
         .unwrap();
     assert!(!found.reset && found.messages.is_empty());
@@ -530,6 +536,7 @@ fn big_outgoing(id: &str, users: &[String], payload_bytes: usize) -> Outgoing {
             ts: 1,
             ttl_ms: None,
             at_us: 0,
+            collapse: None,
         },
         &format!(r#"{{"t":"msg","id":"{id}","data":"{data}"}}"#),
     )
@@ -565,7 +572,8 @@ async fn redis_a_message_to_many_users_stores_its_payload_once() {
         "{USERS} users, body {body} B: Redis grew by {grown} B over {keys} keys, more than {bound} B"
     );
     for u in [&users[0], &users[USERS / 2], &users[USERS - 1]] {
-        let Replay::Recovered { messages, .. } = history::replay(&*bus, u, "before").await.unwrap()
+        let Replay::Recovered { messages, .. } =
+            history::replay(&*bus, u, &[], "before").await.unwrap()
         else {
             panic!("{u}: `before` is in the history");
         };
@@ -576,15 +584,22 @@ async fn redis_a_message_to_many_users_stores_its_payload_once() {
             "the frame as sent"
         );
     }
-    let Replay::Recovered { messages, .. } =
-        history::replay(&*bus, "user-x", "before").await.unwrap()
+    let Replay::Recovered { messages, .. } = history::replay(&*bus, "user-x", &[], "before")
+        .await
+        .unwrap()
     else {
         panic!("`before` is in the history");
     };
     assert!(messages.is_empty(), "not for user-x");
-    let found = history::recover(&*bus, &[users[7].as_str().into()], published.seq - 1, None)
-        .await
-        .unwrap();
+    let found = history::recover(
+        &*bus,
+        &[users[7].as_str().into()],
+        &[],
+        published.seq - 1,
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(ids(&found.messages), ["big"]);
     assert!(found.lost_users.is_empty());
 }
@@ -611,7 +626,7 @@ async fn redis_a_payload_gone_from_the_history_is_a_gap() {
         .await
         .unwrap();
     assert!(matches!(
-        history::replay(&*bus, "gil", "g1").await.unwrap(),
+        history::replay(&*bus, "gil", &[], "g1").await.unwrap(),
         Replay::Recovered { ref messages, .. } if ids(messages) == ["g2"]
     ));
     raw_command(
@@ -622,18 +637,18 @@ async fn redis_a_payload_gone_from_the_history_is_a_gap() {
     for u in ["gus", "gil"] {
         assert!(
             matches!(
-                history::replay(&*bus, u, "g1").await.unwrap(),
+                history::replay(&*bus, u, &[], "g1").await.unwrap(),
                 Replay::NotRecovered
             ),
             "{u}: g2 is gone"
         );
     }
     assert!(matches!(
-        history::replay(&*bus, "gus", "g2").await.unwrap(),
+        history::replay(&*bus, "gus", &[], "g2").await.unwrap(),
         Replay::Recovered { ref messages, .. } if ids(messages) == ["g3"]
     ));
     let users: Vec<Arc<str>> = vec!["gus".into(), "gil".into(), "guy".into()];
-    let found = history::recover(&*bus, &users, lost.seq - 1, None)
+    let found = history::recover(&*bus, &users, &[], lost.seq - 1, None)
         .await
         .unwrap();
     assert_eq!(ids(&found.messages), ["g3"]);
@@ -678,7 +693,8 @@ async fn a_batch_to_many_users_is_published_in_order(bus: Arc<dyn Bus>) {
         ("g2-5", vec!["z2", "z3", "z4"]),
         ("g2-699", vec!["z2", "z3"]),
     ] {
-        let Replay::Recovered { messages, .. } = history::replay(&*bus, u, "z0").await.unwrap()
+        let Replay::Recovered { messages, .. } =
+            history::replay(&*bus, u, &[], "z0").await.unwrap()
         else {
             panic!("{u}: z0 is in the history");
         };
@@ -737,7 +753,7 @@ async fn redis_a_message_to_more_users_than_one_call_takes_is_published_whole() 
         ("w2500", vec![]),
     ] {
         let Replay::Recovered { messages, head } =
-            history::replay(&*bus, u, "w-before").await.unwrap()
+            history::replay(&*bus, u, &[], "w-before").await.unwrap()
         else {
             panic!("{u}: w-before is in the history");
         };
@@ -808,7 +824,8 @@ async fn redis_a_half_written_message_is_not_read_and_is_aborted_after_its_lease
         read.head, h0.seq,
         "the half-written message is not there yet"
     );
-    let Replay::Recovered { messages, head } = history::replay(&*bus, "hal", "h0").await.unwrap()
+    let Replay::Recovered { messages, head } =
+        history::replay(&*bus, "hal", &[], "h0").await.unwrap()
     else {
         panic!("h0 is in the history");
     };
@@ -825,7 +842,8 @@ async fn redis_a_half_written_message_is_not_read_and_is_aborted_after_its_lease
         started.elapsed()
     );
     assert_eq!(h1.seq, ghost + 1);
-    let Replay::Recovered { messages, head } = history::replay(&*bus, "hal", "h0").await.unwrap()
+    let Replay::Recovered { messages, head } =
+        history::replay(&*bus, "hal", &[], "h0").await.unwrap()
     else {
         panic!("h0 is in the history; the aborted message is not a gap");
     };
@@ -899,7 +917,8 @@ async fn redis_a_retried_message_written_in_parts_keeps_its_number() {
         .collect();
     assert_eq!(heard, ["r0", "r-big"], "published once");
     for u in ["r5", "r1099"] {
-        let Replay::Recovered { messages, .. } = history::replay(&*bus, u, "r0").await.unwrap()
+        let Replay::Recovered { messages, .. } =
+            history::replay(&*bus, u, &[], "r0").await.unwrap()
         else {
             panic!("{u}: r0 is in the history");
         };

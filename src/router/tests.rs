@@ -115,6 +115,7 @@ fn msg(id: &str, to: Target, ts: i64, ttl_ms: Option<u64>) -> BusMessage {
             ts,
             ttl_ms,
             at_us: 0,
+            collapse: None,
         },
         frame: format!("frame-{id}").into(),
     }
@@ -170,6 +171,7 @@ async fn publish_for_alice(bus: &dyn Bus, n: usize, tag: &str) -> Vec<bytes::Byt
                 ts: now_ms(),
                 ttl_ms: None,
                 at_us: 0,
+                collapse: None,
             },
             &format!("{tag}-{i}"),
         );
