@@ -110,6 +110,7 @@ pub struct ConnHandle {
 
 impl ConnHandle {
     /// A handle whose queue holds at most `max_messages` frames and `max_bytes` bytes.
+    #[allow(clippy::too_many_arguments)] // one caller, the registry, naming each
     pub(super) fn new(
         id: Arc<str>,
         user: Arc<str>,
