@@ -231,6 +231,15 @@ impl Target {
         }
     }
 
+    /// The Kafka key of a record to this target: the user when there is exactly one, else
+    /// the group of `to.group` (its members then get its messages in order).
+    pub fn kafka_key(&self) -> Option<&str> {
+        match self {
+            Target::Group(group) => Some(group),
+            _ => self.single_user(),
+        }
+    }
+
     /// The user a record should be keyed by in Kafka, when there is exactly one.
     pub fn single_user(&self) -> Option<&str> {
         match self {
@@ -457,6 +466,9 @@ mod tests {
             &long[1..]
         ));
         assert!(check_group("store 42/ü").is_ok());
+        assert_eq!(Target::Group("g".into()).kafka_key(), Some("g"));
+        assert_eq!(Target::Users(vec!["a".into()]).kafka_key(), Some("a"));
+        assert_eq!(Target::All.kafka_key(), None);
     }
 
     #[test]

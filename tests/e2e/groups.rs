@@ -289,3 +289,60 @@ async fn a_hundred_progress_ticks_replay_as_the_latest_one() {
         "exactly one per key"
     );
 }
+
+/// The embedded default (insecure auth, in-process bus): `?groups=` puts a connection in
+/// groups, a group message published over HTTP reaches them, and its ticks collapse in the
+/// in-memory history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_default_takes_groups_from_the_query_and_collapses_in_memory() {
+    let node = EmbeddedNode::start(&[]).await;
+    let ws = |q: &str| format!("ws://{}/ws?{q}", node.public);
+    let mut pc = Client::connect(&ws("user=pc-1&groups=store-42,ops"), None).await;
+    let mut other = Client::connect(&ws("user=pc-2&groups=store-43"), None).await;
+    let http = reqwest::Client::new();
+    let publish = |body: Value| {
+        let (http, url) = (http.clone(), node.http("/v1/publish"));
+        async move {
+            let r = http.post(url).body(body.to_string()).send().await.unwrap();
+            assert_eq!(r.status().as_u16(), 202, "{}", r.text().await.unwrap());
+        }
+    };
+    publish(json!({"type":"robot.reply","to":{"group":"store-42"},"data":{"n":0}})).await;
+    let first = pc.expect_msg(WAIT).await;
+    assert_eq!(n_of(&first), 0);
+    assert!(other.msgs_during(QUIET).await.is_empty(), "another group");
+    drop(pc);
+
+    for n in 1..=30 {
+        publish(json!({"type":"robot.reply","to":{"group":"ops"},"collapse":"job","data":{"n":n}}))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let since = urlencode(first["id"].as_str().unwrap());
+    let mut pc = Client::connect(
+        &ws(&format!("user=pc-1&groups=store-42,ops&since={since}")),
+        None,
+    )
+    .await;
+    assert_eq!(
+        pc.hello["resume"],
+        json!({"recovered": true, "replayed": 1}),
+        "{}",
+        pc.hello
+    );
+    let m = pc.expect_msg(WAIT).await;
+    assert_eq!((n_of(&m), m["collapse"].as_str()), (30, Some("job")), "{m}");
+    assert!(pc.msgs_during(QUIET).await.is_empty());
+
+    let bad = http
+        .get(node.http("/ws?user=pc-3&groups=a,b%0Ac"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    assert!(bad.text().await.unwrap().contains("bad_groups"));
+}
