@@ -4,7 +4,8 @@
 //! Ingest publishes each accepted record once with [`Bus::publish_messages`] (all the records
 //! it has at hand in one call, in order). In one atomic step per message the bus gives it
 //! the next **sequence number** of the cluster, appends it to the
-//! history stream of each user it targets (or the broadcast stream for `to.all`), and
+//! history stream of each user it targets (the group's stream for `to.group`, the broadcast
+//! stream for `to.all`; a `collapse` key replaces that key's earlier entry in each), and
 //! publishes it on `<prefix>:bus`. So the history and the live bus have one order, and a
 //! record Kafka delivers twice (same id) is published once. The history keeps a message's
 //! payload once, however many streams it is in: a stream entry costs a few bytes, so a
