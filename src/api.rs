@@ -208,7 +208,7 @@ async fn types(State(api): State<Arc<Api>>) -> Json<serde_json::Value> {
 }
 
 /// `POST /v1/publish`: validates an envelope and produces it to the first topic, keyed
-/// by the target user when there is exactly one.
+/// by the target user when there is exactly one (by the group for `to.group`).
 async fn publish(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> Response {
     if let Some(refused) = not_admin(&api.auth, &headers, "POST /v1/publish") {
         return refused;
@@ -234,7 +234,7 @@ async fn publish(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -
     let topic = &kafka.topics[0];
     match api
         .producer
-        .send(topic, env.to.single_user(), &body, &[])
+        .send(topic, env.to.kafka_key(), &body, &[])
         .await
     {
         Ok(()) => (

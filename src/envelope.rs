@@ -53,8 +53,47 @@ pub enum Target {
     Users(Vec<String>),
     /// One connection, by the id the server gave it.
     Conn(String),
+    /// Every connection whose identity is in this group (JWT claim `groups`).
+    Group(String),
     /// Every connected user.
     All,
+}
+
+/// Longest group name, in bytes (UTF-8).
+pub const MAX_GROUP_BYTES: usize = 128;
+
+/// Longest `collapse` key, in bytes (UTF-8).
+pub const MAX_COLLAPSE_BYTES: usize = 128;
+
+/// Checks a group name: 1 to [`MAX_GROUP_BYTES`] bytes with no character a user id may not
+/// hold ([`user_id::is_refused`]). One rule for `to.group`, the JWT claim `groups` and
+/// `?groups=`: a group name is part of a Redis key and of log lines, like a user id.
+pub fn check_group(name: &str) -> Result<(), String> {
+    check_key("group name", name, MAX_GROUP_BYTES)
+}
+
+/// Checks a `collapse` key: 1 to [`MAX_COLLAPSE_BYTES`] bytes, no refused character.
+pub fn check_collapse(key: &str) -> Result<(), String> {
+    check_key("`collapse`", key, MAX_COLLAPSE_BYTES)
+}
+
+fn check_key(what: &str, s: &str, max: usize) -> Result<(), String> {
+    if s.is_empty() {
+        return Err(format!("the {what} is empty"));
+    }
+    if s.len() > max {
+        return Err(format!(
+            "the {what} is {} bytes long; at most {max} are allowed",
+            s.len()
+        ));
+    }
+    match s.char_indices().find(|(_, ch)| user_id::is_refused(*ch)) {
+        Some((at, ch)) => Err(format!(
+            "the {what} holds the character U+{:04X} at byte {at}; control characters, line separators and bidirectional controls are not allowed",
+            ch as u32
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The JSON shape of `to`: exactly one selector, `platform`/`tab` only beside `user`.
@@ -72,6 +111,8 @@ struct TargetRepr {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     conn: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     all: Option<bool>,
 }
 
@@ -83,10 +124,11 @@ impl TryFrom<TargetRepr> for Target {
             r.user.is_some(),
             r.users.is_some(),
             r.conn.is_some(),
+            r.group.is_some(),
             r.all.is_some(),
         ];
         if selectors.iter().filter(|s| **s).count() != 1 {
-            return Err("`to` needs exactly one of user, users, conn, all");
+            return Err("`to` needs exactly one of user, users, conn, group, all");
         }
         if r.user.is_none() && (r.platform.is_some() || r.tab.is_some()) {
             return Err("`platform` and `tab` go with `user`");
@@ -112,6 +154,12 @@ impl TryFrom<TargetRepr> for Target {
         }
         if let Some(conn) = r.conn {
             return Ok(Target::Conn(conn));
+        }
+        if let Some(group) = r.group {
+            if group.is_empty() {
+                return Err("`to.group` is empty");
+            }
+            return Ok(Target::Group(group));
         }
         match r.all {
             Some(true) => Ok(Target::All),
@@ -141,6 +189,10 @@ impl From<&Target> for TargetRepr {
                 conn: Some(conn.clone()),
                 ..Default::default()
             },
+            Target::Group(group) => TargetRepr {
+                group: Some(group.clone()),
+                ..Default::default()
+            },
             Target::All => TargetRepr {
                 all: Some(true),
                 ..Default::default()
@@ -162,7 +214,8 @@ impl<'de> Deserialize<'de> for Target {
 }
 
 impl Target {
-    /// Checks every user id of `to.user` / `to.users` against [`user_id::validate`]. Done
+    /// Checks every user id of `to.user` / `to.users` against [`user_id::validate`] (and a
+    /// `to.group` against [`check_group`]). Done
     /// where an envelope enters (ingest, `POST /v1/publish`), not in `Deserialize`: a bus
     /// message from a node with another rule must still reach its recipients.
     pub fn check_user_ids(&self) -> Result<(), String> {
@@ -173,7 +226,17 @@ impl Target {
             Target::Users(users) => users.iter().try_for_each(|user| {
                 user_id::validate(user).map_err(|e| format!("`to.users` entry: {e}"))
             }),
+            Target::Group(group) => check_group(group).map_err(|e| format!("`to.group`: {e}")),
             Target::Conn(_) | Target::All => Ok(()),
+        }
+    }
+
+    /// The Kafka key of a record to this target: the user when there is exactly one, else
+    /// the group of `to.group` (its members then get its messages in order).
+    pub fn kafka_key(&self) -> Option<&str> {
+        match self {
+            Target::Group(group) => Some(group),
+            _ => self.single_user(),
         }
     }
 
@@ -195,6 +258,9 @@ pub struct Envelope {
     /// `data`, verbatim (JSON `null` when absent).
     pub data: Box<RawValue>,
     pub ttl_ms: Option<u64>,
+    /// `collapse`: in a history stream this message replaces the earlier one with the same
+    /// key (checked with [`check_collapse`]).
+    pub collapse: Option<String>,
 }
 
 /// Why a record was rejected; `as_str` is the `reason` label of
@@ -256,6 +322,8 @@ struct RawEnvelope<'a> {
     _id: Option<std::borrow::Cow<'a, str>>,
     #[serde(default)]
     ttl_ms: Option<u64>,
+    #[serde(default)]
+    collapse: Option<String>,
 }
 
 /// Decodes a record value. `max_bytes` is `kafka.max_record_bytes`.
@@ -279,6 +347,9 @@ pub fn decode(value: Option<&[u8]>, max_bytes: usize) -> Result<Envelope, Reject
     let to: Target =
         serde_json::from_str(to_raw.get()).map_err(|e| Reject::BadTarget(e.to_string()))?;
     to.check_user_ids().map_err(Reject::BadTarget)?;
+    if let Some(key) = &raw.collapse {
+        check_collapse(key).map_err(Reject::Invalid)?;
+    }
     let data = raw
         .data
         .unwrap_or_else(|| RawValue::from_string("null".into()).expect("null is JSON"));
@@ -287,12 +358,25 @@ pub fn decode(value: Option<&[u8]>, max_bytes: usize) -> Result<Envelope, Reject
         to,
         data,
         ttl_ms: raw.ttl_ms,
+        collapse: raw.collapse,
     })
 }
 
 /// Renders the client frame `{"t":"msg","id":…,"type":…,"ts":…,"data":…}`; done once
 /// per message at ingest, the bytes are then shared by every recipient.
 pub fn render_msg_frame(id: &str, msg_type: &str, ts_ms: i64, data: &RawValue) -> String {
+    render_msg_frame_with(id, msg_type, ts_ms, data, None)
+}
+
+/// [`render_msg_frame`] with the envelope's `collapse` key, rendered as `"collapse":…`
+/// (after `data`) only when there is one.
+pub fn render_msg_frame_with(
+    id: &str,
+    msg_type: &str,
+    ts_ms: i64,
+    data: &RawValue,
+    collapse: Option<&str>,
+) -> String {
     #[derive(Serialize)]
     struct MsgFrame<'a> {
         t: &'static str,
@@ -301,6 +385,8 @@ pub fn render_msg_frame(id: &str, msg_type: &str, ts_ms: i64, data: &RawValue) -
         msg_type: &'a str,
         ts: i64,
         data: &'a RawValue,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        collapse: Option<&'a str>,
     }
     serde_json::to_string(&MsgFrame {
         t: "msg",
@@ -308,6 +394,7 @@ pub fn render_msg_frame(id: &str, msg_type: &str, ts_ms: i64, data: &RawValue) -
         msg_type,
         ts: ts_ms,
         data,
+        collapse,
     })
     .expect("serializing strings and raw JSON cannot fail")
 }
@@ -351,6 +438,68 @@ mod tests {
             Target::Conn("c-1".into())
         );
         assert_eq!(ok(r#"{"type":"x","to":{"all":true}}"#).to, Target::All);
+        assert_eq!(
+            ok(r#"{"type":"x","to":{"group":"store-42"}}"#).to,
+            Target::Group("store-42".into())
+        );
+    }
+
+    #[test]
+    fn groups_take_one_selector_and_a_valid_name() {
+        let long = "g".repeat(MAX_GROUP_BYTES + 1);
+        for json in [
+            r#"{"type":"x","to":{"group":""}}"#.to_owned(),
+            r#"{"type":"x","to":{"group":5}}"#.to_owned(),
+            r#"{"type":"x","to":{"group":"a\u0000b"}}"#.to_owned(),
+            r#"{"type":"x","to":{"group":"a\nb"}}"#.to_owned(),
+            r#"{"type":"x","to":{"group":"g","user":"a"}}"#.to_owned(),
+            r#"{"type":"x","to":{"group":"g","all":true}}"#.to_owned(),
+            r#"{"type":"x","to":{"group":"g","platform":"ios"}}"#.to_owned(),
+            r#"{"type":"x","to":{"group":"g","tab":"t"}}"#.to_owned(),
+            format!(r#"{{"type":"x","to":{{"group":"{long}"}}}}"#),
+        ] {
+            let err = decode(Some(json.as_bytes()), 1 << 20).unwrap_err();
+            assert_eq!(err.as_str(), "bad_target", "{json}");
+        }
+        ok(&format!(
+            r#"{{"type":"x","to":{{"group":"{}"}}}}"#,
+            &long[1..]
+        ));
+        assert!(check_group("store 42/ü").is_ok());
+        assert_eq!(Target::Group("g".into()).kafka_key(), Some("g"));
+        assert_eq!(Target::Users(vec!["a".into()]).kafka_key(), Some("a"));
+        assert_eq!(Target::All.kafka_key(), None);
+    }
+
+    #[test]
+    fn collapse_is_a_bounded_string() {
+        let e = ok(r#"{"type":"x","to":{"group":"g"},"collapse":"job-7"}"#);
+        assert_eq!(e.collapse.as_deref(), Some("job-7"));
+        assert_eq!(ok(r#"{"type":"x","to":{"all":true}}"#).collapse, None);
+        let long = "k".repeat(MAX_COLLAPSE_BYTES + 1);
+        for json in [
+            r#"{"type":"x","to":{"all":true},"collapse":5}"#.to_owned(),
+            r#"{"type":"x","to":{"all":true},"collapse":""}"#.to_owned(),
+            r#"{"type":"x","to":{"all":true},"collapse":{"k":1}}"#.to_owned(),
+            r#"{"type":"x","to":{"all":true},"collapse":"a\u0007"}"#.to_owned(),
+            format!(r#"{{"type":"x","to":{{"all":true}},"collapse":"{long}"}}"#),
+        ] {
+            let err = decode(Some(json.as_bytes()), 1 << 20).unwrap_err();
+            assert_eq!(err.as_str(), "invalid", "{json}");
+        }
+    }
+
+    #[test]
+    fn msg_frame_carries_collapse_only_when_present() {
+        let data = RawValue::from_string("1".into()).unwrap();
+        assert_eq!(
+            render_msg_frame_with("m", "t", 5, &data, Some("job \"7\"")),
+            r#"{"t":"msg","id":"m","type":"t","ts":5,"data":1,"collapse":"job \"7\""}"#
+        );
+        assert_eq!(
+            render_msg_frame_with("m", "t", 5, &data, None),
+            r#"{"t":"msg","id":"m","type":"t","ts":5,"data":1}"#
+        );
     }
 
     #[test]
@@ -434,6 +583,7 @@ mod tests {
             },
             Target::Users(vec!["a".into()]),
             Target::Conn("c-9".into()),
+            Target::Group("store-42".into()),
             Target::All,
         ] {
             let json = serde_json::to_string(&t).unwrap();

@@ -178,6 +178,7 @@ fn outgoing(id: &str, to: Target) -> Outgoing {
             ts: 1,
             ttl_ms: None,
             at_us: 0,
+            collapse: None,
         },
         &format!("frame {id}"),
     )
@@ -251,19 +252,21 @@ async fn history_replays_exactly_what_a_user_missed(bus: Arc<dyn Bus>) {
         "consecutive, once each"
     );
 
-    let Replay::Recovered { messages, head } = history::replay(&*bus, "ann", "a1").await.unwrap()
+    let Replay::Recovered { messages, head } =
+        history::replay(&*bus, "ann", &[], "a1").await.unwrap()
     else {
         panic!("a1 is in the history");
     };
     assert_eq!(ids(&messages), ["all1", "ab"]);
     assert_eq!(head, first.seq + 4);
-    let Replay::Recovered { messages, .. } = history::replay(&*bus, "bob", "a1").await.unwrap()
+    let Replay::Recovered { messages, .. } =
+        history::replay(&*bus, "bob", &[], "a1").await.unwrap()
     else {
         panic!("any known id is a position");
     };
     assert_eq!(ids(&messages), ["b1", "all1", "ab"]);
     assert!(matches!(
-        history::replay(&*bus, "ann", "never-published")
+        history::replay(&*bus, "ann", &[], "never-published")
             .await
             .unwrap(),
         Replay::NotRecovered
@@ -282,18 +285,20 @@ async fn history_trimmed_past_since_is_not_recovered(bus: Arc<dyn Bus>) {
             .unwrap();
     }
     assert!(
-        matches!(history::replay(&*bus, "tim", "t2").await.unwrap(), Replay::Recovered { ref messages, .. } if messages.len() == 4),
+        matches!(history::replay(&*bus, "tim", &[], "t2").await.unwrap(), Replay::Recovered { ref messages, .. } if messages.len() == 4),
         "t2..t6 are kept: t3..t6 after t2"
     );
-    for gone in ["t0", "t1"] {
-        assert!(
-            matches!(
-                history::replay(&*bus, "tim", gone).await.unwrap(),
-                Replay::NotRecovered
-            ),
-            "after {gone}: t1 was trimmed (or may have been): no partial replay"
-        );
-    }
+    assert!(
+        matches!(
+            history::replay(&*bus, "tim", &[], "t0").await.unwrap(),
+            Replay::NotRecovered
+        ),
+        "after t0: t1 was trimmed: no partial replay"
+    );
+    assert!(
+        matches!(history::replay(&*bus, "tim", &[], "t1").await.unwrap(), Replay::Recovered { ref messages, .. } if messages.len() == 5),
+        "t1 is the newest trimmed: everything after it (t2..t6) is kept"
+    );
 }
 
 /// A node that missed part of the bus reads it back for its users.
@@ -313,7 +318,9 @@ async fn recovery_reads_what_a_node_missed(bus: Arc<dyn Bus>) {
         .await
         .unwrap();
     let users: Vec<Arc<str>> = vec!["ria".into(), "rob".into()];
-    let found = history::recover(&*bus, &users, start, None).await.unwrap();
+    let found = history::recover(&*bus, &users, &[], start, None)
+        .await
+        .unwrap();
     assert_eq!(ids(&found.messages), ["r1", "r-all"]);
     assert_eq!(found.head, start + 3);
     assert!(!found.reset && !found.lost_all && found.lost_users.is_empty());
@@ -384,7 +391,8 @@ async fn a_batch_is_published_in_order_and_a_retry_adds_nothing(bus: Arc<dyn Bus
         .map(|(_, p)| BusMessage::decode(p.clone()).unwrap().header.id)
         .collect();
     assert_eq!(heard, ["k0", "k-all", "k1", "k2"], "each once, in order");
-    let Replay::Recovered { messages, .. } = history::replay(&*bus, "lea", "k0").await.unwrap()
+    let Replay::Recovered { messages, .. } =
+        history::replay(&*bus, "lea", &[], "k0").await.unwrap()
     else {
         panic!("k0 is in the history");
     };
@@ -420,7 +428,7 @@ async fn redis_positions_from_before_a_new_epoch_are_not_recovered_exactly() {
         "{before:?}"
     );
     assert!(matches!(
-        history::replay(&*bus, "eda", "e1").await.unwrap(),
+        history::replay(&*bus, "eda", &[], "e1").await.unwrap(),
         Replay::Recovered { .. }
     ));
 
@@ -448,17 +456,17 @@ async fn redis_positions_from_before_a_new_epoch_are_not_recovered_exactly() {
     );
     assert!(
         matches!(
-            history::replay(&*bus, "eda", "e1").await.unwrap(),
+            history::replay(&*bus, "eda", &[], "e1").await.unwrap(),
             Replay::NotRecovered
         ),
         "a since from the old epoch is not recovered"
     );
     assert!(matches!(
-        history::replay(&*bus, "eda", "e2").await.unwrap(),
+        history::replay(&*bus, "eda", &[], "e2").await.unwrap(),
         Replay::Recovered { .. }
     ));
     let users: Vec<Arc<str>> = vec!["eda".into()];
-    let found = history::recover(&*bus, &users, first.seq, Some(before.epoch_start))
+    let found = history::recover(&*bus, &users, &[], first.seq, Some(before.epoch_start))
         .await
         .unwrap();
     assert!(
@@ -466,7 +474,7 @@ async fn redis_positions_from_before_a_new_epoch_are_not_recovered_exactly() {
         "a node that saw the old epoch is told it may have lost messages"
     );
     assert_eq!(ids(&found.messages), ["e2"]);
-    let found = history::recover(&*bus, &users, second.seq, Some(after.epoch_start))
+    let found = history::recover(&*bus, &users, &[], second.seq, Some(after.epoch_start))
         .await
         .unwrap();
     assert!(!found.reset && found.messages.is_empty());
@@ -530,6 +538,7 @@ fn big_outgoing(id: &str, users: &[String], payload_bytes: usize) -> Outgoing {
             ts: 1,
             ttl_ms: None,
             at_us: 0,
+            collapse: None,
         },
         &format!(r#"{{"t":"msg","id":"{id}","data":"{data}"}}"#),
     )
@@ -565,7 +574,8 @@ async fn redis_a_message_to_many_users_stores_its_payload_once() {
         "{USERS} users, body {body} B: Redis grew by {grown} B over {keys} keys, more than {bound} B"
     );
     for u in [&users[0], &users[USERS / 2], &users[USERS - 1]] {
-        let Replay::Recovered { messages, .. } = history::replay(&*bus, u, "before").await.unwrap()
+        let Replay::Recovered { messages, .. } =
+            history::replay(&*bus, u, &[], "before").await.unwrap()
         else {
             panic!("{u}: `before` is in the history");
         };
@@ -576,15 +586,22 @@ async fn redis_a_message_to_many_users_stores_its_payload_once() {
             "the frame as sent"
         );
     }
-    let Replay::Recovered { messages, .. } =
-        history::replay(&*bus, "user-x", "before").await.unwrap()
+    let Replay::Recovered { messages, .. } = history::replay(&*bus, "user-x", &[], "before")
+        .await
+        .unwrap()
     else {
         panic!("`before` is in the history");
     };
     assert!(messages.is_empty(), "not for user-x");
-    let found = history::recover(&*bus, &[users[7].as_str().into()], published.seq - 1, None)
-        .await
-        .unwrap();
+    let found = history::recover(
+        &*bus,
+        &[users[7].as_str().into()],
+        &[],
+        published.seq - 1,
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(ids(&found.messages), ["big"]);
     assert!(found.lost_users.is_empty());
 }
@@ -611,7 +628,7 @@ async fn redis_a_payload_gone_from_the_history_is_a_gap() {
         .await
         .unwrap();
     assert!(matches!(
-        history::replay(&*bus, "gil", "g1").await.unwrap(),
+        history::replay(&*bus, "gil", &[], "g1").await.unwrap(),
         Replay::Recovered { ref messages, .. } if ids(messages) == ["g2"]
     ));
     raw_command(
@@ -622,18 +639,18 @@ async fn redis_a_payload_gone_from_the_history_is_a_gap() {
     for u in ["gus", "gil"] {
         assert!(
             matches!(
-                history::replay(&*bus, u, "g1").await.unwrap(),
+                history::replay(&*bus, u, &[], "g1").await.unwrap(),
                 Replay::NotRecovered
             ),
             "{u}: g2 is gone"
         );
     }
     assert!(matches!(
-        history::replay(&*bus, "gus", "g2").await.unwrap(),
+        history::replay(&*bus, "gus", &[], "g2").await.unwrap(),
         Replay::Recovered { ref messages, .. } if ids(messages) == ["g3"]
     ));
     let users: Vec<Arc<str>> = vec!["gus".into(), "gil".into(), "guy".into()];
-    let found = history::recover(&*bus, &users, lost.seq - 1, None)
+    let found = history::recover(&*bus, &users, &[], lost.seq - 1, None)
         .await
         .unwrap();
     assert_eq!(ids(&found.messages), ["g3"]);
@@ -678,7 +695,8 @@ async fn a_batch_to_many_users_is_published_in_order(bus: Arc<dyn Bus>) {
         ("g2-5", vec!["z2", "z3", "z4"]),
         ("g2-699", vec!["z2", "z3"]),
     ] {
-        let Replay::Recovered { messages, .. } = history::replay(&*bus, u, "z0").await.unwrap()
+        let Replay::Recovered { messages, .. } =
+            history::replay(&*bus, u, &[], "z0").await.unwrap()
         else {
             panic!("{u}: z0 is in the history");
         };
@@ -737,7 +755,7 @@ async fn redis_a_message_to_more_users_than_one_call_takes_is_published_whole() 
         ("w2500", vec![]),
     ] {
         let Replay::Recovered { messages, head } =
-            history::replay(&*bus, u, "w-before").await.unwrap()
+            history::replay(&*bus, u, &[], "w-before").await.unwrap()
         else {
             panic!("{u}: w-before is in the history");
         };
@@ -808,7 +826,8 @@ async fn redis_a_half_written_message_is_not_read_and_is_aborted_after_its_lease
         read.head, h0.seq,
         "the half-written message is not there yet"
     );
-    let Replay::Recovered { messages, head } = history::replay(&*bus, "hal", "h0").await.unwrap()
+    let Replay::Recovered { messages, head } =
+        history::replay(&*bus, "hal", &[], "h0").await.unwrap()
     else {
         panic!("h0 is in the history");
     };
@@ -825,7 +844,8 @@ async fn redis_a_half_written_message_is_not_read_and_is_aborted_after_its_lease
         started.elapsed()
     );
     assert_eq!(h1.seq, ghost + 1);
-    let Replay::Recovered { messages, head } = history::replay(&*bus, "hal", "h0").await.unwrap()
+    let Replay::Recovered { messages, head } =
+        history::replay(&*bus, "hal", &[], "h0").await.unwrap()
     else {
         panic!("h0 is in the history; the aborted message is not a gap");
     };
@@ -899,11 +919,257 @@ async fn redis_a_retried_message_written_in_parts_keeps_its_number() {
         .collect();
     assert_eq!(heard, ["r0", "r-big"], "published once");
     for u in ["r5", "r1099"] {
-        let Replay::Recovered { messages, .. } = history::replay(&*bus, u, "r0").await.unwrap()
+        let Replay::Recovered { messages, .. } =
+            history::replay(&*bus, u, &[], "r0").await.unwrap()
         else {
             panic!("{u}: r0 is in the history");
         };
         assert_eq!(ids(&messages), ["r-big"], "{u}");
     }
     stop.cancel();
+}
+
+// ---- groups and collapse (issue 17) ----
+
+fn collapsing(id: &str, to: Target, key: &str) -> Outgoing {
+    Outgoing::new(
+        Header {
+            id: id.into(),
+            msg_type: "t".into(),
+            to,
+            ts: 1,
+            ttl_ms: None,
+            at_us: 0,
+            collapse: Some(key.into()),
+        },
+        &format!(r#"{{"t":"msg","id":"{id}","collapse":"{key}"}}"#),
+    )
+}
+
+fn group(g: &str) -> Target {
+    Target::Group(g.into())
+}
+
+/// A group message is in its group's stream: a member resuming with its groups gets it (and
+/// not another group's), a member whose group stream was trimmed past `since` is not
+/// recovered, and gap recovery reads group streams and names the groups it cannot fill.
+async fn group_messages_resume_and_recover(bus: Arc<dyn Bus>) {
+    let start = bus
+        .publish_message(&outgoing("g0", user("pc-1")))
+        .await
+        .unwrap()
+        .seq;
+    bus.publish_messages(&[
+        outgoing("store-1", group("store-42")),
+        outgoing("other-1", group("store-43")),
+        outgoing("all-1", Target::All),
+        outgoing("store-2", group("store-42")),
+        outgoing("mine", user("pc-1")),
+    ])
+    .await
+    .unwrap();
+    let mine: Vec<Arc<str>> = vec!["store-42".into()];
+    let Replay::Recovered { messages, head } =
+        history::replay(&*bus, "pc-1", &mine, "g0").await.unwrap()
+    else {
+        panic!("g0 is in the history");
+    };
+    assert_eq!(ids(&messages), ["store-1", "all-1", "store-2", "mine"]);
+    assert_eq!(head, start + 5);
+    let Replay::Recovered { messages, .. } =
+        history::replay(&*bus, "pc-1", &[], "g0").await.unwrap()
+    else {
+        panic!("g0 is in the history");
+    };
+    assert_eq!(
+        ids(&messages),
+        ["all-1", "mine"],
+        "not a member: not replayed"
+    );
+
+    let found = history::recover(&*bus, &["pc-1".into()], &mine, start, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&found.messages),
+        ["store-1", "all-1", "store-2", "mine"]
+    );
+    assert!(found.lost_groups.is_empty() && found.lost_users.is_empty());
+
+    // More than max_messages (5) for the group after g0: its stream is trimmed past it.
+    for i in 3..=7 {
+        bus.publish_message(&outgoing(&format!("store-{i}"), group("store-42")))
+            .await
+            .unwrap();
+    }
+    assert!(
+        matches!(
+            history::replay(&*bus, "pc-1", &mine, "g0").await.unwrap(),
+            Replay::NotRecovered
+        ),
+        "store-1 and store-2 were trimmed: no partial replay"
+    );
+    assert!(matches!(
+        history::replay(&*bus, "pc-1", &[], "g0").await.unwrap(),
+        Replay::Recovered { .. }
+    ));
+    let groups: Vec<Arc<str>> = vec!["store-43".into(), "store-42".into()];
+    let found = history::recover(&*bus, &["pc-1".into()], &groups, start, None)
+        .await
+        .unwrap();
+    assert_eq!(found.lost_groups, [Arc::<str>::from("store-42")]);
+    assert!(found.lost_users.is_empty() && !found.lost_all);
+    assert!(ids(&found.messages).contains(&"other-1".to_owned()));
+}
+
+/// A message with a `collapse` key replaces the earlier one with that key in each of its
+/// streams: a hundred ticks take one slot of a five-slot stream, the replay is exact (the
+/// latest tick, in its place in the order), a replaced message still resolves as `since`,
+/// and distinct keys beyond the stream's size are still reported as trimmed.
+async fn collapse_keeps_the_latest_per_key(bus: Arc<dyn Bus>) {
+    bus.publish_message(&outgoing("c0", user("cat")))
+        .await
+        .unwrap();
+    bus.publish_message(&outgoing("keep-1", user("cat")))
+        .await
+        .unwrap();
+    // Ticks one by one and in batches (one script call holding several ticks).
+    for i in 0..50 {
+        bus.publish_message(&collapsing(&format!("tick-{i}"), user("cat"), "job"))
+            .await
+            .unwrap();
+    }
+    let batch: Vec<Outgoing> = (50..100)
+        .map(|i| collapsing(&format!("tick-{i}"), user("cat"), "job"))
+        .collect();
+    bus.publish_messages(&batch).await.unwrap();
+    for i in 0..10 {
+        bus.publish_message(&collapsing(&format!("gt-{i}"), group("ops"), "job"))
+            .await
+            .unwrap();
+        bus.publish_message(&collapsing(&format!("at-{i}"), Target::All, "job"))
+            .await
+            .unwrap();
+    }
+    bus.publish_message(&outgoing("keep-2", user("cat")))
+        .await
+        .unwrap();
+    let ops: Vec<Arc<str>> = vec!["ops".into()];
+    let Replay::Recovered { messages, .. } =
+        history::replay(&*bus, "cat", &ops, "c0").await.unwrap()
+    else {
+        panic!("102 messages for cat, but the ticks take one slot of five");
+    };
+    assert_eq!(
+        ids(&messages),
+        ["keep-1", "tick-99", "gt-9", "at-9", "keep-2"],
+        "the latest of each stream's key, in order"
+    );
+    let frame = messages[1].frame.as_str();
+    assert!(frame.contains(r#""collapse":"job""#), "{frame}");
+    let Replay::Recovered { messages, .. } = history::replay(&*bus, "cat", &ops, "tick-40")
+        .await
+        .unwrap()
+    else {
+        panic!("a replaced message is still a position");
+    };
+    assert_eq!(ids(&messages), ["tick-99", "gt-9", "at-9", "keep-2"]);
+    let Replay::Recovered { messages, .. } =
+        history::replay(&*bus, "cat", &[], "tick-99").await.unwrap()
+    else {
+        panic!("the latest tick is a position");
+    };
+    assert_eq!(ids(&messages), ["at-9", "keep-2"]);
+
+    // Five distinct keys after keep-2: cat's stream (five slots) drops keep-1.. for real.
+    for k in ["a", "b", "c", "d", "e"] {
+        bus.publish_message(&collapsing(&format!("k-{k}"), user("cat"), k))
+            .await
+            .unwrap();
+    }
+    assert!(
+        matches!(
+            history::replay(&*bus, "cat", &[], "c0").await.unwrap(),
+            Replay::NotRecovered
+        ),
+        "trimmed past c0 is still reported"
+    );
+    let Replay::Recovered { messages, .. } =
+        history::replay(&*bus, "cat", &[], "keep-2").await.unwrap()
+    else {
+        panic!("nothing after keep-2 was trimmed");
+    };
+    assert_eq!(ids(&messages), ["k-a", "k-b", "k-c", "k-d", "k-e"]);
+}
+
+#[tokio::test]
+async fn redis_group_messages_resume_and_recover() {
+    group_messages_resume_and_recover(redis_bus(&prefix()).await).await;
+}
+
+#[tokio::test]
+async fn local_group_messages_resume_and_recover() {
+    group_messages_resume_and_recover(local_bus()).await;
+}
+
+#[tokio::test]
+async fn redis_collapse_keeps_the_latest_per_key() {
+    collapse_keeps_the_latest_per_key(redis_bus(&prefix()).await).await;
+}
+
+#[tokio::test]
+async fn local_collapse_keeps_the_latest_per_key() {
+    collapse_keeps_the_latest_per_key(local_bus()).await;
+}
+
+/// Redis keeps a stream's collapse keys in a hash that cannot grow without bound (keys of
+/// trimmed entries are pruned), expiring with the stream; a message to more users than one
+/// script call takes collapses in every user's stream too.
+#[tokio::test]
+async fn redis_collapse_hashes_stay_bounded_and_split_messages_collapse() {
+    let prefix = prefix();
+    let bus = redis_bus(&prefix).await;
+    let client = raw_redis().await;
+    bus.publish_message(&outgoing("h0", user("hal")))
+        .await
+        .unwrap();
+    for i in 0..200 {
+        bus.publish_message(&collapsing(
+            &format!("h{i}"),
+            user("hal"),
+            &format!("key-{i}"),
+        ))
+        .await
+        .unwrap();
+    }
+    let hash = format!("{prefix}:c:u:hal");
+    let len = raw_command(&client, vec!["HLEN".into(), hash.clone()]).await;
+    assert!(
+        len.as_i64().is_some_and(|n| (5..=11).contains(&n)),
+        "at most about twice the stream (5): {len:?}"
+    );
+    let ttl = raw_command(&client, vec!["TTL".into(), hash]).await;
+    assert!(ttl.as_i64().is_some_and(|t| t > 0 && t <= 60), "{ttl:?}");
+
+    let users: Vec<String> = (0..1500).map(|i| format!("s{i}")).collect();
+    bus.publish_message(&outgoing("s-before", user("s0")))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        bus.publish_message(&collapsing(
+            &format!("s-tick-{i}"),
+            Target::Users(users.clone()),
+            "job",
+        ))
+        .await
+        .unwrap();
+    }
+    for u in ["s0", "s1499"] {
+        let Replay::Recovered { messages, .. } =
+            history::replay(&*bus, u, &[], "s-before").await.unwrap()
+        else {
+            panic!("{u}: s-before is in the history");
+        };
+        assert_eq!(ids(&messages), ["s-tick-2"], "{u}");
+    }
 }

@@ -138,7 +138,7 @@ proptest! {
                     let frame = format!("msg-{i}");
                     let msg = BusMessage {
                         seq: i as u64 + 1,
-                        header: Header { id: format!("id-{i}"), msg_type: type_name(*t), to, ts: now_ms(), ttl_ms: None, at_us: 0 },
+                        header: Header { id: format!("id-{i}"), msg_type: type_name(*t), to, ts: now_ms(), ttl_ms: None, at_us: 0, collapse: None },
                         frame: frame.clone().into(),
                     };
                     router.route(&msg);

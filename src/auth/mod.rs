@@ -51,6 +51,9 @@ pub struct Claims {
     /// Issued at (seconds since the epoch): compared with a revocation of the user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<i64>,
+    /// The groups of the user (`to.group`), checked by [`check_groups`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<String>>,
 }
 
 /// The `aud` claim: one audience or several (RFC 7519 §4.1.3). jsonwebtoken checks it
@@ -71,6 +74,27 @@ pub struct Identity {
     pub exp: Option<u64>,
     /// The token's `iat`, seconds since the epoch (`None`: no claim, or insecure mode).
     pub issued_at: Option<i64>,
+    /// The groups it is in (JWT claim `groups`, `?groups=a,b` in insecure mode).
+    pub groups: Vec<String>,
+}
+
+/// Most groups one identity may be in.
+pub const MAX_GROUPS: usize = 32;
+
+/// Checks a `groups` claim (or `?groups=`): at most [`MAX_GROUPS`] names, each valid by
+/// [`crate::envelope::check_group`]. Too many or a bad one refuses the connection (400
+/// `bad_groups`): groups decide what a connection receives, so none is dropped silently.
+pub fn check_groups(groups: &[String]) -> Result<(), AuthError> {
+    if groups.len() > MAX_GROUPS {
+        return Err(AuthError::BadGroups(format!(
+            "{} groups; at most {MAX_GROUPS} are allowed",
+            groups.len()
+        )));
+    }
+    groups
+        .iter()
+        .try_for_each(|g| crate::envelope::check_group(g))
+        .map_err(AuthError::BadGroups)
 }
 
 /// Why a client was not let in (HTTP 401).
@@ -91,6 +115,9 @@ pub enum AuthError {
     /// The user id (`?user=` or the token's `sub`) breaks the rule of [`user_id`].
     #[error("{0}")]
     BadUser(#[from] UserIdError),
+    /// The `groups` claim or `?groups=` breaks [`check_groups`].
+    #[error("bad groups: {0}")]
+    BadGroups(String),
 }
 
 impl AuthError {
@@ -103,13 +130,14 @@ impl AuthError {
             AuthError::Invalid(_) => "invalid_token",
             AuthError::Revoked { .. } => "token_revoked",
             AuthError::BadUser(_) => UserIdError::CODE,
+            AuthError::BadGroups(_) => "bad_groups",
         }
     }
 
-    /// The HTTP status: 400 for a bad user id (no credential fixes it), else 401.
+    /// The HTTP status: 400 for a bad user id or groups (no credential fixes it), else 401.
     pub fn status(&self) -> StatusCode {
         match self {
-            AuthError::BadUser(_) => StatusCode::BAD_REQUEST,
+            AuthError::BadUser(_) | AuthError::BadGroups(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::UNAUTHORIZED,
         }
     }
@@ -176,11 +204,22 @@ impl Authenticator {
                 .filter(|u| !u.is_empty())
                 .ok_or(AuthError::NoUser)?;
             user_id::validate(user)?;
+            let groups: Vec<String> = query
+                .get("groups")
+                .map(|g| {
+                    g.split(',')
+                        .filter(|g| !g.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default();
+            check_groups(&groups)?;
             return Ok(Identity {
                 user: user.clone(),
                 platform: None,
                 exp: None,
                 issued_at: None,
+                groups,
             });
         }
         let token = bearer_header(headers)
@@ -245,11 +284,14 @@ impl Authenticator {
                     .ok_or_else(|| AuthError::Invalid(format!("unknown platform claim `{p}`")))?,
             ),
         };
+        let groups = claims.groups.unwrap_or_default();
+        check_groups(&groups)?;
         Ok(Identity {
             user: claims.sub,
             platform,
             exp: Some(claims.exp),
             issued_at: claims.iat,
+            groups,
         })
     }
 
@@ -352,6 +394,7 @@ pub fn mint(
         iss: (!cfg.issuer.is_empty()).then(|| cfg.issuer.clone()),
         aud: (!cfg.audience.is_empty()).then(|| Audience::One(cfg.audience.clone())),
         iat: Some(unix_now() as i64),
+        groups: None,
     };
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(Algorithm::HS256),

@@ -89,6 +89,7 @@ fn bad_tokens_are_refused() {
             iss: None,
             aud: None,
             iat: None,
+            groups: None,
         },
         &EncodingKey::from_secret(b"s3cret"),
     )
@@ -131,6 +132,7 @@ fn signed(alg: Algorithm, private_pem: &[u8], sub: &str) -> String {
         iss: None,
         aud: None,
         iat: None,
+        groups: None,
     };
     jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), &claims, &key).unwrap()
 }
@@ -294,6 +296,7 @@ fn a_revoked_users_older_tokens_are_refused() {
             iss: None,
             aud: None,
             iat,
+            groups: None,
         };
         jsonwebtoken::encode(
             &jsonwebtoken::Header::default(),
@@ -329,4 +332,58 @@ fn a_revoked_users_older_tokens_are_refused() {
         auth.may_act_for(&headers, "alice"),
         Err(Denied::Unauthenticated(AuthError::Revoked { .. }))
     ));
+}
+
+#[test]
+fn groups_come_from_the_claim_or_the_insecure_query_and_are_bounded() {
+    let auth = Authenticator::new(&cfg()).unwrap();
+    let exp = unix_now() + 60;
+    let token =
+        hs256(serde_json::json!({"sub": "pc-1", "exp": exp, "groups": ["store-42", "ops"]}));
+    assert_eq!(auth.verify(&token).unwrap().groups, ["store-42", "ops"]);
+    let token = hs256(serde_json::json!({"sub": "pc-1", "exp": exp}));
+    assert!(auth.verify(&token).unwrap().groups.is_empty());
+    let many: Vec<String> = (0..=MAX_GROUPS).map(|i| format!("g{i}")).collect();
+    for groups in [
+        serde_json::json!(many),
+        serde_json::json!(["ok", "x".repeat(crate::envelope::MAX_GROUP_BYTES + 1)]),
+        serde_json::json!(["a\nb"]),
+        serde_json::json!([""]),
+    ] {
+        let token = hs256(serde_json::json!({"sub": "pc-1", "exp": exp, "groups": groups}));
+        let err = auth.verify(&token).unwrap_err();
+        assert_eq!(
+            (err.status(), err.code()),
+            (StatusCode::BAD_REQUEST, "bad_groups"),
+            "{groups}"
+        );
+    }
+    let token = hs256(serde_json::json!({"sub": "pc-1", "exp": exp, "groups": "store-42"}));
+    assert_eq!(auth.verify(&token).unwrap_err().code(), "invalid_token");
+    assert!(auth
+        .verify(&hs256(
+            serde_json::json!({"sub": "pc-1", "exp": exp, "groups": many[..MAX_GROUPS]})
+        ))
+        .is_ok());
+
+    let insecure = Authenticator::new(&AuthConfig {
+        mode: AuthMode::Insecure,
+        ..cfg()
+    })
+    .unwrap();
+    let query = |g: &str| {
+        HashMap::from([
+            ("user".to_owned(), "pc-1".to_owned()),
+            ("groups".to_owned(), g.to_owned()),
+        ])
+    };
+    let id = insecure
+        .authenticate_upgrade(&HeaderMap::new(), &query("store-42,ops"))
+        .unwrap();
+    assert_eq!(id.groups, ["store-42", "ops"]);
+    let err = insecure
+        .authenticate_upgrade(&HeaderMap::new(), &query(&many.join(",")))
+        .unwrap_err();
+    assert_eq!(err.code(), "bad_groups");
+    assert!(err.to_string().contains("33 groups"), "{err}");
 }

@@ -1,15 +1,18 @@
 //! The message history behind resume and gap recovery (DESIGN §6).
 //!
 //! * [`MemoryHistory`] is the history of the in-process bus; the Redis bus keeps the same
-//!   structure in Redis (see [`super::redis`]). Both follow one contract: per-user streams
-//!   and one broadcast stream, each holding its newest `recovery.max_messages` entries for
-//!   `recovery.window` after its last write, keyed by sequence number; ids remembered for
-//!   the window so a client's `since` resolves to a sequence number.
+//!   structure in Redis (see [`super::redis`]). Both follow one contract: per-user streams,
+//!   per-group streams and one broadcast stream, each holding its newest
+//!   `recovery.max_messages` entries for `recovery.window` after its last write, keyed by
+//!   sequence number; ids remembered for the window so a client's `since` resolves to a
+//!   sequence number. A message with a `collapse` key replaces the entry with that key in
+//!   each of its streams (the replaced message is not "missing": the newer one stands for
+//!   it), so a hundred progress ticks take one slot.
 //! * [`replay`] answers a resuming client: everything after its `since`, from its own
-//!   stream and the broadcast stream, in sequence order — or "not recovered" when any of
-//!   it may be missing. Never a silent partial replay.
+//!   stream, the broadcast stream and its groups' streams, in sequence order — or "not
+//!   recovered" when any of it may be missing. Never a silent partial replay.
 //! * [`recover`] answers a node that missed part of the bus: everything its connected users
-//!   missed, and which users cannot be made whole.
+//!   and groups missed, and which of them cannot be made whole.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -26,9 +29,35 @@ use super::{
 #[derive(Default)]
 struct MemStream {
     entries: VecDeque<(u64, Bytes)>,
-    /// True once an entry was trimmed away.
-    trimmed: bool,
+    /// The newest sequence number trimmed away (0: none): nothing after it is missing.
+    trimmed_through: u64,
+    /// `collapse` key → the sequence number of its entry (at most one entry per key).
+    collapse: HashMap<Box<str>, u64>,
     expires: Option<Instant>,
+}
+
+impl MemStream {
+    /// Appends `seq`; an entry with the same `collapse` key goes, the oldest beyond `max`
+    /// are trimmed.
+    fn push(&mut self, seq: u64, payload: &Bytes, collapse: Option<&str>, max: usize) {
+        if let Some(key) = collapse {
+            if let Some(old) = self.collapse.insert(key.into(), seq) {
+                if let Ok(at) = self.entries.binary_search_by_key(&old, |(s, _)| *s) {
+                    self.entries.remove(at);
+                }
+            }
+        }
+        self.entries.push_back((seq, payload.clone()));
+        while self.entries.len() > max {
+            let (trimmed, _) = self.entries.pop_front().expect("not empty");
+            self.trimmed_through = trimmed;
+        }
+        // Keys whose entry was trimmed point at nothing: forget them, now and then.
+        if self.collapse.len() > 2 * max.max(1) {
+            let oldest = self.entries.front().map_or(u64::MAX, |(s, _)| *s);
+            self.collapse.retain(|_, s| *s >= oldest);
+        }
+    }
 }
 
 /// The history of the in-process bus (one node, no Redis).
@@ -41,7 +70,8 @@ pub struct MemoryHistory {
     seen_order: VecDeque<(Instant, Box<str>)>,
     all: MemStream,
     users: HashMap<Box<str>, MemStream>,
-    /// Calls since start; every 4096th sweeps expired user streams.
+    groups: HashMap<Box<str>, MemStream>,
+    /// Calls since start; every 4096th sweeps expired user and group streams.
     calls: u64,
 }
 
@@ -55,6 +85,7 @@ impl MemoryHistory {
             seen_order: VecDeque::new(),
             all: MemStream::default(),
             users: HashMap::new(),
+            groups: HashMap::new(),
             calls: 0,
         }
     }
@@ -73,19 +104,17 @@ impl MemoryHistory {
         self.seq += 1;
         let payload = sequenced(self.seq, msg.body());
         let expires = now + self.window;
+        let collapse = msg.header.collapse.as_deref();
         for key in msg.streams() {
             let stream = match key {
                 StreamKey::All => &mut self.all,
                 StreamKey::User(user) => self.users.entry(user.into()).or_default(),
+                StreamKey::Group(group) => self.groups.entry(group.into()).or_default(),
             };
             if stream.expires.is_some_and(|t| t <= now) {
                 *stream = MemStream::default();
             }
-            stream.entries.push_back((self.seq, payload.clone()));
-            while stream.entries.len() > self.max_messages {
-                stream.entries.pop_front();
-                stream.trimmed = true;
-            }
+            stream.push(self.seq, &payload, collapse, self.max_messages);
             stream.expires = Some(expires);
         }
         let id: Box<str> = msg.header.id.as_str().into();
@@ -115,10 +144,11 @@ impl MemoryHistory {
             };
         };
         let read = |stream: Option<&MemStream>| match stream {
-            // Trimming removes the oldest: nothing after `after` is gone if nothing was
-            // ever trimmed or an entry at or before `after` is still there (the Redis rule).
+            // Trimming removes the oldest: nothing after `after` is gone if the newest
+            // trimmed entry is at or before it (the Redis rule). An entry replaced by a
+            // later one with its `collapse` key is not missing: the later one stands for it.
             Some(s) if s.expires.is_some_and(|t| t > now) => StreamRead {
-                complete: !s.trimmed || s.entries.front().is_some_and(|(seq, _)| *seq <= after),
+                complete: s.trimmed_through <= after,
                 entries: s
                     .entries
                     .iter()
@@ -138,6 +168,7 @@ impl MemoryHistory {
             .map(|key| match key {
                 StreamKey::All => read(Some(&self.all)),
                 StreamKey::User(user) => read(self.users.get(*user)),
+                StreamKey::Group(group) => read(self.groups.get(*group)),
             })
             .collect();
         HistoryRead {
@@ -162,6 +193,8 @@ impl MemoryHistory {
         self.calls += 1;
         if self.calls % 4096 == 0 {
             self.users.retain(|_, s| s.expires.is_some_and(|t| t > now));
+            self.groups
+                .retain(|_, s| s.expires.is_some_and(|t| t > now));
         }
     }
 }
@@ -204,12 +237,17 @@ fn decode_all(payloads: BTreeMap<u64, Bytes>) -> Vec<BusMessage> {
         .collect()
 }
 
-/// The messages `user` missed after the message `since`, from their stream and the
-/// broadcast stream.
-pub async fn replay(bus: &dyn Bus, user: &str, since: &str) -> Result<Replay, BusError> {
-    let read = bus
-        .read_history(After::Id(since), &[StreamKey::User(user), StreamKey::All])
-        .await?;
+/// The messages `user` (a member of `groups`) missed after the message `since`, from
+/// their stream, the broadcast stream and each group's stream.
+pub async fn replay(
+    bus: &dyn Bus,
+    user: &str,
+    groups: &[Arc<str>],
+    since: &str,
+) -> Result<Replay, BusError> {
+    let mut keys = vec![StreamKey::User(user), StreamKey::All];
+    keys.extend(groups.iter().map(|g| StreamKey::Group(g)));
+    let read = bus.read_history(After::Id(since), &keys).await?;
     let Some(after) = read.after else {
         return Ok(Replay::NotRecovered);
     };
@@ -239,26 +277,35 @@ pub struct Recovered {
     pub lost_all: bool,
     /// Users whose own stream was trimmed past the gap.
     pub lost_users: Vec<Arc<str>>,
+    /// Groups whose stream was trimmed past the gap.
+    pub lost_groups: Vec<Arc<str>>,
 }
 
-/// Users read per history request during recovery.
+/// User and group streams read per history request during recovery.
 const USERS_PER_READ: usize = 200;
 
-/// Reads what `users` missed after sequence number `after`, in the bus epoch that started
-/// at `epoch` (as the node last saw it). When the bus's counter is behind `after`, the bus
-/// lost its state: everything since the reset is read. When the epoch changed, `after` may
-/// be a number the new epoch gave to another message: everything the new server has from
-/// the point both agree on is read, and the result is a reset.
+/// Reads what `users` and `groups` missed after sequence number `after`, in the bus epoch
+/// that started at `epoch` (as the node last saw it). When the bus's counter is behind
+/// `after`, the bus lost its state: everything since the reset is read. When the epoch
+/// changed, `after` may be a number the new epoch gave to another message: everything the
+/// new server has from the point both agree on is read, and the result is a reset.
 pub async fn recover(
     bus: &dyn Bus,
     users: &[Arc<str>],
+    groups: &[Arc<str>],
     after: u64,
     epoch: Option<u64>,
 ) -> Result<Recovered, BusError> {
     let mut out = Recovered::default();
-    let first = &users[..users.len().min(USERS_PER_READ)];
+    // Users, then groups: entry `i` belongs to `owner(i)`.
+    let streams: Vec<StreamKey<'_>> = users
+        .iter()
+        .map(|u| StreamKey::User(u))
+        .chain(groups.iter().map(|g| StreamKey::Group(g)))
+        .collect();
+    let first = streams.len().min(USERS_PER_READ);
     let mut keys = vec![StreamKey::All];
-    keys.extend(first.iter().map(|u| StreamKey::User(u)));
+    keys.extend_from_slice(&streams[..first]);
     let mut after = after;
     let mut read = bus.read_history(After::Seq(after), &keys).await?;
     if epoch.is_some_and(|e| e != read.epoch_start) {
@@ -275,20 +322,27 @@ pub async fn recover(
     }
     out.head = read.head;
     let mut payloads = BTreeMap::new();
-    let mut note = |read: &HistoryRead, users: &[Arc<str>], skip: usize, out: &mut Recovered| {
+    let mut note = |read: &HistoryRead, start: usize, skip: usize, out: &mut Recovered| {
         merge(&read.streams, after, out.head, &mut payloads);
-        for (user, stream) in users.iter().zip(&read.streams[skip..]) {
-            if !stream.complete {
-                out.lost_users.push(user.clone());
+        for (i, stream) in read.streams[skip..].iter().enumerate() {
+            if stream.complete {
+                continue;
+            }
+            match users.get(start + i) {
+                Some(user) => out.lost_users.push(user.clone()),
+                None => out
+                    .lost_groups
+                    .push(groups[start + i - users.len()].clone()),
             }
         }
     };
     out.lost_all = read.streams.first().is_some_and(|s| !s.complete);
-    note(&read, first, 1, &mut out);
-    for chunk in users[first.len()..].chunks(USERS_PER_READ) {
-        let keys: Vec<StreamKey<'_>> = chunk.iter().map(|u| StreamKey::User(u)).collect();
-        let read = bus.read_history(After::Seq(after), &keys).await?;
-        note(&read, chunk, 0, &mut out);
+    note(&read, 0, 1, &mut out);
+    let mut start = first;
+    for chunk in streams[first..].chunks(USERS_PER_READ) {
+        let read = bus.read_history(After::Seq(after), chunk).await?;
+        note(&read, start, 0, &mut out);
+        start += chunk.len();
     }
     out.messages = decode_all(payloads);
     Ok(out)
@@ -309,6 +363,7 @@ mod tests {
                 ts: 1,
                 ttl_ms: None,
                 at_us: 0,
+                collapse: None,
             },
             &format!("frame-{id}"),
         )
@@ -360,14 +415,61 @@ mod tests {
         assert!(!read.streams[0].complete, "seq 2 was trimmed");
         let read = h.read(After::Seq(2), &keys);
         assert!(
-            !read.streams[0].complete,
-            "the oldest left is 3: 2 may be gone"
+            read.streams[0].complete,
+            "2 is the newest trimmed: nothing after it is gone"
         );
         let read = h.read(After::Seq(3), &keys);
         assert!(read.streams[0].complete);
         assert_eq!(seqs(&read.streams[0]), [4, 5]);
         let read = h.read(After::Seq(0), &[StreamKey::User("nobody")]);
         assert!(read.streams[0].complete && read.streams[0].entries.is_empty());
+    }
+
+    fn ticked(id: &str, to: Target, key: &str) -> Outgoing {
+        let mut out = outgoing(id, to);
+        out.header.collapse = Some(key.into());
+        Outgoing::new(out.header, &format!("frame-{id}"))
+    }
+
+    #[test]
+    fn a_collapse_key_keeps_one_entry_per_stream() {
+        let mut h = MemoryHistory::new(3, Duration::from_secs(60));
+        h.append(&outgoing("first", user("alice")));
+        for i in 0..100 {
+            h.append(&ticked(&format!("tick-{i}"), user("alice"), "job"));
+        }
+        h.append(&ticked("g", Target::Group("store".into()), "job"));
+        h.append(&ticked("other", user("alice"), "other-job"));
+        let keys = [StreamKey::User("alice"), StreamKey::Group("store")];
+        let read = h.read(After::Id("first"), &keys);
+        assert_eq!(seqs(&read.streams[0]), [101, 103], "the latest tick only");
+        assert!(read.streams[0].complete, "replaced is not missing");
+        assert_eq!(seqs(&read.streams[1]), [102], "streams collapse separately");
+        // A replaced message still resolves as a position.
+        let read = h.read(After::Id("tick-50"), &keys);
+        assert_eq!(read.after, Some(52));
+        assert_eq!(seqs(&read.streams[0]), [101, 103]);
+        assert!(read.streams[0].complete);
+        // Trimming still counts: 3 slots, 4 keys.
+        for k in ["a", "b", "c", "d"] {
+            h.append(&ticked(k, user("alice"), k));
+        }
+        let read = h.read(After::Id("first"), &keys);
+        assert!(!read.streams[0].complete, "job's tick was trimmed");
+        assert_eq!(seqs(&read.streams[0]), [105, 106, 107]);
+        let read = h.read(After::Id("a"), &keys);
+        assert!(read.streams[0].complete);
+    }
+
+    #[test]
+    fn collapse_keys_of_trimmed_entries_are_forgotten() {
+        let mut h = MemoryHistory::new(2, Duration::from_secs(60));
+        for i in 0..50 {
+            h.append(&ticked(&i.to_string(), user("alice"), &format!("k{i}")));
+        }
+        let stream = &h.users["alice"];
+        assert!(stream.collapse.len() <= 5, "{}", stream.collapse.len());
+        assert_eq!(stream.entries.len(), 2);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! Ingest publishes each accepted record once with [`Bus::publish_messages`] (all the records
 //! it has at hand in one call, in order). In one atomic step per message the bus gives it
 //! the next **sequence number** of the cluster, appends it to the
-//! history stream of each user it targets (or the broadcast stream for `to.all`), and
+//! history stream of each user it targets (the group's stream for `to.group`, the broadcast
+//! stream for `to.all`; a `collapse` key replaces that key's earlier entry in each), and
 //! publishes it on `<prefix>:bus`. So the history and the live bus have one order, and a
 //! record Kafka delivers twice (same id) is published once. The history keeps a message's
 //! payload once, however many streams it is in: a stream entry costs a few bytes, so a
@@ -115,11 +116,13 @@ pub enum BusError {
     Reply(String),
 }
 
-/// A history stream: one user's, or the broadcast stream of `to.all` messages.
+/// A history stream: one user's, one group's (`to.group`), or the broadcast stream of
+/// `to.all` messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StreamKey<'a> {
     All,
     User(&'a str),
+    Group(&'a str),
 }
 
 /// Where a history read starts (exclusive).
@@ -222,6 +225,10 @@ pub struct Header {
     /// unknown (older nodes, history written by tests).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub at_us: u64,
+    /// The envelope's `collapse` key: in each history stream this message replaces the
+    /// earlier one with the same key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collapse: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -272,7 +279,7 @@ impl Outgoing {
     /// How many history streams this message belongs to (`streams().len()`).
     pub fn stream_count(&self) -> usize {
         match &self.header.to {
-            Target::User { .. } | Target::All => 1,
+            Target::User { .. } | Target::Group(_) | Target::All => 1,
             Target::Users(users) => users.len(),
             Target::Conn(_) => 0,
         }
@@ -285,6 +292,7 @@ impl Outgoing {
             Target::User { user, .. } => vec![StreamKey::User(user)],
             Target::Users(users) => users.iter().map(|u| StreamKey::User(u)).collect(),
             Target::Conn(_) => Vec::new(),
+            Target::Group(group) => vec![StreamKey::Group(group)],
             Target::All => vec![StreamKey::All],
         }
     }
@@ -366,6 +374,7 @@ mod tests {
                 ts: 42,
                 ttl_ms: Some(1000),
                 at_us: 7,
+                collapse: Some("job-1".into()),
             },
             frame: Utf8Bytes::from(r#"{"t":"msg","data":"line\nbreak"}"#),
         };

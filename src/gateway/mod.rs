@@ -281,9 +281,14 @@ impl Gateway {
             tab,
             since,
         } = *connect;
-        let registered = self
-            .registry
-            .register(&identity.user, platform, tab, bits, version);
+        let registered = self.registry.register_in(
+            &identity.user,
+            platform,
+            tab,
+            &identity.groups,
+            bits,
+            version,
+        );
         let (registration, conn, queue) = match registered {
             Ok(r) => r,
             Err(e) => {

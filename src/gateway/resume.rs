@@ -48,7 +48,9 @@ impl Gateway {
         if since.is_empty() || since.len() > MAX_SINCE_BYTES {
             return not_recovered(ResumeLabel::NotRecovered);
         }
-        let (messages, head) = match history::replay(&*self.bus, &conn.user, since).await {
+        let (messages, head) = match history::replay(&*self.bus, &conn.user, &conn.groups, since)
+            .await
+        {
             Ok(Replay::Recovered { messages, head }) => (messages, head),
             Ok(Replay::NotRecovered) => return not_recovered(ResumeLabel::NotRecovered),
             Err(e) => {

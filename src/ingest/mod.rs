@@ -288,7 +288,13 @@ impl Worker {
         }
         let ts = record.timestamp().to_millis().unwrap_or_else(now_ms);
         let id = message_id(record.topic(), record.partition(), record.offset(), ts);
-        let frame = envelope::render_msg_frame(&id, &env.msg_type, ts, &env.data);
+        let frame = envelope::render_msg_frame_with(
+            &id,
+            &env.msg_type,
+            ts,
+            &env.data,
+            env.collapse.as_deref(),
+        );
         let header = Header {
             id,
             msg_type: env.msg_type,
@@ -296,6 +302,7 @@ impl Worker {
             ts,
             ttl_ms: env.ttl_ms,
             at_us,
+            collapse: env.collapse,
         };
         Outcome::Publish(Outgoing::new(header, &frame))
     }

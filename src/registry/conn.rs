@@ -94,6 +94,8 @@ pub struct ConnHandle {
     pub prefs: Arc<UserPrefs>,
     pub platform: Option<Platform>,
     pub tab: Option<Box<str>>,
+    /// The groups of its identity (JWT claim `groups`), shared with the registry's index.
+    pub groups: Box<[Arc<str>]>,
     queue: Mutex<Queue>,
     /// Woken when a frame lands in an empty queue or a close is asked for (a permit is
     /// kept if the session is not waiting).
@@ -108,12 +110,14 @@ pub struct ConnHandle {
 
 impl ConnHandle {
     /// A handle whose queue holds at most `max_messages` frames and `max_bytes` bytes.
+    #[allow(clippy::too_many_arguments)] // one caller, the registry, naming each
     pub(super) fn new(
         id: Arc<str>,
         user: Arc<str>,
         prefs: Arc<UserPrefs>,
         platform: Option<Platform>,
         tab: Option<Box<str>>,
+        groups: Box<[Arc<str>]>,
         max_messages: usize,
         max_bytes: usize,
     ) -> Self {
@@ -123,6 +127,7 @@ impl ConnHandle {
             prefs,
             platform,
             tab,
+            groups,
             queue: Mutex::new(Queue::default()),
             queued: Notify::new(),
             receiver_gone: AtomicBool::new(false),
@@ -226,6 +231,7 @@ impl ConnHandle {
             } => **user == *self.user && self.matches(*platform, tab.as_deref()),
             Target::Users(users) => users.iter().any(|u| **u == *self.user),
             Target::Conn(id) => **id == *self.id,
+            Target::Group(group) => self.groups.iter().any(|g| **g == **group),
             Target::All => true,
         }
     }

@@ -71,6 +71,8 @@ const PENDING_MAX: usize = 10_000;
 struct Index {
     by_user: HashMap<Arc<str>, UserEntry>,
     by_conn: HashMap<Arc<str>, Arc<ConnHandle>>,
+    /// The connections of each group (from their identity), for `to.group`.
+    by_group: HashMap<Arc<str>, Vec<Arc<ConnHandle>>>,
     /// Recent changes for users without an entry.
     pending: HashMap<Box<str>, Pending>,
 }
@@ -192,6 +194,19 @@ impl Registry {
         self.index.read().by_user.keys().cloned().collect()
     }
 
+    /// The groups with a connection here, now.
+    pub fn groups(&self) -> Vec<Arc<str>> {
+        self.index.read().by_group.keys().cloned().collect()
+    }
+
+    /// Calls `f` for each connection of `group` here; returns how many there were.
+    pub fn for_each_of_group(&self, group: &str, mut f: impl FnMut(&Arc<ConnHandle>)) -> usize {
+        let index = self.index.read();
+        let conns = index.by_group.get(group).map_or(&[][..], |c| &c[..]);
+        conns.iter().for_each(&mut f);
+        conns.len()
+    }
+
     /// Calls `f` for each connection of `user` here; returns how many there were.
     pub fn for_each_of_user(&self, user: &str, mut f: impl FnMut(&Arc<ConnHandle>)) -> usize {
         let index = self.index.read();
@@ -208,6 +223,20 @@ impl Registry {
         user: &str,
         platform: Option<Platform>,
         tab: Option<String>,
+        bits: u64,
+        version: i64,
+    ) -> Result<(Registration, Arc<ConnHandle>, QueueRx), RegisterError> {
+        self.register_in(user, platform, tab, &[], bits, version)
+    }
+
+    /// [`register`](Self::register) for a connection whose identity is in `groups`
+    /// (validated and bounded by `auth`; a name listed twice counts once).
+    pub fn register_in(
+        self: &Arc<Self>,
+        user: &str,
+        platform: Option<Platform>,
+        tab: Option<String>,
+        groups: &[String],
         bits: u64,
         version: i64,
     ) -> Result<(Registration, Arc<ConnHandle>, QueueRx), RegisterError> {
@@ -231,12 +260,25 @@ impl Registry {
                 (Arc::from(user), Arc::new(prefs))
             }
         };
+        // Group names are shared with the index: one allocation per group on this node.
+        let mut conn_groups: Vec<Arc<str>> = Vec::with_capacity(groups.len());
+        for group in groups {
+            if conn_groups.iter().any(|g| **g == **group) {
+                continue;
+            }
+            let name = match index.by_group.get_key_value(group.as_str()) {
+                Some((name, _)) => name.clone(),
+                None => Arc::from(group.as_str()),
+            };
+            conn_groups.push(name);
+        }
         let conn = Arc::new(ConnHandle::new(
             Arc::from(format!("{}-{n:x}", self.id_prefix)),
             user.clone(),
             prefs.clone(),
             platform,
             tab.map(String::into_boxed_str),
+            conn_groups.into_boxed_slice(),
             self.limits.queue_max_messages,
             self.limits.queue_max_bytes,
         ));
@@ -250,6 +292,13 @@ impl Registry {
             .conns
             .push(conn.clone());
         index.by_conn.insert(conn.id.clone(), conn.clone());
+        for group in conn.groups.iter() {
+            index
+                .by_group
+                .entry(group.clone())
+                .or_default()
+                .push(conn.clone());
+        }
         self.metrics.connections.set(index.by_conn.len() as i64);
         self.metrics.users.set(index.by_user.len() as i64);
         self.metrics
@@ -271,6 +320,17 @@ impl Registry {
             entry.conns.retain(|c| !Arc::ptr_eq(c, conn));
             if entry.conns.is_empty() {
                 index.by_user.remove(&conn.user);
+            }
+        }
+        for group in conn.groups.iter() {
+            if let Some(conns) = index.by_group.get_mut(group) {
+                // Order does not matter in a group, and a group may be large.
+                if let Some(at) = conns.iter().position(|c| Arc::ptr_eq(c, conn)) {
+                    conns.swap_remove(at);
+                }
+                if conns.is_empty() {
+                    index.by_group.remove(group);
+                }
             }
         }
         self.metrics.connections.set(index.by_conn.len() as i64);
@@ -312,6 +372,12 @@ impl Registry {
                 }
             }
             Target::Conn(id) => index.by_conn.get(id.as_str()).into_iter().for_each(f),
+            Target::Group(group) => index
+                .by_group
+                .get(group.as_str())
+                .into_iter()
+                .flatten()
+                .for_each(f),
             Target::All => index.by_conn.values().for_each(f),
         }
     }

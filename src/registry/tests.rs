@@ -140,3 +140,52 @@ async fn overflow_by_count_or_bytes_asks_for_4001() {
     assert_eq!(conn.push("1".into()), Err(PushError::Overflow));
     assert_eq!(conn.closing(), Some(Close::TooSlow));
 }
+
+#[test]
+fn groups_select_their_connections_until_they_close() {
+    let reg = registry(5, 8, 1024);
+    let groups = |g: &[&str]| g.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let (a1, _, _r1) = reg
+        .register_in(
+            "alice",
+            None,
+            Some("t1".into()),
+            &groups(&["store-42", "ops", "store-42"]),
+            0,
+            0,
+        )
+        .unwrap();
+    let (_a2, _, _r2) = reg
+        .register_in("alice", None, Some("t2".into()), &groups(&["ops"]), 0, 0)
+        .unwrap();
+    let (bg, b, _r3) = reg
+        .register_in("bob", None, None, &groups(&["store-42"]), 0, 0)
+        .unwrap();
+    let (_c, _, _r4) = reg.register("carol", None, None, 0, 0).unwrap();
+    let store = Target::Group("store-42".into());
+    assert_eq!(
+        ids(&reg, &store),
+        ["alice/t1", "bob/-"],
+        "listed twice, once"
+    );
+    assert_eq!(
+        ids(&reg, &Target::Group("ops".into())),
+        ["alice/t1", "alice/t2"]
+    );
+    assert_eq!(
+        ids(&reg, &Target::Group("store-4".into())),
+        Vec::<String>::new()
+    );
+    assert!(b.is_target(&store) && !b.is_target(&Target::Group("ops".into())));
+    let mut names: Vec<String> = reg.groups().iter().map(|g| g.to_string()).collect();
+    names.sort();
+    assert_eq!(names, ["ops", "store-42"]);
+    drop(a1);
+    assert_eq!(ids(&reg, &store), ["bob/-"]);
+    assert_eq!(reg.for_each_of_group("ops", |_| {}), 1);
+    drop(bg);
+    assert!(
+        !reg.groups().iter().any(|g| &**g == "store-42"),
+        "emptied groups go"
+    );
+}

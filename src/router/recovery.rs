@@ -2,8 +2,8 @@
 //! events back, and [`Router::finish`], which applies what it found.
 //!
 //! It asks the bus for its head first (one cheap read): when nothing was missed it is done.
-//! Otherwise it reads, for the users connected here, every message after the router's
-//! `last_seq` from the history, and re-reads their preferences (a preference announcement
+//! Otherwise it reads, for the users (and groups) connected here, every message after the
+//! router's `last_seq` from the history, and re-reads their preferences (a preference announcement
 //! may have been lost with the messages). Redis being down is not an outcome: the task
 //! retries every second until it can read, and the router keeps holding events meanwhile.
 
@@ -116,6 +116,12 @@ async fn attempt(
     } else {
         Vec::new()
     };
+    // Their groups' streams too (a group has a connection here only if a user does).
+    let groups = if missed {
+        registry.groups()
+    } else {
+        Vec::new()
+    };
     let found = if !missed || users.is_empty() {
         Recovered {
             head,
@@ -123,7 +129,7 @@ async fn attempt(
             ..Recovered::default()
         }
     } else {
-        history::recover(bus, &users, after, epoch).await?
+        history::recover(bus, &users, &groups, after, epoch).await?
     };
     let prefs = match prefs {
         Some(prefs) if !users.is_empty() => {
@@ -181,7 +187,7 @@ impl Router {
             });
             self.registry.connection_count()
         } else {
-            found
+            let users: usize = found
                 .lost_users
                 .iter()
                 .map(|user| {
@@ -190,7 +196,18 @@ impl Router {
                         let _ = conn.push(frame.clone());
                     })
                 })
-                .sum()
+                .sum();
+            let groups: usize = found
+                .lost_groups
+                .iter()
+                .map(|group| {
+                    let frame = lost_frame(&self.metrics);
+                    self.registry.for_each_of_group(group, |conn| {
+                        let _ = conn.push(frame.clone());
+                    })
+                })
+                .sum();
+            users + groups
         };
         let result = if lost > 0 {
             GapRecovery::Lost

@@ -115,6 +115,7 @@ fn msg(id: &str, to: Target, ts: i64, ttl_ms: Option<u64>) -> BusMessage {
             ts,
             ttl_ms,
             at_us: 0,
+            collapse: None,
         },
         frame: format!("frame-{id}").into(),
     }
@@ -170,6 +171,7 @@ async fn publish_for_alice(bus: &dyn Bus, n: usize, tag: &str) -> Vec<bytes::Byt
                 ts: now_ms(),
                 ttl_ms: None,
                 at_us: 0,
+                collapse: None,
             },
             &format!("{tag}-{i}"),
         );
@@ -372,4 +374,68 @@ async fn a_bus_gap_makes_the_node_reread_revocations_at_once() {
     stop.cancel();
     reloading.await.unwrap().unwrap();
     let _ = std::fs::remove_file(&path);
+}
+
+/// Publishes `n` messages for group `store` on `bus`; returns their payloads as sent.
+async fn publish_for_store(bus: &dyn Bus, n: usize, tag: &str) -> Vec<bytes::Bytes> {
+    let mut sent = Vec::new();
+    for i in 0..n {
+        let out = Outgoing::new(
+            Header {
+                id: format!("{tag}-{i}"),
+                msg_type: "t".into(),
+                to: Target::Group("store".into()),
+                ts: now_ms(),
+                ttl_ms: None,
+                at_us: 0,
+                collapse: None,
+            },
+            &format!("{tag}-{i}"),
+        );
+        let seq = bus.publish_message(&out).await.unwrap().seq;
+        sent.push(crate::bus::sequenced(seq, out.body()));
+    }
+    sent
+}
+
+#[tokio::test]
+async fn a_sequence_jump_is_filled_for_groups_and_a_trimmed_group_is_told() {
+    for (max_messages, expected) in [
+        (200, vec!["s-0", "s-1", "s-2", "s-3", "s-4"]),
+        // s-1 and s-2 trimmed: what is left, then the notice.
+        (2, vec!["s-0", "s-3", "s-4", "messages_lost"]),
+    ] {
+        let (router, registry) = setup();
+        let recovery = crate::config::RecoveryConfig {
+            max_messages,
+            ..Default::default()
+        };
+        let bus: Arc<dyn Bus> = Arc::new(LocalBus::new(1 << 10, &recovery));
+        let router = Router { bus, ..router };
+        let (_g, _c, mut rx) = registry
+            .register_in(
+                "pc",
+                None,
+                None,
+                &["store".to_owned()],
+                router.types.defaults(),
+                0,
+            )
+            .unwrap();
+        let payloads = publish_for_store(&*router.bus, 5, "s").await;
+        let first = BusMessage::decode(payloads[0].clone()).unwrap();
+        assert_eq!(first.header.id, "s-0", "{max_messages}");
+        let (tx, events) = mpsc::channel(16);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(router.run(events, stop.clone()));
+        // s-0 live, then the last: the router reads the group's stream back.
+        tx.send(bus_event(&payloads[0])).await.unwrap();
+        tx.send(bus_event(payloads.last().unwrap())).await.unwrap();
+        let frames = frames_within(&mut rx, expected.len()).await;
+        for (frame, want) in frames.iter().zip(&expected) {
+            assert!(frame.contains(want), "{max_messages}: {frames:?}");
+        }
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
 }

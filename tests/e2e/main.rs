@@ -8,6 +8,7 @@ mod drain;
 mod edges;
 mod embedded;
 mod failures;
+mod groups;
 mod kick;
 mod limits;
 mod oauth;

@@ -2,8 +2,12 @@
 //!
 //! Keys (all under `<prefix>:`): `seq` the cluster's message counter; `m:<id>` the
 //! sequence number of a published id; `b:<seq>` a message's payload exactly as published,
-//! once however many streams it belongs to; `u:<user>` and `all` the history streams:
-//! lists of sequence numbers, oldest first, each pointing at a `b:<seq>`; `epoch`,
+//! once however many streams it belongs to; `u:<user>`, `g:<group>` and `all` the history
+//! streams: lists of sequence numbers, oldest first, each pointing at a `b:<seq>`;
+//! `c:<stream>` (`c:u:<user>`, `c:g:<group>`, `c:all`) a stream's `collapse` keys, a hash
+//! key → the number of its entry: a message with a `collapse` key removes that entry
+//! (`LREM`) before it is appended, so a key holds one slot (the hash is pruned of keys
+//! whose entry was trimmed when it outgrows twice the stream, and expires with it); `epoch`,
 //! `<replication id> <first seq>` of the server's history line. `m:` and `b:` keys expire
 //! `recovery.window` after the publish, streams that long after their last write.
 //! [`PUBLISH_SCRIPT`] numbers, records and publishes in one atomic step, so history order
@@ -14,7 +18,8 @@
 //! it, otherwise the number of an entry trimmed away (or `x`: the list was started again
 //! over stale or unreadable contents, see below). Then come at most `recovery.max_messages`
 //! sequence numbers. Trimming removes the oldest, so nothing after a position is gone if
-//! the marker is `0` or the first number left is at or before it; a `b:` key that has
+//! the marker is `0`, the marker (the newest number trimmed) is at or before it, or the
+//! first number left is at or before it; a `b:` key that has
 //! expired (or was evicted) is a missing entry too. A message to many users therefore costs
 //! Redis its payload once plus a few bytes per user (a list entry, or a small list for a
 //! user with no history yet), not the payload per user.
@@ -162,6 +167,34 @@ impl RedisBus {
         match key {
             StreamKey::All => self.all_key.clone(),
             StreamKey::User(user) => format!("{}:u:{user}", self.prefix),
+            StreamKey::Group(group) => format!("{}:g:{group}", self.prefix),
+        }
+    }
+
+    /// `<prefix>:c:<stream>` (`c:u:<user>`, `c:g:<group>`, `c:all`): a stream's `collapse`
+    /// key → the sequence number of its entry.
+    fn collapse_key(&self, key: &StreamKey<'_>) -> String {
+        match key {
+            StreamKey::All => format!("{}:c:all", self.prefix),
+            StreamKey::User(user) => format!("{}:c:u:{user}", self.prefix),
+            StreamKey::Group(group) => format!("{}:c:g:{group}", self.prefix),
+        }
+    }
+
+    /// The keys a publish script appends `msg` to: each stream, followed by its collapse
+    /// hash when `msg` has a `collapse` key.
+    fn append_keys<'a>(
+        &self,
+        msg: &Outgoing,
+        streams: impl IntoIterator<Item = &'a StreamKey<'a>>,
+        into: &mut Vec<String>,
+    ) {
+        let collapse = msg.header.collapse.is_some();
+        for key in streams {
+            into.push(self.stream_key(key));
+            if collapse {
+                into.push(self.collapse_key(key));
+            }
         }
     }
 
@@ -188,8 +221,9 @@ impl RedisBus {
     /// Publishes one message to more than [`STREAMS_PER_CALL`] streams over several
     /// [`CHUNK_SCRIPT`] calls of at most that many streams each.
     async fn publish_split(&self, msg: &Outgoing) -> Result<Published, BusError> {
-        let streams: Vec<String> = msg.streams().iter().map(|k| self.stream_key(k)).collect();
-        let chunks: Vec<&[String]> = streams.chunks(STREAMS_PER_CALL).collect();
+        let streams = msg.streams();
+        let chunks: Vec<&[StreamKey<'_>]> = streams.chunks(STREAMS_PER_CALL).collect();
+        let collapse = msg.header.collapse.as_deref().unwrap_or("");
         let id = msg.header.id.as_str();
         'message: loop {
             let mut seq = 0;
@@ -203,7 +237,7 @@ impl RedisBus {
                 };
                 let mut keys = self.publish_keys();
                 keys.push(self.seen_key(id));
-                keys.extend(chunk.iter().cloned());
+                self.append_keys(msg, chunk.iter(), &mut keys);
                 let body = if i == 0 {
                     Value::Bytes(msg.body().clone())
                 } else {
@@ -218,6 +252,7 @@ impl RedisBus {
                     phase.into(),
                     body,
                     Value::Integer(LEASE_MS as i64),
+                    collapse.into(),
                 ];
                 let items = self.publish_eval(&self.chunk_script, keys, args).await?;
                 let (n, flag) = match items.as_slice() {
@@ -307,9 +342,10 @@ impl RedisBus {
         for msg in msgs {
             let streams = msg.streams();
             keys.push(self.seen_key(&msg.header.id));
-            keys.extend(streams.iter().map(|k| self.stream_key(k)));
+            self.append_keys(msg, streams.iter(), &mut keys);
             args.push(Value::Integer(streams.len() as i64));
             args.push(Value::Bytes(msg.body().clone()));
+            args.push(msg.header.collapse.as_deref().unwrap_or("").into());
         }
         let items = self.publish_eval(&self.publish_script, keys, args).await?;
         if items.len() != 2 * msgs.len() {

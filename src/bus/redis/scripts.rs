@@ -18,27 +18,40 @@ local function epoch_start()
 end
 "#;
 
-/// Lua shared by both publish scripts: `append(key, seq, max, window)` adds a number to a
-/// history stream (see the module comment; a number already last in it is not added
-/// again), and `pending_check(pend, lease, body_prefix, id)` looks at the message whose
-/// appends are split over several calls: `nil` when there is none (or its publisher was
-/// presumed dead and it was aborted), else its number and whether `id` is that message.
+/// Lua shared by both publish scripts: `append(key, seq, max, window, ckey, collapse)` adds
+/// a number to a history stream (see the module comment; a number already last in it is
+/// not added again); with a `collapse` key (`ckey` is then the stream's collapse hash) the
+/// stream's earlier entry with that key is removed first. `pending_check(pend, lease,
+/// body_prefix, id)` looks at the message whose appends are split over several calls:
+/// `nil` when there is none (or its publisher was presumed dead and it was aborted), else
+/// its number and whether `id` is that message.
 pub(super) const PUBLISH_LUA: &str = r#"
-local function append(key, seq, max, window)
+local function append(key, seq, max, window, ckey, collapse)
   local num = string.format('%d', seq)
   local last = redis.pcall('LINDEX', key, -1)
   local len
   if last == false then
     -- a new stream (or one that expired a window after its last write)
+    if ckey then redis.call('DEL', ckey) end
     len = redis.call('RPUSH', key, '0', num)
   elseif type(last) == 'string' and tonumber(last) == seq then
     return -- a retried chunk
   elseif type(last) == 'string' and (tonumber(last) or seq) < seq then
+    if ckey then
+      -- the entry this one replaces, if it is still in the stream (after the marker: the
+      -- marker is never removed, it is older than every entry)
+      local old = tonumber(redis.call('HGET', ckey, collapse) or '')
+      local first = tonumber(redis.call('LINDEX', key, 1) or '')
+      if old and first and old >= first then
+        redis.call('LREM', key, 1, string.format('%d', old))
+      end
+    end
     len = redis.call('RPUSH', key, num)
   else
     -- numbers from before the counter was lost, or not a list (an older layout): stale;
     -- start again, marked as missing what came before
     redis.call('DEL', key)
+    if ckey then redis.call('DEL', ckey) end
     len = redis.call('RPUSH', key, 'x', num)
   end
   if len > max + 1 then
@@ -46,6 +59,19 @@ local function append(key, seq, max, window)
     redis.call('LTRIM', key, -(max + 1), -1)
   end
   redis.call('EXPIRE', key, window)
+  if ckey then
+    redis.call('HSET', ckey, collapse, num)
+    -- keys whose entry was trimmed point at nothing: forget them now and then, so the
+    -- hash holds at most about twice the stream's entries
+    if redis.call('HLEN', ckey) > 2 * max then
+      local oldest = tonumber(redis.call('LINDEX', key, 1) or '') or seq
+      local all = redis.call('HGETALL', ckey)
+      for j = 1, #all, 2 do
+        if tonumber(all[j + 1]) < oldest then redis.call('HDEL', ckey, all[j]) end
+      end
+    end
+    redis.call('EXPIRE', ckey, window)
+  end
 end
 
 local function pending_check(pend, lease, body_prefix, id)
@@ -64,8 +90,10 @@ end
 "#;
 
 /// Publishes a batch of messages in order. KEYS: seq, epoch, pending, lease, then per
-/// message its seen-id key and its stream keys; ARGV: max entries, window (s), bus channel,
-/// body key prefix (`<prefix>:b:`), then per message its number of streams and its body.
+/// message its seen-id key and its stream keys (each followed by its collapse hash when the
+/// message has a `collapse` key); ARGV: max entries, window (s), bus channel, body key
+/// prefix (`<prefix>:b:`), then per message its number of streams, its body and its
+/// `collapse` key (`''`: none).
 /// Returns `{seq, duplicate}` per message, flattened, or `{-1}` while another publisher's
 /// message is half written ([`CHUNK_SCRIPT`]): nothing was done, call again.
 pub const PUBLISH_SCRIPT: &str = r#"
@@ -74,8 +102,11 @@ if pending_check(KEYS[3], KEYS[4], ARGV[4], '') then return {-1} end
 local max = tonumber(ARGV[1])
 local out = {}
 local k = 5
-for m = 5, #ARGV, 2 do
+for m = 5, #ARGV, 3 do
   local streams = tonumber(ARGV[m])
+  local collapse = ARGV[m + 2]
+  local per = 1
+  if collapse ~= '' then per = 2 end
   local seen = redis.call('GET', KEYS[k])
   if seen then
     out[#out + 1] = tonumber(seen)
@@ -87,20 +118,27 @@ for m = 5, #ARGV, 2 do
       -- the payload once; each stream gets its number only
       redis.call('SET', ARGV[4] .. string.format('%d', seq), payload, 'EX', ARGV[2])
     end
-    for i = k + 1, k + streams do append(KEYS[i], seq, max, ARGV[2]) end
+    for i = k + 1, k + per * streams, per do
+      if per == 2 then
+        append(KEYS[i], seq, max, ARGV[2], KEYS[i + 1], collapse)
+      else
+        append(KEYS[i], seq, max, ARGV[2], nil, nil)
+      end
+    end
     redis.call('PUBLISH', ARGV[3], payload)
     redis.call('SET', KEYS[k], seq, 'EX', ARGV[2])
     out[#out + 1] = seq
     out[#out + 1] = 0
   end
-  k = k + 1 + streams
+  k = k + 1 + per * streams
 end
 return out
 "#;
 
 /// One part of a message to more streams than one call appends to. KEYS: seq, epoch,
-/// pending, lease, seen id, streams of this part; ARGV: max entries, window (s), bus channel,
-/// body key prefix, id, `first` / `more` / `last`, body (`first`) or sequence number.
+/// pending, lease, seen id, streams of this part (each followed by its collapse hash when
+/// ARGV 9 is not `''`); ARGV: max entries, window (s), bus channel, body key prefix, id,
+/// `first` / `more` / `last`, body (`first`) or sequence number, lease (ms), `collapse`.
 ///
 /// `first` numbers the message (unless its id was published: `{seq, 1}`), stores its
 /// payload and records `<n> <id>` in `pending`; `last` publishes it on the bus, remembers
@@ -130,7 +168,11 @@ else
   seq = n
 end
 redis.call('SET', KEYS[4], ARGV[5], 'PX', ARGV[8])
-for i = 6, #KEYS do append(KEYS[i], seq, max, ARGV[2]) end
+if ARGV[9] ~= '' then
+  for i = 6, #KEYS, 2 do append(KEYS[i], seq, max, ARGV[2], KEYS[i + 1], ARGV[9]) end
+else
+  for i = 6, #KEYS do append(KEYS[i], seq, max, ARGV[2], nil, nil) end
+end
 if ARGV[6] == 'last' then
   local payload = redis.call('GET', ARGV[4] .. string.format('%d', seq))
   redis.call('PUBLISH', ARGV[3], payload)
@@ -169,8 +211,12 @@ for i = 5, #KEYS do
     read[1] = 0
   elseif #list > 0 then
     -- Trimming removes the oldest entries: nothing after `after` is gone if nothing was
-    -- ever trimmed, or if an entry at or before `after` is still there.
-    if list[1] ~= '0' and not (list[2] and tonumber(list[2]) <= after) then
+    -- ever trimmed, if the marker (the newest entry trimmed) is at or before `after`, or
+    -- if an entry at or before `after` is still there. An entry replaced by a later one
+    -- with its `collapse` key is not missing: the later one stands for it.
+    local marker = tonumber(list[1])
+    if list[1] ~= '0' and not (marker and marker <= after)
+        and not (list[2] and tonumber(list[2]) <= after) then
       read[1] = 0
     end
     for j = 2, #list do
