@@ -30,6 +30,7 @@
 //! * [`demo`] — the demo page at `/`.
 //! * [`admin`] — metrics, health, readiness, stats.
 //! * [`metrics`] — every Prometheus metric, registered once.
+//! * [`receipts`] — delivery receipts for the backend (`kafka.receipts_topic`).
 //! * [`shutdown`] — signals and closing sessions.
 //! * [`app`] — wiring all of the above into a running node.
 #![forbid(unsafe_code)]
@@ -50,6 +51,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod prefs;
 pub mod protocol;
+pub mod receipts;
 pub mod registry;
 pub mod router;
 pub mod shutdown;

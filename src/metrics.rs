@@ -97,6 +97,36 @@ labels! {
 }
 
 labels! {
+    /// `outcome` of `fanout_receipts_total` (and of the receipt records themselves).
+    Receipt {
+        Delivered => "delivered",
+        Offline => "offline",
+        Filtered => "filtered",
+        Expired => "expired",
+        Acked => "acked",
+    }
+}
+
+labels! {
+    /// `reason` of `fanout_receipts_dropped_total`.
+    ReceiptDropped {
+        /// The receipts task's channel was full: the router, ingest or a session went on.
+        ChannelFull => "channel_full",
+        /// librdkafka's queue of the receipts producer was full.
+        QueueFull => "queue_full",
+        /// The brokers did not take a queued record (`message.timeout.ms` passed).
+        ProduceFailed => "produce_failed",
+        /// Redis did not answer the claim of a negative outcome: not reported, rather than
+        /// maybe reported twice.
+        ClaimFailed => "claim_failed",
+        /// Presence did not answer whether a user was online: no `offline` record.
+        PresenceFailed => "presence_failed",
+        /// An acknowledged id longer than any message id: ignored.
+        BadAck => "bad_ack",
+    }
+}
+
+labels! {
     /// `result` of `fanout_asks_total`.
     Ask {
         Ok => "ok",
@@ -172,6 +202,10 @@ pub struct Metrics {
     pub acked: IntCounter,
     /// Client `ask` frames, by result (`ok`, `error`, `disabled`).
     pub asks: IntCounterVec,
+    /// Receipt records produced to `kafka.receipts_topic`, by outcome.
+    pub receipts: IntCounterVec,
+    /// Receipts not produced, by reason.
+    pub receipts_dropped: IntCounterVec,
     /// Client frames answered with `error`, by code.
     pub client_errors: IntCounterVec,
     /// Records the bus already had (Kafka redeliveries), not published again.
@@ -379,6 +413,18 @@ impl Metrics {
                 "Client ask frames, by result",
                 "result",
             ),
+            receipts: counter_vec(
+                &r,
+                "fanout_receipts_total",
+                "Receipt records produced to kafka.receipts_topic, by outcome",
+                "outcome",
+            ),
+            receipts_dropped: counter_vec(
+                &r,
+                "fanout_receipts_dropped_total",
+                "Receipts not produced, by reason",
+                "reason",
+            ),
             client_errors: counter_vec(
                 &r,
                 "fanout_client_errors_total",
@@ -451,6 +497,12 @@ impl Metrics {
         }
         for result in Resume::ALL {
             m.resumes.with_label_values(&[result.label()]);
+        }
+        for outcome in Receipt::ALL {
+            m.receipts.with_label_values(&[outcome.label()]);
+        }
+        for reason in ReceiptDropped::ALL {
+            m.receipts_dropped.with_label_values(&[reason.label()]);
         }
         for result in GapRecovery::ALL {
             m.gap_recoveries.with_label_values(&[result.label()]);

@@ -30,6 +30,7 @@ use crate::ingest::{self, Ingest};
 use crate::kafka::{self, Producer};
 use crate::metrics::{Listener, Metrics};
 use crate::prefs::{Prefs, Store};
+use crate::receipts::{self, Receipts};
 use crate::registry::Registry;
 use crate::router::Router;
 use crate::types::TypeRegistry;
@@ -200,6 +201,12 @@ struct Parts {
     prefs: Arc<Prefs>,
     /// `server.max_pending_connections`, fitted into the open-file limit.
     max_pending: usize,
+    /// The reporting end of delivery receipts (off without `kafka.receipts_topic`)...
+    receipts: Receipts,
+    /// ...their task, taken when the message path starts...
+    receipts_task: parking_lot::Mutex<Option<receipts::Task>>,
+    /// ...and their producer, flushed at shutdown.
+    receipts_sink: Option<kafka::Sink>,
 }
 
 impl Parts {
@@ -210,6 +217,8 @@ impl Parts {
     ) -> anyhow::Result<Self> {
         let settings = Arc::new(settings);
         let metrics = Arc::new(Metrics::new());
+        let window = settings.recovery.window;
+        let mut claims = receipts::Claims::Local(receipts::LocalClaims::new(window));
         let bus: Arc<dyn Bus> = if settings.redis.url.is_empty() {
             Arc::new(LocalBus::new(1 << 16, &settings.recovery))
         } else {
@@ -221,6 +230,11 @@ impl Parts {
                 .await
                 .context("the pipeline runtime stopped")?
                 .with_context(|| redis_context(&settings.redis))?;
+            claims = receipts::Claims::Redis {
+                client: bus.client(),
+                prefix: settings.redis.prefix.clone(),
+                window,
+            };
             Arc::new(bus)
         };
         let auth = Arc::new(Authenticator::new(&settings.auth).map_err(anyhow::Error::msg)?);
@@ -240,6 +254,26 @@ impl Parts {
         let store = open_store(&settings)?;
         migrate(&store).await?;
         let prefs = Arc::new(Prefs::new(store.clone(), types.clone(), bus.clone()));
+        let (receipts, receipts_task, receipts_sink) = if settings.kafka.receipts_topic.is_empty() {
+            (Receipts::off(), None, None)
+        } else {
+            let failed = metrics
+                .receipts_dropped
+                .with_label_values(&[crate::metrics::ReceiptDropped::ProduceFailed.label()]);
+            let sink = kafka::Sink::new(&settings.kafka, failed)
+                .context("creating the Kafka producer of kafka.receipts_topic")?;
+            let (receipts, inbox) = Receipts::channel(metrics.clone());
+            let task = receipts::Task {
+                inbox,
+                sink: sink.clone(),
+                topic: settings.kafka.receipts_topic.clone(),
+                node: settings.node.id.clone(),
+                claims,
+                directory: None,
+                metrics: metrics.clone(),
+            };
+            (receipts, Some(task), Some(sink))
+        };
         Ok(Self {
             settings,
             metrics,
@@ -253,6 +287,9 @@ impl Parts {
             store,
             prefs,
             max_pending,
+            receipts,
+            receipts_task: parking_lot::Mutex::new(receipts_task),
+            receipts_sink,
         })
     }
 }
@@ -280,6 +317,7 @@ impl Tasks {
             kafka: parts.settings.kafka.clone(),
             types: parts.types.clone(),
             metrics: parts.metrics.clone(),
+            receipts: parts.receipts.clone(),
         };
         let ingesting = ingest.run(self.ingest.clone());
         spawn(
@@ -297,7 +335,12 @@ impl Tasks {
             parts.bus.clone(),
             Some(parts.prefs.clone()),
             parts.settings.recovery.window,
-        );
+        )
+        .with_receipts(parts.receipts.clone());
+        if let Some(task) = parts.receipts_task.lock().take() {
+            let reporting = task.run(self.bus.clone());
+            spawn(&self.tracker, &self.watch, "receipts", reporting, None);
+        }
         let (events, events_rx) = tokio::sync::mpsc::channel(BUS_EVENTS);
         let (bus, stop) = (parts.bus.clone(), self.bus.clone());
         let subscriber = async move {
@@ -350,6 +393,7 @@ impl Tasks {
             drain: self.drain.clone(),
             prefs: parts.prefs.clone(),
             bus: parts.bus.clone(),
+            receipts: parts.receipts.clone(),
         });
         let public_api = Arc::new(api::Api {
             settings: settings.clone(),
@@ -431,6 +475,9 @@ impl Tasks {
         parts
             .producer
             .flush(end.saturating_duration_since(tokio::time::Instant::now()));
+        if let Some(sink) = &parts.receipts_sink {
+            sink.flush(end.saturating_duration_since(tokio::time::Instant::now()));
+        }
         if self.watch.failed.is_cancelled() {
             anyhow::bail!("stopped after a task failed (see the log above)");
         }

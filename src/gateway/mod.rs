@@ -65,6 +65,8 @@ pub struct Gateway {
     pub prefs: Arc<Prefs>,
     /// The bus, for the history a resuming connection replays.
     pub bus: Arc<dyn Bus>,
+    /// Client `ack`s become `acked` receipts (off unless `kafka.receipts_topic` is set).
+    pub receipts: crate::receipts::Receipts,
 }
 
 fn refuse(metrics: &Metrics, status: StatusCode, code: &str, message: &str) -> Response {
@@ -459,6 +461,7 @@ impl FrameHandler for Gateway {
             ClientFrame::Ping => Some(protocol::pong()),
             ClientFrame::Ack { ids } => {
                 self.metrics.acked.inc_by(ids.len() as u64);
+                self.receipts.acked(&conn.user, &conn.id, ids);
                 None
             }
             ClientFrame::PrefsGet => {

@@ -33,6 +33,7 @@ use crate::clock::{now_ms, now_us};
 use crate::metrics::{Dropped, Gap, Metrics};
 use crate::prefs::{Change, Prefs};
 use crate::protocol;
+use crate::receipts::{self, MsgRef, Receipts};
 use crate::registry::{PushError, Registry};
 use crate::types::{self, TypeRegistry};
 use recovery::Recovery;
@@ -102,6 +103,8 @@ pub struct Router {
     whole_at: Instant,
     /// Events held while a recovery runs.
     buffer: VecDeque<BusEvent>,
+    /// Where delivery receipts go (off unless `kafka.receipts_topic` is set).
+    receipts: Receipts,
 }
 
 impl Router {
@@ -127,7 +130,14 @@ impl Router {
             last_event: Instant::now(),
             whole_at: Instant::now(),
             buffer: VecDeque::new(),
+            receipts: Receipts::off(),
         }
+    }
+
+    /// Reports what each message did for each user it targets to `receipts`.
+    pub fn with_receipts(mut self, receipts: Receipts) -> Self {
+        self.receipts = receipts;
+        self
     }
 
     /// Routes `events` until `shutdown`.
@@ -299,6 +309,9 @@ impl Router {
                 .dropped
                 .with_label_values(&[Dropped::Expired.label()])
                 .inc();
+            if self.receipts.is_on() {
+                self.report_expired(msg);
+            }
             return;
         }
         if !self.recent.insert(&h.id) {
@@ -311,17 +324,33 @@ impl Router {
         let slot = self.types.slot(&h.msg_type);
         let routed_us = now_us();
         let (mut queued, mut filtered, mut full, mut closed) = (0u64, 0u64, 0u64, 0u64);
+        let mut tally = (self.receipts.is_on() && receipts::is_user_target(&h.to))
+            .then(|| Tally::new(&self.receipts, h));
         self.registry.for_each_target(&h.to, |conn| {
+            if let Some(tally) = &mut tally {
+                tally.next(&conn.user);
+            }
             if !types::accepts(conn.prefs.get(), slot) {
                 filtered += 1;
+                if let Some(tally) = &mut tally {
+                    tally.filtered = true;
+                }
                 return;
             }
             match conn.push_msg(msg.frame.clone(), msg.seq, h.ts, routed_us) {
-                Ok(()) => queued += 1,
+                Ok(()) => {
+                    queued += 1;
+                    if let Some(tally) = &mut tally {
+                        tally.queued += 1;
+                    }
+                }
                 Err(PushError::Overflow) => full += 1,
                 Err(PushError::Closed) => closed += 1,
             }
         });
+        if let Some(tally) = &mut tally {
+            tally.flush();
+        }
         let label = if self.types.contains(&h.msg_type) {
             h.msg_type.as_str()
         } else {
@@ -354,6 +383,19 @@ impl Router {
         }
     }
 
+    /// Reports `expired` for each targeted user with a matching connection here (off the
+    /// path of live messages: only an expired one comes here).
+    fn report_expired(&self, msg: &BusMessage) {
+        if !receipts::is_user_target(&msg.header.to) {
+            return;
+        }
+        let mut tally = Tally::new(&self.receipts, &msg.header);
+        tally.expired = true;
+        self.registry
+            .for_each_target(&msg.header.to, |conn| tally.next(&conn.user));
+        tally.flush();
+    }
+
     /// Applies a preference change to this node's connections of that user.
     pub fn apply_change(&mut self, change: &Change) {
         let bits = self.types.apply(
@@ -368,5 +410,63 @@ impl Router {
             let latency = (now_ms() - change.ts).max(0) as f64 / 1000.0;
             self.metrics.prefs_change_latency.observe(latency);
         }
+    }
+}
+
+/// Counts, user by user, what one message did to the connections it targets here, and
+/// reports each user to the receipts task: `delivered` with the number of connections it
+/// was queued to, or (none queued) `filtered` when the user's connections had the type
+/// switched off, or `expired`. The registry gives a user's connections one after another,
+/// so one user is counted at a time: no allocation per recipient (the user's id is the
+/// registry's shared one; the message's id and type are copied once per message, at its
+/// first report).
+struct Tally<'a> {
+    receipts: &'a Receipts,
+    header: &'a crate::bus::Header,
+    msg: Option<Arc<MsgRef>>,
+    user: Option<Arc<str>>,
+    queued: u32,
+    filtered: bool,
+    expired: bool,
+}
+
+impl<'a> Tally<'a> {
+    fn new(receipts: &'a Receipts, header: &'a crate::bus::Header) -> Self {
+        Self {
+            receipts,
+            header,
+            msg: None,
+            user: None,
+            queued: 0,
+            filtered: false,
+            expired: false,
+        }
+    }
+
+    /// Moves on to `user`'s connection (reporting the previous user if it changes).
+    #[inline]
+    fn next(&mut self, user: &Arc<str>) {
+        if !self.user.as_ref().is_some_and(|u| Arc::ptr_eq(u, user)) {
+            self.flush();
+            self.user = Some(user.clone());
+        }
+    }
+
+    /// Reports the current user, if any.
+    fn flush(&mut self) {
+        let Some(user) = self.user.take() else { return };
+        let (queued, filtered) = (
+            std::mem::take(&mut self.queued),
+            std::mem::take(&mut self.filtered),
+        );
+        let msg = self.msg.get_or_insert_with(|| MsgRef::of(self.header));
+        if self.expired {
+            self.receipts.expired(msg, &user);
+        } else if queued > 0 {
+            self.receipts.delivered(msg, &user, queued);
+        } else if filtered {
+            self.receipts.filtered(msg, &user);
+        }
+        // Otherwise every queue was full or closed: nothing to report from here.
     }
 }
