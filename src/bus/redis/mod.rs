@@ -105,12 +105,6 @@ pub struct RedisBus {
 }
 
 impl RedisBus {
-    /// The publishing client, for other Redis keys of the cluster (under `redis.prefix`):
-    /// one connection pool, with the bus's Sentinel and TLS settings.
-    pub fn client(&self) -> Client {
-        self.publisher.clone()
-    }
-
     /// Connects both clients to the Redis `cfg` names (one server, or the primary its
     /// sentinels report, over TLS for `rediss`); fails if Redis cannot be reached now.
     pub async fn connect(
