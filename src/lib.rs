@@ -17,6 +17,7 @@
 //!   (resume, gap recovery): trait, wire format, Redis and local versions.
 //! * [`router`] — bus message → the local connections it targets, filtered by preferences;
 //!   recovers what the node missed after a bus gap.
+//! * [`presence`] — every user's live connections on every node; the presence topic.
 //! * [`prefs`] — per-user preferences: the SQL store and the change protocol.
 //! * [`types`] — the message type registry, its configuration, and preference bitsets.
 //! * [`user_id`] — what a user id may be, checked wherever one enters.
@@ -50,6 +51,7 @@ pub mod ingest;
 pub mod kafka;
 pub mod metrics;
 pub mod prefs;
+pub mod presence;
 pub mod protocol;
 pub mod receipts;
 pub mod registry;

@@ -135,6 +135,16 @@ labels! {
     }
 }
 
+labels! {
+    /// `result` of `fanout_presence_events_total`.
+    PresenceEvent {
+        /// Handed to the producer's queue.
+        Produced => "produced",
+        /// The producer's queue was full (or refused it): not sent.
+        Dropped => "dropped",
+    }
+}
+
 /// The `reason` of `fanout_ingest_rejected_total` for an offset skipped because the consumer
 /// cannot decode its batch (the other reasons are [`Reject::ALL`]).
 pub const REJECTED_UNDECODABLE: &str = "undecodable";
@@ -223,6 +233,18 @@ pub struct Metrics {
     pub http_pending: IntGaugeVec,
     /// Such connections closed to make room for a new one, by listener.
     pub http_evicted: IntCounterVec,
+    /// Connections this node lists in the cluster's presence (its live connections).
+    pub presence_connections: IntGauge,
+    /// Presence topic events, by result (`produced`, `dropped`).
+    pub presence_events: IntCounterVec,
+    /// Connections of dead nodes (or of this node's previous run) this node removed from
+    /// presence and reported disconnected.
+    pub presence_swept: IntCounter,
+    /// Times this node wrote all its presence entries again (after a Redis reconnect, a
+    /// failed write, or being taken for dead).
+    pub presence_resyncs: IntCounter,
+    /// Failed presence writes, heartbeats and sweeps (retried).
+    pub presence_write_errors: IntCounter,
 }
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntGaugeVec {
@@ -473,6 +495,32 @@ impl Metrics {
                 "Connections that were not sessions, closed to make room for a new one",
                 "listener",
             ),
+            presence_connections: gauge(
+                &r,
+                "fanout_presence_connections",
+                "Connections this node lists in the cluster's presence",
+            ),
+            presence_events: counter_vec(
+                &r,
+                "fanout_presence_events_total",
+                "Presence topic events, by result",
+                "result",
+            ),
+            presence_swept: counter(
+                &r,
+                "fanout_presence_swept_total",
+                "Connections of dead nodes removed from presence and reported disconnected",
+            ),
+            presence_resyncs: counter(
+                &r,
+                "fanout_presence_resyncs_total",
+                "Times this node wrote all its presence entries again",
+            ),
+            presence_write_errors: counter(
+                &r,
+                "fanout_presence_write_errors_total",
+                "Failed presence writes, heartbeats and sweeps (retried)",
+            ),
             registry: r,
         };
         for listener in Listener::ALL {
@@ -506,6 +554,9 @@ impl Metrics {
         }
         for result in GapRecovery::ALL {
             m.gap_recoveries.with_label_values(&[result.label()]);
+        }
+        for result in PresenceEvent::ALL {
+            m.presence_events.with_label_values(&[result.label()]);
         }
         m
     }
