@@ -268,6 +268,24 @@ pub trait Directory: Send + Sync + 'static {
     async fn online(&self, queries: &[Query<'_>]) -> Result<Vec<bool>, String>;
 }
 
+/// Presence is the cluster's directory: "a matching connection on any live node".
+#[async_trait]
+impl Directory for crate::presence::Presence {
+    async fn online(&self, queries: &[Query<'_>]) -> Result<Vec<bool>, String> {
+        let queries: Vec<crate::presence::OnlineQuery<'_>> = queries
+            .iter()
+            .map(|q| crate::presence::OnlineQuery {
+                user: q.user,
+                platform: q.platform,
+                tab: q.tab,
+            })
+            .collect();
+        crate::presence::Presence::online(self, &queries)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Decides which node reports a negative outcome: the first to claim (id, user).
 pub enum Claims {
     /// A cluster: `SET <prefix>:receipt:<id>:<user> 1 NX EX <window>`, pipelined.
