@@ -482,10 +482,17 @@ impl Output {
                     .with_label_values(&[outcome.label()])
                     .inc(),
                 Err(e) => {
-                    tracing::debug!(error = %e, "receipt dropped: producer queue full");
+                    let full =
+                        e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull);
+                    let reason = if full {
+                        ReceiptDropped::QueueFull
+                    } else {
+                        ReceiptDropped::ProduceFailed
+                    };
+                    tracing::debug!(error = %e, "receipt dropped");
                     self.metrics
                         .receipts_dropped
-                        .with_label_values(&[ReceiptDropped::QueueFull.label()])
+                        .with_label_values(&[reason.label()])
                         .inc();
                 }
             }

@@ -224,3 +224,56 @@ async fn receipts_report_exactly_one_negative_outcome() {
     assert_eq!(records.len(), 1, "{records:?}");
     assert_eq!(records[0]["outcome"], "offline");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_default_reports_receipts_with_claims_in_memory() {
+    let node = EmbeddedNode::start(&[
+        ("FANOUT__KAFKA__RECEIPTS_TOPIC", "fanout.receipts"),
+        ("FANOUT__NODE__ID", "emb-0"),
+    ])
+    .await;
+    let receipts = Receipts::read(&node.bootstrap, "fanout.receipts");
+    let producer = Producer::new(&node.bootstrap, "fanout.messages");
+    let url = format!("ws://{}/ws?user=emb-ann", node.public);
+    let mut ann = Client::connect(&url, None).await;
+
+    producer
+        .send("emb-ann", for_user("emb-ann", "robot.reply", "hi"))
+        .await;
+    let msg = ann.expect_msg(WAIT).await;
+    // marketing is off by default in the embedded default.
+    producer
+        .send("emb-ann", for_user("emb-ann", "marketing", "sale"))
+        .await;
+    // Expired: seen expired by ingest and by the router; one record.
+    producer
+        .send(
+            "emb-ann",
+            json!({"type":"robot.reply","to":{"user":"emb-ann"},"data":0,"ttl_ms":1}),
+        )
+        .await;
+    let records = receipts.settle("emb-ann", 3).await;
+    let mut got: Vec<_> = records.iter().map(outcome).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("delivered", "emb-0", 1),
+            ("expired", "emb-0", 0),
+            ("filtered", "emb-0", 0)
+        ],
+        "{records:?}"
+    );
+    let delivered = records
+        .iter()
+        .find(|v| v["outcome"] == "delivered")
+        .unwrap();
+    assert_eq!(delivered["id"], msg["id"]);
+
+    producer
+        .send("emb-nobody", for_user("emb-nobody", "robot.reply", "hi"))
+        .await;
+    let records = receipts.settle("emb-nobody", 1).await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["outcome"], "offline");
+}
