@@ -30,6 +30,7 @@ use crate::ingest::{self, Ingest};
 use crate::kafka::{self, Producer};
 use crate::metrics::{Listener, Metrics};
 use crate::prefs::{Prefs, Store};
+use crate::presence::{self, Presence};
 use crate::registry::Registry;
 use crate::router::Router;
 use crate::types::TypeRegistry;
@@ -176,6 +177,7 @@ async fn run_node(
     let node = Tasks::default();
     node.spawn_message_path(&parts, &pipeline.handle);
     node.spawn_probes(&parts);
+    node.spawn_presence(&parts);
     let gateway = node.serve_ports(&parts, listeners);
     node.tracker.close();
     tokio::select! {
@@ -198,6 +200,7 @@ struct Parts {
     types: Arc<TypeRegistry>,
     store: Store,
     prefs: Arc<Prefs>,
+    presence: Presence,
     /// `server.max_pending_connections`, fitted into the open-file limit.
     max_pending: usize,
 }
@@ -210,6 +213,7 @@ impl Parts {
     ) -> anyhow::Result<Self> {
         let settings = Arc::new(settings);
         let metrics = Arc::new(Metrics::new());
+        let mut redis_client = None;
         let bus: Arc<dyn Bus> = if settings.redis.url.is_empty() {
             Arc::new(LocalBus::new(1 << 16, &settings.recovery))
         } else {
@@ -221,6 +225,7 @@ impl Parts {
                 .await
                 .context("the pipeline runtime stopped")?
                 .with_context(|| redis_context(&settings.redis))?;
+            redis_client = Some(bus.client());
             Arc::new(bus)
         };
         let auth = Arc::new(Authenticator::new(&settings.auth).map_err(anyhow::Error::msg)?);
@@ -240,6 +245,7 @@ impl Parts {
         let store = open_store(&settings)?;
         migrate(&store).await?;
         let prefs = Arc::new(Prefs::new(store.clone(), types.clone(), bus.clone()));
+        let presence = build_presence(&settings, redis_client, &producer, &metrics);
         Ok(Self {
             settings,
             metrics,
@@ -252,9 +258,35 @@ impl Parts {
             types,
             store,
             prefs,
+            presence,
             max_pending,
         })
     }
+}
+
+/// Presence on the Redis bus's client (or in-process), with events when
+/// `kafka.presence_topic` is set.
+fn build_presence(
+    settings: &Settings,
+    redis_client: Option<fred::clients::Client>,
+    producer: &Producer,
+    metrics: &Arc<Metrics>,
+) -> Presence {
+    let backend = match redis_client {
+        Some(client) => presence::Backend::Redis {
+            client,
+            prefix: settings.redis.prefix.clone(),
+        },
+        None => presence::Backend::Local,
+    };
+    let topic = &settings.kafka.presence_topic;
+    Presence::new(presence::Options {
+        node: settings.node.id.clone(),
+        backend,
+        session_timeout: settings.kafka.session_timeout,
+        events: (!topic.is_empty()).then(|| (producer.clone(), topic.clone())),
+        metrics: metrics.clone(),
+    })
 }
 
 /// The node's long-lived tasks, and the cancellations that stop them, in the order the
@@ -322,6 +354,13 @@ impl Tasks {
         );
     }
 
+    /// Presence's writer (Redis: batched writes, heartbeats, sweeps of dead nodes).
+    fn spawn_presence(&self, parts: &Parts) {
+        let (presence, stop) = (parts.presence.clone(), self.bus.clone());
+        let writing = async move { presence.run(stop).await.map_err(anyhow::Error::from) };
+        spawn(&self.tracker, &self.watch, "presence", writing, None);
+    }
+
     /// The readiness probes of the database and Kafka.
     fn spawn_probes(&self, parts: &Parts) {
         let (h, stop) = (parts.health.clone(), self.bus.clone());
@@ -350,12 +389,14 @@ impl Tasks {
             drain: self.drain.clone(),
             prefs: parts.prefs.clone(),
             bus: parts.bus.clone(),
+            presence: parts.presence.clone(),
         });
         let public_api = Arc::new(api::Api {
             settings: settings.clone(),
             auth: parts.auth.clone(),
             producer: parts.producer.clone(),
             prefs: parts.prefs.clone(),
+            presence: parts.presence.clone(),
         });
         let http = |listener: Listener| HttpMetrics {
             pending: parts
