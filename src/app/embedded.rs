@@ -36,6 +36,7 @@ pub(super) fn start_embedded_kafka(settings: &mut Settings) -> anyhow::Result<Em
         settings.kafka.upstream_topic.clone(),
         settings.kafka.dead_letter_topic.clone(),
         settings.kafka.receipts_topic.clone(),
+        settings.kafka.presence_topic.clone(),
     ]);
     for topic in topics.iter().filter(|t| !t.is_empty()) {
         cluster

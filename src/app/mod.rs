@@ -30,6 +30,7 @@ use crate::ingest::{self, Ingest};
 use crate::kafka::{self, Producer};
 use crate::metrics::{Listener, Metrics};
 use crate::prefs::{Prefs, Store};
+use crate::presence::{self, Presence};
 use crate::receipts::{self, Receipts};
 use crate::registry::Registry;
 use crate::router::Router;
@@ -177,6 +178,7 @@ async fn run_node(
     let node = Tasks::default();
     node.spawn_message_path(&parts, &pipeline.handle);
     node.spawn_probes(&parts);
+    node.spawn_presence(&parts);
     let gateway = node.serve_ports(&parts, listeners);
     node.tracker.close();
     tokio::select! {
@@ -199,6 +201,7 @@ struct Parts {
     types: Arc<TypeRegistry>,
     store: Store,
     prefs: Arc<Prefs>,
+    presence: Presence,
     /// `server.max_pending_connections`, fitted into the open-file limit.
     max_pending: usize,
     /// The reporting end of delivery receipts (off without `kafka.receipts_topic`)...
@@ -219,6 +222,7 @@ impl Parts {
         let metrics = Arc::new(Metrics::new());
         let window = settings.recovery.window;
         let mut claims = receipts::Claims::Local(receipts::LocalClaims::new(window));
+        let mut redis_client = None;
         let bus: Arc<dyn Bus> = if settings.redis.url.is_empty() {
             Arc::new(LocalBus::new(1 << 16, &settings.recovery))
         } else {
@@ -235,6 +239,7 @@ impl Parts {
                 prefix: settings.redis.prefix.clone(),
                 window,
             };
+            redis_client = Some(bus.client());
             Arc::new(bus)
         };
         let auth = Arc::new(Authenticator::new(&settings.auth).map_err(anyhow::Error::msg)?);
@@ -254,6 +259,7 @@ impl Parts {
         let store = open_store(&settings)?;
         migrate(&store).await?;
         let prefs = Arc::new(Prefs::new(store.clone(), types.clone(), bus.clone()));
+        let presence = build_presence(&settings, redis_client, &producer, &metrics);
         let (receipts, receipts_task, receipts_sink) = if settings.kafka.receipts_topic.is_empty() {
             (Receipts::off(), None, None)
         } else {
@@ -269,7 +275,7 @@ impl Parts {
                 topic: settings.kafka.receipts_topic.clone(),
                 node: settings.node.id.clone(),
                 claims,
-                directory: None,
+                directory: Some(Arc::new(presence.clone())),
                 metrics: metrics.clone(),
             };
             (receipts, Some(task), Some(sink))
@@ -286,12 +292,38 @@ impl Parts {
             types,
             store,
             prefs,
+            presence,
             max_pending,
             receipts,
             receipts_task: parking_lot::Mutex::new(receipts_task),
             receipts_sink,
         })
     }
+}
+
+/// Presence on the Redis bus's client (or in-process), with events when
+/// `kafka.presence_topic` is set.
+fn build_presence(
+    settings: &Settings,
+    redis_client: Option<fred::clients::Client>,
+    producer: &Producer,
+    metrics: &Arc<Metrics>,
+) -> Presence {
+    let backend = match redis_client {
+        Some(client) => presence::Backend::Redis {
+            client,
+            prefix: settings.redis.prefix.clone(),
+        },
+        None => presence::Backend::Local,
+    };
+    let topic = &settings.kafka.presence_topic;
+    Presence::new(presence::Options {
+        node: settings.node.id.clone(),
+        backend,
+        session_timeout: settings.kafka.session_timeout,
+        events: (!topic.is_empty()).then(|| (producer.clone(), topic.clone())),
+        metrics: metrics.clone(),
+    })
 }
 
 /// The node's long-lived tasks, and the cancellations that stop them, in the order the
@@ -365,6 +397,13 @@ impl Tasks {
         );
     }
 
+    /// Presence's writer (Redis: batched writes, heartbeats, sweeps of dead nodes).
+    fn spawn_presence(&self, parts: &Parts) {
+        let (presence, stop) = (parts.presence.clone(), self.bus.clone());
+        let writing = async move { presence.run(stop).await.map_err(anyhow::Error::from) };
+        spawn(&self.tracker, &self.watch, "presence", writing, None);
+    }
+
     /// The readiness probes of the database and Kafka.
     fn spawn_probes(&self, parts: &Parts) {
         let (h, stop) = (parts.health.clone(), self.bus.clone());
@@ -393,6 +432,7 @@ impl Tasks {
             drain: self.drain.clone(),
             prefs: parts.prefs.clone(),
             bus: parts.bus.clone(),
+            presence: parts.presence.clone(),
             receipts: parts.receipts.clone(),
         });
         let public_api = Arc::new(api::Api {
@@ -400,6 +440,7 @@ impl Tasks {
             auth: parts.auth.clone(),
             producer: parts.producer.clone(),
             prefs: parts.prefs.clone(),
+            presence: parts.presence.clone(),
         });
         let http = |listener: Listener| HttpMetrics {
             pending: parts

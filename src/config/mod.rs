@@ -212,6 +212,16 @@ impl Settings {
         if self.kafka.group_id.is_empty() {
             return Err(invalid("kafka.group_id", "must not be empty"));
         }
+        let presence_topic = self.kafka.presence_topic.as_str();
+        if !presence_topic.is_empty()
+            && (presence_topic.trim() != presence_topic
+                || self.kafka.topics.iter().any(|t| t == presence_topic))
+        {
+            return Err(invalid(
+                "kafka.presence_topic",
+                "must be a topic name not listed in kafka.topics (its events are not envelopes)",
+            ));
+        }
         if self.kafka.max_record_bytes == 0 {
             return Err(invalid("kafka.max_record_bytes", "must be positive"));
         }

@@ -108,6 +108,22 @@ pub struct Options {
     pub metrics: Arc<Metrics>,
 }
 
+/// A connection in presence; reports it disconnected when dropped.
+pub struct Presented {
+    presence: Presence,
+    pub user: Arc<str>,
+    pub conn: Arc<str>,
+    /// The close code reported.
+    pub code: u16,
+}
+
+impl Drop for Presented {
+    fn drop(&mut self) {
+        self.presence
+            .disconnected(&self.user, &self.conn, self.code);
+    }
+}
+
 /// A cheap-to-clone handle on the cluster's presence.
 #[derive(Clone)]
 pub struct Presence {
@@ -238,6 +254,19 @@ impl Presence {
         inner.wake.notify_one();
     }
 
+    /// [`connected`](Self::connected), and a guard that reports the connection
+    /// [`disconnected`](Self::disconnected) when dropped, with the code set in
+    /// [`Presented::code`] (1006 unless set: a session that panicked was lost abnormally).
+    pub fn present(&self, info: ConnInfo, user: Arc<str>, conn: Arc<str>) -> Presented {
+        self.connected(info);
+        Presented {
+            presence: self.clone(),
+            user,
+            conn,
+            code: redis::CODE_GONE,
+        }
+    }
+
     /// A connection's session ended with close `code` (1006 when the connection was lost
     /// without a close frame). Does not wait; an unknown connection is ignored.
     pub fn disconnected(&self, user: &str, conn: &str, code: u16) {
@@ -314,13 +343,14 @@ impl Presence {
         Ok(online)
     }
 
-    /// The writer task of the Redis backend (returns at once on the in-process one): first
+    /// The writer task of the Redis backend (on the in-process one it waits for `shutdown`): first
     /// removes what a previous run of this node left in Redis (reporting those connections
     /// disconnected), then until `shutdown` writes what became dirty, heartbeats, rewrites
     /// everything when needed, and sweeps dead nodes. At `shutdown` it removes this node's
     /// entries: the node leaves presence.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), PresenceError> {
         let Some(store) = &self.inner.store else {
+            shutdown.cancelled().await;
             return Ok(());
         };
         redis::Writer::new(&self.inner, store).run(shutdown).await

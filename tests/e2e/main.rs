@@ -11,6 +11,7 @@ mod failures;
 mod limits;
 mod oauth;
 mod preferences;
+mod presence;
 mod receipts;
 mod resume;
 mod sentinel;
