@@ -25,6 +25,7 @@
 //! `delivered` is not claimed: one record per node that queued the message to the user.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,9 @@ use crate::metrics::{Metrics, Receipt, ReceiptDropped};
 
 /// Events waiting for the receipts task at most; beyond, they are dropped and counted.
 pub const CHANNEL: usize = 8192;
+/// Records the events waiting in the channel may become, at most (a message to many users
+/// is one event of many entries); beyond, reports are dropped and counted.
+pub const PENDING_MAX: usize = 1 << 18;
 /// Events the task takes in one batch (one presence call, one claim round trip).
 const BATCH: usize = 512;
 /// Ids of one `ack` frame carried by one event: a frame with more is split, so an event
@@ -69,21 +73,25 @@ impl MsgRef {
     }
 }
 
+/// What the router saw for one user of a message on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routed {
+    /// Queued to this many of the user's connections here.
+    Delivered(u32),
+    /// The user's matching connections here have the type switched off (a candidate).
+    Filtered,
+    /// The message had expired when it got here (a candidate).
+    Expired,
+}
+
 /// One report, on its way to the receipts task.
 #[derive(Debug)]
 enum Event {
-    /// The router queued the message to `conns` connections of `user` on this node.
-    Delivered {
+    /// The router's reports for one message: one entry per user with a matching
+    /// connection here (one event per message, not per user).
+    Routed {
         msg: Arc<MsgRef>,
-        user: Arc<str>,
-        conns: u32,
-        at_ms: i64,
-    },
-    /// A negative outcome seen on this node, to be claimed (`filtered` or `expired`).
-    Candidate {
-        msg: Arc<MsgRef>,
-        user: Arc<str>,
-        outcome: Receipt,
+        users: Vec<(Arc<str>, Routed)>,
         at_ms: i64,
     },
     /// Ingest published a user-targeted message: its users without a matching connection
@@ -102,6 +110,18 @@ enum Event {
     },
 }
 
+impl Event {
+    /// How many records it may become: what the bound on pending reports counts.
+    fn weight(&self) -> usize {
+        match self {
+            Event::Routed { users, .. } => users.len(),
+            Event::Published { header, .. } => users_of(&header.to).count(),
+            Event::Acked { ids, .. } => ids.len(),
+        }
+        .max(1)
+    }
+}
+
 /// The reporting end: cheap to clone, never waits. Off (every call one branch) when
 /// `kafka.receipts_topic` is empty.
 #[derive(Clone, Default)]
@@ -113,6 +133,9 @@ pub struct Receipts {
 struct On {
     tx: mpsc::Sender<Event>,
     metrics: Arc<Metrics>,
+    /// Records the events in the channel may become ([`Event::weight`]), at most
+    /// [`PENDING_MAX`]: what bounds the memory of events of many users each.
+    pending: Arc<AtomicUsize>,
 }
 
 /// True for the targets receipts are about (`to.user`, `to.users`).
@@ -129,11 +152,16 @@ impl Receipts {
     /// A handle and the receiving end for [`Task`].
     pub fn channel(metrics: Arc<Metrics>) -> (Self, Inbox) {
         let (tx, rx) = mpsc::channel(CHANNEL);
+        let pending = Arc::new(AtomicUsize::new(0));
         (
             Self {
-                on: Some(On { tx, metrics }),
+                on: Some(On {
+                    tx,
+                    metrics,
+                    pending: pending.clone(),
+                }),
             },
-            Inbox(rx),
+            Inbox { rx, pending },
         )
     }
 
@@ -144,43 +172,28 @@ impl Receipts {
     }
 
     fn send(&self, event: Event) {
-        if let Some(on) = &self.on {
-            if on.tx.try_send(event).is_err() {
-                on.metrics
-                    .receipts_dropped
-                    .with_label_values(&[ReceiptDropped::ChannelFull.label()])
-                    .inc();
-            }
+        let Some(on) = &self.on else { return };
+        let weight = event.weight();
+        let queued = on.pending.fetch_add(weight, Ordering::Relaxed) + weight <= PENDING_MAX
+            && on.tx.try_send(event).is_ok();
+        if !queued {
+            on.pending.fetch_sub(weight, Ordering::Relaxed);
+            on.metrics
+                .receipts_dropped
+                .with_label_values(&[ReceiptDropped::ChannelFull.label()])
+                .inc_by(weight as u64);
         }
     }
 
-    /// The router queued `msg` to `conns` connections of `user` here.
-    pub fn delivered(&self, msg: &Arc<MsgRef>, user: &Arc<str>, conns: u32) {
-        self.send(Event::Delivered {
-            msg: msg.clone(),
-            user: user.clone(),
-            conns,
-            at_ms: now_ms(),
-        });
-    }
-
-    /// The router found `user`'s matching connections here with the type switched off.
-    pub fn filtered(&self, msg: &Arc<MsgRef>, user: &Arc<str>) {
-        self.candidate(msg, user, Receipt::Filtered);
-    }
-
-    /// The message had expired when it reached `user`'s connections here.
-    pub fn expired(&self, msg: &Arc<MsgRef>, user: &Arc<str>) {
-        self.candidate(msg, user, Receipt::Expired);
-    }
-
-    fn candidate(&self, msg: &Arc<MsgRef>, user: &Arc<str>, outcome: Receipt) {
-        self.send(Event::Candidate {
-            msg: msg.clone(),
-            user: user.clone(),
-            outcome,
-            at_ms: now_ms(),
-        });
+    /// The router's reports for `msg` on this node (see [`Routed`]); nothing if empty.
+    pub fn routed(&self, msg: Arc<MsgRef>, users: Vec<(Arc<str>, Routed)>) {
+        if !users.is_empty() {
+            self.send(Event::Routed {
+                msg,
+                users,
+                at_ms: now_ms(),
+            });
+        }
     }
 
     /// Ingest published `header`'s message (not a duplicate). Ignores other targets.
@@ -223,30 +236,43 @@ impl Receipts {
 }
 
 /// The receiving end of a [`Receipts`] handle.
-pub struct Inbox(mpsc::Receiver<Event>);
+pub struct Inbox {
+    rx: mpsc::Receiver<Event>,
+    pending: Arc<AtomicUsize>,
+}
+
+impl Inbox {
+    /// Takes up to `max` events into `batch`; 0 when every handle is gone (or closed).
+    async fn recv_many(&mut self, batch: &mut Vec<Event>, max: usize) -> usize {
+        let n = self.rx.recv_many(batch, max).await;
+        let weight: usize = batch.iter().map(Event::weight).sum();
+        self.pending.fetch_sub(weight, Ordering::Relaxed);
+        n
+    }
+}
 
 #[cfg(test)]
 impl Inbox {
     /// What was reported so far, one line per event: `<kind> <id> <user> [conns]`.
     pub fn summaries(&mut self) -> Vec<String> {
         let mut out = Vec::new();
-        while let Ok(event) = self.0.try_recv() {
-            out.push(match event {
-                Event::Delivered {
-                    msg, user, conns, ..
-                } => format!("delivered {} {user} {conns}", msg.id),
-                Event::Candidate {
-                    msg, user, outcome, ..
-                } => format!("{} {} {user}", outcome.label(), msg.id),
+        while let Ok(event) = self.rx.try_recv() {
+            self.pending.fetch_sub(event.weight(), Ordering::Relaxed);
+            match event {
+                Event::Routed { msg, users, .. } => {
+                    out.extend(users.iter().map(|(user, routed)| match routed {
+                        Routed::Delivered(conns) => format!("delivered {} {user} {conns}", msg.id),
+                        Routed::Filtered => format!("filtered {} {user}", msg.id),
+                        Routed::Expired => format!("expired {} {user}", msg.id),
+                    }))
+                }
                 Event::Published {
                     header, expired, ..
-                } => format!("published {} expired={expired}", header.id),
+                } => out.push(format!("published {} expired={expired}", header.id)),
                 Event::Acked {
                     user, conn, ids, ..
-                } => {
-                    format!("acked {} {user} {conn}", ids.join(","))
-                }
-            });
+                } => out.push(format!("acked {} {user} {conn}", ids.join(","))),
+            }
         }
         out
     }
@@ -423,7 +449,7 @@ impl Task {
     /// caller flushes the sink).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Task {
-            inbox: Inbox(mut inbox),
+            mut inbox,
             sink,
             topic,
             node,
@@ -454,7 +480,7 @@ impl Task {
             output.produce(worker.process(std::mem::take(&mut batch)).await);
         }
         // What was reported before the shutdown, once (no waiting for more).
-        inbox.close();
+        inbox.rx.close();
         while inbox.recv_many(&mut batch, BATCH).await > 0 {
             output.produce(worker.process(std::mem::take(&mut batch)).await);
         }
@@ -530,24 +556,38 @@ impl Worker {
         let mut published = Vec::new();
         for event in events {
             match event {
-                Event::Delivered {
-                    msg,
-                    user,
-                    conns,
-                    at_ms,
-                } => {
-                    let value = self.render(&Record {
-                        id: &msg.id,
-                        msg_type: Some(&msg.msg_type),
-                        user: &user,
-                        outcome: Receipt::Delivered.label(),
-                        conns: Some(conns),
-                        conn: None,
-                        node: &self.node,
-                        ts: at_ms,
-                    });
-                    let key = user.to_string();
-                    out.push((Receipt::Delivered, Out { key, value }));
+                Event::Routed { msg, users, at_ms } => {
+                    for (user, routed) in users {
+                        let conns = match routed {
+                            Routed::Delivered(conns) => conns,
+                            Routed::Filtered | Routed::Expired => {
+                                let outcome = if routed == Routed::Filtered {
+                                    Receipt::Filtered
+                                } else {
+                                    Receipt::Expired
+                                };
+                                pending.push(Pending {
+                                    msg: msg.clone(),
+                                    user,
+                                    outcome,
+                                    at_ms,
+                                });
+                                continue;
+                            }
+                        };
+                        let value = self.render(&Record {
+                            id: &msg.id,
+                            msg_type: Some(&msg.msg_type),
+                            user: &user,
+                            outcome: Receipt::Delivered.label(),
+                            conns: Some(conns),
+                            conn: None,
+                            node: &self.node,
+                            ts: at_ms,
+                        });
+                        let key = user.to_string();
+                        out.push((Receipt::Delivered, Out { key, value }));
+                    }
                 }
                 Event::Acked {
                     user,
@@ -570,17 +610,6 @@ impl Worker {
                         out.push((Receipt::Acked, Out { key, value }));
                     }
                 }
-                Event::Candidate {
-                    msg,
-                    user,
-                    outcome,
-                    at_ms,
-                } => pending.push(Pending {
-                    msg,
-                    user,
-                    outcome,
-                    at_ms,
-                }),
                 Event::Published {
                     header,
                     expired: true,

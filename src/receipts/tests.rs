@@ -54,7 +54,7 @@ fn events(report: impl FnOnce(&Receipts)) -> Vec<Event> {
     let (receipts, mut inbox) = Receipts::channel(Arc::new(Metrics::new()));
     report(&receipts);
     let mut out = Vec::new();
-    while let Ok(e) = inbox.0.try_recv() {
+    while let Ok(e) = inbox.rx.try_recv() {
         out.push(e);
     }
     out
@@ -129,8 +129,8 @@ async fn a_negative_outcome_is_claimed_once_whoever_reports_it() {
     let alice: Arc<str> = Arc::from("alice");
     // Two nodes saw the type switched off (the task of one node claims like the other's).
     let evs = events(|r| {
-        r.filtered(&msg, &alice);
-        r.filtered(&msg, &alice);
+        r.routed(msg.clone(), vec![(alice.clone(), Routed::Filtered)]);
+        r.routed(msg.clone(), vec![(alice.clone(), Routed::Filtered)]);
     });
     assert_eq!(outcomes(&w.process(evs).await), ["filtered m1 alice"]);
     // Ingest then finds alice offline (she left meanwhile): already reported.
@@ -142,10 +142,8 @@ async fn a_negative_outcome_is_claimed_once_whoever_reports_it() {
             &header("m2", users(&["alice", "bob"]), Some(1), now - 5_000),
             now,
         );
-        r.expired(
-            &MsgRef::of(&header("m2", users(&["alice"]), None, now)),
-            &alice,
-        );
+        let m2 = MsgRef::of(&header("m2", users(&["alice"]), None, now));
+        r.routed(m2, vec![(alice.clone(), Routed::Expired)]);
     });
     assert_eq!(
         outcomes(&w.process(evs).await),
@@ -166,7 +164,11 @@ async fn delivered_is_reported_per_node_with_its_connection_count() {
     let mut w = worker(None);
     let msg = MsgRef::of(&header("m1", alice(), None, 0));
     let alice: Arc<str> = Arc::from("alice");
-    let out = w.process(events(|r| r.delivered(&msg, &alice, 3))).await;
+    let out = w
+        .process(events(|r| {
+            r.routed(msg.clone(), vec![(alice.clone(), Routed::Delivered(3))])
+        }))
+        .await;
     let v = &parsed(&out)[0];
     assert_eq!(
         (v["outcome"].as_str(), v["conns"].as_u64(), v["id"].as_str()),
@@ -178,12 +180,8 @@ async fn delivered_is_reported_per_node_with_its_connection_count() {
         ["id", "type", "user", "outcome", "conns", "node", "ts"]
     );
     // Not claimed: a second node's delivery is reported too.
-    assert_eq!(
-        w.process(events(|r| r.delivered(&msg, &alice, 1)))
-            .await
-            .len(),
-        1
-    );
+    let again = events(|r| r.routed(msg.clone(), vec![(alice.clone(), Routed::Delivered(1))]));
+    assert_eq!(w.process(again).await.len(), 1);
 }
 
 #[tokio::test]
@@ -251,13 +249,32 @@ fn an_off_handle_reports_nothing_and_a_full_channel_counts() {
     let msg = MsgRef::of(&header("m", alice(), None, 0));
     let user: Arc<str> = Arc::from("alice");
     for _ in 0..CHANNEL + 5 {
-        on.delivered(&msg, &user, 1);
+        on.routed(msg.clone(), vec![(user.clone(), Routed::Delivered(1))]);
     }
     let full = metrics
         .receipts_dropped
         .with_label_values(&[ReceiptDropped::ChannelFull.label()])
         .get();
-    assert_eq!(full, 5);
+    assert_eq!(full, 5, "beyond the channel's events");
+    // Beyond the pending records, however few events: a message to many users.
+    let (on, mut inbox) = Receipts::channel(metrics.clone());
+    let many: Vec<_> = (0..PENDING_MAX / 2 + 1)
+        .map(|_| (user.clone(), Routed::Delivered(1)))
+        .collect();
+    on.routed(msg.clone(), many.clone());
+    on.routed(msg.clone(), many.clone());
+    let full = metrics
+        .receipts_dropped
+        .with_label_values(&[ReceiptDropped::ChannelFull.label()])
+        .get();
+    assert_eq!(full, 5 + many.len() as u64, "the second one did not fit");
+    assert_eq!(inbox.summaries().len(), many.len());
+    on.routed(msg.clone(), many);
+    assert_eq!(
+        inbox.summaries().len(),
+        PENDING_MAX / 2 + 1,
+        "room again once taken"
+    );
 }
 
 #[test]

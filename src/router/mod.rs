@@ -33,7 +33,7 @@ use crate::clock::{now_ms, now_us};
 use crate::metrics::{Dropped, Gap, Metrics};
 use crate::prefs::{Change, Prefs};
 use crate::protocol;
-use crate::receipts::{self, MsgRef, Receipts};
+use crate::receipts::{self, MsgRef, Receipts, Routed};
 use crate::registry::{PushError, Registry};
 use crate::types::{self, TypeRegistry};
 use recovery::Recovery;
@@ -414,16 +414,16 @@ impl Router {
 }
 
 /// Counts, user by user, what one message did to the connections it targets here, and
-/// reports each user to the receipts task: `delivered` with the number of connections it
-/// was queued to, or (none queued) `filtered` when the user's connections had the type
-/// switched off, or `expired`. The registry gives a user's connections one after another,
-/// so one user is counted at a time: no allocation per recipient (the user's id is the
-/// registry's shared one; the message's id and type are copied once per message, at its
-/// first report).
+/// reports them to the receipts task in one event per message: `delivered` with the number
+/// of connections it was queued to, or (none queued) `filtered` when the user's connections
+/// had the type switched off, or `expired`. The registry gives a user's connections one
+/// after another, so one user is counted at a time. Per recipient user: a reference count
+/// (the registry's shared id) and an entry in one list; the list and the message's id and
+/// type are allocated once per message, at its first report.
 struct Tally<'a> {
     receipts: &'a Receipts,
     header: &'a crate::bus::Header,
-    msg: Option<Arc<MsgRef>>,
+    users: Vec<(Arc<str>, Routed)>,
     user: Option<Arc<str>>,
     queued: u32,
     filtered: bool,
@@ -435,7 +435,7 @@ impl<'a> Tally<'a> {
         Self {
             receipts,
             header,
-            msg: None,
+            users: Vec::new(),
             user: None,
             queued: 0,
             filtered: false,
@@ -443,30 +443,38 @@ impl<'a> Tally<'a> {
         }
     }
 
-    /// Moves on to `user`'s connection (reporting the previous user if it changes).
+    /// Moves on to `user`'s connection (counting the previous user if it changes).
     #[inline]
     fn next(&mut self, user: &Arc<str>) {
         if !self.user.as_ref().is_some_and(|u| Arc::ptr_eq(u, user)) {
-            self.flush();
+            self.close_user();
             self.user = Some(user.clone());
         }
     }
 
-    /// Reports the current user, if any.
-    fn flush(&mut self) {
+    /// Notes what the current user got, if anything.
+    fn close_user(&mut self) {
         let Some(user) = self.user.take() else { return };
-        let (queued, filtered) = (
-            std::mem::take(&mut self.queued),
-            std::mem::take(&mut self.filtered),
-        );
-        let msg = self.msg.get_or_insert_with(|| MsgRef::of(self.header));
-        if self.expired {
-            self.receipts.expired(msg, &user);
+        let queued = std::mem::take(&mut self.queued);
+        let filtered = std::mem::take(&mut self.filtered);
+        let routed = if self.expired {
+            Routed::Expired
         } else if queued > 0 {
-            self.receipts.delivered(msg, &user, queued);
+            Routed::Delivered(queued)
         } else if filtered {
-            self.receipts.filtered(msg, &user);
+            Routed::Filtered
+        } else {
+            return; // every queue was full or closed: nothing to report from here
+        };
+        self.users.push((user, routed));
+    }
+
+    /// Reports the message's users (one event), if any.
+    fn flush(&mut self) {
+        self.close_user();
+        if !self.users.is_empty() {
+            let users = std::mem::take(&mut self.users);
+            self.receipts.routed(MsgRef::of(self.header), users);
         }
-        // Otherwise every queue was full or closed: nothing to report from here.
     }
 }

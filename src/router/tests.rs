@@ -335,3 +335,68 @@ fn receipts_leave_out_connections_whose_queue_is_full() {
         "not queued: neither delivered nor a negative outcome from this node"
     );
 }
+
+/// Router cost per message to 1,000 users (one connection each), receipts off and on:
+/// `cargo test --release --lib router::tests::route_cost -- --ignored --nocapture`.
+/// The receipts task's own work (another task) is not in it; draining its channel is
+/// done outside the timed part.
+#[test]
+#[ignore = "a measurement, run by hand in release"]
+fn route_cost_with_and_without_receipts() {
+    const USERS: usize = 1000;
+    const MESSAGES: usize = 200;
+    const ROUNDS: usize = 5;
+    let limits = Limits {
+        max_connections: USERS,
+        max_connections_per_user: 1,
+        queue_max_messages: MESSAGES * ROUNDS * 4 + 10,
+        queue_max_bytes: 1 << 30,
+    };
+    let users: Vec<String> = (0..USERS).map(|i| format!("user-{i}")).collect();
+    let target = Target::Users(users.clone());
+    for side in ["off", "on", "off", "on"] {
+        let (router, _) = setup();
+        let metrics = router.metrics.clone();
+        let registry = Registry::new(limits, metrics.clone());
+        let mut router = Router::new(
+            registry.clone(),
+            metrics.clone(),
+            router.types.clone(),
+            router.bus.clone(),
+            None,
+            Duration::from_secs(600),
+        );
+        let mut inbox = None;
+        if side == "on" {
+            let (receipts, rx) = Receipts::channel(metrics.clone());
+            router = router.with_receipts(receipts);
+            inbox = Some(rx);
+        }
+        let held: Vec<_> = users
+            .iter()
+            .map(|u| {
+                registry
+                    .register(u, None, None, router.types.defaults(), 0)
+                    .unwrap()
+            })
+            .collect();
+        let mut elapsed = Duration::ZERO;
+        for round in 0..ROUNDS {
+            for i in 0..MESSAGES {
+                let m = typed(&format!("{side}-{round}-{i}"), "t", target.clone());
+                let start = std::time::Instant::now();
+                router.route(&m);
+                elapsed += start.elapsed();
+                if let Some(inbox) = &mut inbox {
+                    assert_eq!(inbox.summaries().len(), USERS);
+                }
+            }
+        }
+        let per_msg = elapsed / (MESSAGES * ROUNDS) as u32;
+        println!(
+            "receipts {side}: {per_msg:?} per message to {USERS} users ({:.1} ns per recipient)",
+            per_msg.as_nanos() as f64 / USERS as f64
+        );
+        drop(held);
+    }
+}
