@@ -281,3 +281,16 @@ fn masked_toml_hides_kafka_secrets() {
         "{text}"
     );
 }
+
+#[test]
+fn receipts_topic_is_off_by_default_and_must_be_a_topic_name() {
+    assert_eq!(kafka("").unwrap().kafka.receipts_topic, "");
+    let on = kafka("receipts_topic='fanout.receipts_v1-a'").unwrap();
+    assert_eq!(on.kafka.receipts_topic, "fanout.receipts_v1-a");
+    for bad in ["has space", "a/b", "..", &"x".repeat(250)] {
+        refused_naming(
+            kafka(&format!("receipts_topic='{bad}'")),
+            "kafka.receipts_topic",
+        );
+    }
+}
