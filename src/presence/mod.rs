@@ -236,7 +236,7 @@ impl Presence {
     pub fn connected(&self, info: ConnInfo) {
         let inner = &self.inner;
         if let Some(events) = &inner.events {
-            events.connect(&info, &inner.metrics);
+            events.connect(&info, info.connected_at, &inner.metrics);
         }
         let mut table = inner.table.lock();
         if inner.store.is_some() {

@@ -643,8 +643,9 @@ impl<'a> Writer<'a> {
         inner.metrics.presence_resyncs.inc();
         if announce {
             if let Some(events) = &inner.events {
+                let now = crate::clock::now_ms();
                 for info in live.iter().filter(|c| !held.contains_key(&c.conn)) {
-                    events.connect(info, &inner.metrics);
+                    events.connect(info, now, &inner.metrics);
                 }
             }
         }
