@@ -281,3 +281,19 @@ fn masked_toml_hides_kafka_secrets() {
         "{text}"
     );
 }
+
+#[test]
+fn the_presence_topic_is_not_one_of_the_input_topics() {
+    let s = kafka("topics=['in']\npresence_topic='fanout.presence'").unwrap();
+    assert_eq!(s.kafka.presence_topic, "fanout.presence");
+    assert_eq!(
+        kafka("").unwrap().kafka.presence_topic,
+        "",
+        "off by default"
+    );
+    refused_naming(
+        kafka("topics=['in','p']\npresence_topic='p'"),
+        "kafka.presence_topic",
+    );
+    refused_naming(kafka("presence_topic=' p'"), "kafka.presence_topic");
+}
