@@ -389,3 +389,28 @@ async fn the_embedded_default_lists_its_connections_and_produces_events() {
         .unwrap();
     assert_eq!(body["connections"], serde_json::json!([]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_works_over_tls_redis_with_an_acl_user() {
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!("{name} is not set: run ./scripts/test, which starts the TLS test servers")
+        })
+    };
+    let ca = format!("{}/ca.pem", var("FANOUT_TEST_TLS_DIR"));
+    let options = Options {
+        redis_url: var("FANOUT_TEST_REDIS_TLS"),
+        ..Options::default()
+    }
+    .with("FANOUT__REDIS__TLS_CA_FILE", &ca);
+    let cluster = TestCluster::start_with(2, options).await;
+    let a = cluster.connect(0, "ann", "").await;
+    let b = cluster.connect(1, "ann", "").await;
+    let want = pairs(&[(&a.conn_id(), "node-0"), (&b.conn_id(), "node-1")]);
+    for node in &cluster.nodes {
+        eventually(Duration::from_secs(5), "both listed over TLS", || async {
+            listed(node, "ann").await == want
+        })
+        .await;
+    }
+}
