@@ -247,7 +247,12 @@ impl Presence {
                 },
             );
         }
-        table.users.entry(info.user.clone()).or_default().push(info);
+        // Most users have one connection per node: no room for four (`Vec`'s first growth).
+        table
+            .users
+            .entry(info.user.clone())
+            .or_insert_with(|| Vec::with_capacity(1))
+            .push(info);
         table.count += 1;
         inner.metrics.presence_connections.set(table.count as i64);
         drop(table);
