@@ -240,6 +240,14 @@ async fn a_normal_close_is_reported_connect_then_disconnect_with_its_code() {
         .until(Duration::from_secs(15), is("disconnect", &bob_conn))
         .await;
     assert_eq!(closed["code"], 1008);
+    // A connection lost without a close frame: 1006.
+    let carl = cluster.connect(0, "carl", "").await;
+    let carl_conn = carl.conn_id();
+    drop(carl);
+    let lost = reader
+        .until(Duration::from_secs(15), is("disconnect", &carl_conn))
+        .await;
+    assert_eq!(lost["code"], 1006);
     let node = cluster.node(0);
     assert!(
         node.metric("fanout_presence_events_total{result=\"produced\"}")
