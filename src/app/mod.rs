@@ -328,7 +328,8 @@ fn build_presence(
 
 /// The node's long-lived tasks, and the cancellations that stop them, in the order the
 /// shutdown fires them: `http` (stop accepting), `drain` (sessions registering late close
-/// themselves), `ingest` (commit and leave), `bus` (subscriber, router, probes, admin port).
+/// themselves), `ingest` (commit and leave), `bus` (subscriber, router, probes, presence
+/// (which then leaves: its entries are removed), admin port).
 #[derive(Default)]
 struct Tasks {
     tracker: TaskTracker,

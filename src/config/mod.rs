@@ -231,6 +231,12 @@ impl Settings {
                 "must be empty or a Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)",
             ));
         }
+        if self.kafka.topics.contains(&self.kafka.receipts_topic) {
+            return Err(invalid(
+                "kafka.receipts_topic",
+                "must not be one of kafka.topics (receipts would come back as messages)",
+            ));
+        }
         if self.redis.prefix.is_empty() || self.redis.prefix.contains(char::is_whitespace) {
             return Err(invalid("redis.prefix", "must be a non-empty word"));
         }

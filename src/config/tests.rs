@@ -293,4 +293,24 @@ fn receipts_topic_is_off_by_default_and_must_be_a_topic_name() {
             "kafka.receipts_topic",
         );
     }
+    refused_naming(
+        kafka("topics=['in','r']\nreceipts_topic='r'"),
+        "kafka.receipts_topic",
+    );
+}
+
+#[test]
+fn the_presence_topic_is_not_one_of_the_input_topics() {
+    let s = kafka("topics=['in']\npresence_topic='fanout.presence'").unwrap();
+    assert_eq!(s.kafka.presence_topic, "fanout.presence");
+    assert_eq!(
+        kafka("").unwrap().kafka.presence_topic,
+        "",
+        "off by default"
+    );
+    refused_naming(
+        kafka("topics=['in','p']\npresence_topic='p'"),
+        "kafka.presence_topic",
+    );
+    refused_naming(kafka("presence_topic=' p'"), "kafka.presence_topic");
 }

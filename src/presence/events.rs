@@ -27,7 +27,7 @@ pub(super) struct Event<'a> {
 }
 
 impl<'a> Event<'a> {
-    pub fn connect(info: &'a ConnInfo) -> Self {
+    pub fn connect(info: &'a ConnInfo, ts: i64) -> Self {
         Self {
             event: "connect",
             user: &info.user,
@@ -35,7 +35,7 @@ impl<'a> Event<'a> {
             node: &info.node,
             platform: info.platform,
             tab: info.tab.as_deref(),
-            ts: info.connected_at,
+            ts,
             code: None,
         }
     }
@@ -44,8 +44,7 @@ impl<'a> Event<'a> {
         Self {
             event: "disconnect",
             code: Some(code),
-            ts,
-            ..Self::connect(info)
+            ..Self::connect(info, ts)
         }
     }
 }
@@ -61,8 +60,8 @@ impl Events {
         Self { producer, topic }
     }
 
-    pub fn connect(&self, info: &ConnInfo, metrics: &Metrics) {
-        self.produce(&Event::connect(info), metrics);
+    pub fn connect(&self, info: &ConnInfo, ts: i64, metrics: &Metrics) {
+        self.produce(&Event::connect(info, ts), metrics);
     }
 
     pub fn disconnect(&self, info: &ConnInfo, code: u16, ts: i64, metrics: &Metrics) {

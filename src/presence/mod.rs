@@ -236,7 +236,7 @@ impl Presence {
     pub fn connected(&self, info: ConnInfo) {
         let inner = &self.inner;
         if let Some(events) = &inner.events {
-            events.connect(&info, &inner.metrics);
+            events.connect(&info, info.connected_at, &inner.metrics);
         }
         let mut table = inner.table.lock();
         if inner.store.is_some() {
@@ -247,7 +247,12 @@ impl Presence {
                 },
             );
         }
-        table.users.entry(info.user.clone()).or_default().push(info);
+        // Most users have one connection per node: no room for four (`Vec`'s first growth).
+        table
+            .users
+            .entry(info.user.clone())
+            .or_insert_with(|| Vec::with_capacity(1))
+            .push(info);
         table.count += 1;
         inner.metrics.presence_connections.set(table.count as i64);
         drop(table);

@@ -94,7 +94,7 @@ fn a_dirty_list_that_grows_past_its_bound_becomes_one_rewrite() {
 #[test]
 fn events_have_the_documented_shape() {
     let c = info("ann", "c-1", Some(Platform::H5), Some("t-1"));
-    let connect = serde_json::to_value(Event::connect(&c)).unwrap();
+    let connect = serde_json::to_value(Event::connect(&c, 1003)).unwrap();
     assert_eq!(
         connect,
         serde_json::json!({"event":"connect","user":"ann","conn":"c-1","node":"n-1",

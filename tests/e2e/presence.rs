@@ -70,8 +70,12 @@ struct TopicReader {
 
 impl TopicReader {
     fn new(topic: &str) -> Self {
+        Self::on(&kafka_addr(), topic)
+    }
+
+    fn on(brokers: &str, topic: &str) -> Self {
         let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", kafka_addr())
+            .set("bootstrap.servers", brokers)
             .set("group.id", unique("e2e-presence-reader"))
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
@@ -236,6 +240,14 @@ async fn a_normal_close_is_reported_connect_then_disconnect_with_its_code() {
         .until(Duration::from_secs(15), is("disconnect", &bob_conn))
         .await;
     assert_eq!(closed["code"], 1008);
+    // A connection lost without a close frame: 1006.
+    let carl = cluster.connect(0, "carl", "").await;
+    let carl_conn = carl.conn_id();
+    drop(carl);
+    let lost = reader
+        .until(Duration::from_secs(15), is("disconnect", &carl_conn))
+        .await;
+    assert_eq!(lost["code"], 1006);
     let node = cluster.node(0);
     assert!(
         node.metric("fanout_presence_events_total{result=\"produced\"}")
@@ -288,4 +300,125 @@ async fn a_killed_nodes_connections_leave_presence_and_are_reported_disconnected
         .records
         .iter()
         .any(|(_, v)| is("disconnect", &live_conn)(v)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_redis_is_swept_then_lists_its_connections_again() {
+    let topic = unique("fanout-presence");
+    create_topic(&topic, 1).await;
+    let options = Options::default().with("FANOUT__KAFKA__PRESENCE_TOPIC", &topic);
+    let redis = options.redis_url.clone();
+    let mut cluster = TestCluster::start_with(1, options).await;
+    // node-1 reaches Redis through a proxy the test can cut.
+    let proxy = TcpProxy::start(url_host_port(&redis)).await;
+    let proxied = url_with_host_port(&redis, &format!("127.0.0.1:{}", proxy.port));
+    cluster
+        .options
+        .env
+        .push(("FANOUT__REDIS__URL".into(), proxied));
+    cluster.add_node();
+    cluster.wait_settled().await;
+    let mut reader = TopicReader::new(&topic);
+    let ann = cluster.connect(1, "ann", "").await;
+    let conn = ann.conn_id();
+    let listed_on_1 = pairs(&[(&conn, "node-1")]);
+    eventually(Duration::from_secs(5), "ann listed", || async {
+        listed(cluster.node(0), "ann").await == listed_on_1
+    })
+    .await;
+    proxy.cut();
+    let bound = SESSION_TIMEOUT + Duration::from_secs(10);
+    eventually(bound, "the cut-off node's connection unlisted", || async {
+        listed(cluster.node(0), "ann").await.is_empty()
+    })
+    .await;
+    let swept = reader
+        .until(Duration::from_secs(10), is("disconnect", &conn))
+        .await;
+    assert_eq!(swept["code"], 1006);
+    // Back on Redis, the node finds it was taken for dead and writes its connections again.
+    proxy.restore();
+    eventually(Duration::from_secs(15), "ann listed again", || async {
+        listed(cluster.node(0), "ann").await == listed_on_1
+    })
+    .await;
+    let connects = |r: &TopicReader| {
+        r.records
+            .iter()
+            .filter(|(_, v)| is("connect", &conn)(v))
+            .count()
+    };
+    reader
+        .until(Duration::from_secs(10), |v| {
+            is("connect", &conn)(v) && v["ts"].as_i64() > swept["ts"].as_i64()
+        })
+        .await;
+    assert_eq!(connects(&reader), 2, "connected, swept, connected again");
+    assert!(
+        cluster
+            .node(1)
+            .metric("fanout_presence_resyncs_total")
+            .await
+            >= 1.0
+    );
+    drop(ann);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_default_lists_its_connections_and_produces_events() {
+    let node = EmbeddedNode::start(&[("FANOUT__KAFKA__PRESENCE_TOPIC", "fanout.presence")]).await;
+    let ann = Client::connect(&format!("ws://{}/ws?user=ann&tab=t-e", node.public), None).await;
+    let conn = ann.conn_id();
+    // Insecure mode: no token needed.
+    let body: Value = reqwest::get(node.http("/v1/users/ann/connections"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let conns = body["connections"].as_array().unwrap();
+    assert_eq!(conns.len(), 1, "{body}");
+    assert_eq!(conns[0]["conn"], conn.as_str());
+    assert_eq!(conns[0]["tab"], "t-e");
+    let mut reader = TopicReader::on(&node.bootstrap, "fanout.presence");
+    reader
+        .until(Duration::from_secs(15), is("connect", &conn))
+        .await;
+    ann.close(4321).await;
+    let closed = reader
+        .until(Duration::from_secs(15), is("disconnect", &conn))
+        .await;
+    assert_eq!(closed["code"], 4321);
+    let body: Value = reqwest::get(node.http("/v1/users/ann/connections"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["connections"], serde_json::json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_works_over_tls_redis_with_an_acl_user() {
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!("{name} is not set: run ./scripts/test, which starts the TLS test servers")
+        })
+    };
+    let ca = format!("{}/ca.pem", var("FANOUT_TEST_TLS_DIR"));
+    let options = Options {
+        redis_url: var("FANOUT_TEST_REDIS_TLS"),
+        ..Options::default()
+    }
+    .with("FANOUT__REDIS__TLS_CA_FILE", &ca);
+    let cluster = TestCluster::start_with(2, options).await;
+    let a = cluster.connect(0, "ann", "").await;
+    let b = cluster.connect(1, "ann", "").await;
+    let want = pairs(&[(&a.conn_id(), "node-0"), (&b.conn_id(), "node-1")]);
+    for node in &cluster.nodes {
+        eventually(Duration::from_secs(5), "both listed over TLS", || async {
+            listed(node, "ann").await == want
+        })
+        .await;
+    }
 }
