@@ -27,6 +27,7 @@ use crate::http::{self, json_error};
 use crate::kafka::Producer;
 use crate::kick::{KickError, Kicks};
 use crate::prefs::{Prefs, PrefsError};
+use crate::presence::Presence;
 use crate::user_id::{self, UserIdError};
 
 /// Middleware: a state-changing request (`POST`, `PUT`, …) whose `Origin` is not let in by
@@ -62,9 +63,12 @@ pub struct Api {
     pub prefs: Arc<Prefs>,
     /// Disconnects and revocations.
     pub kicks: Arc<Kicks>,
+    /// The cluster's presence, for `GET /v1/users/{user}/connections`.
+    pub presence: Presence,
 }
 
 /// The public router: `/ws`, `/v1/types`, `/v1/publish`, `/v1/users/{user}/preferences`,
+/// `/v1/users/{user}/connections`,
 /// and the demo page at `/` when `server.demo_page` is on.
 pub fn router(gateway: Arc<Gateway>, api: Arc<Api>) -> Router {
     let demo = api.settings.server.demo_page;
@@ -80,6 +84,7 @@ pub fn router(gateway: Arc<Gateway>, api: Arc<Api>) -> Router {
         )
         .route("/v1/users/{user}/preferences/reload", post(reload_prefs))
         .route("/v1/users/{user}/disconnect", post(disconnect))
+        .route("/v1/users/{user}/connections", get(connections))
         .route_layer(middleware::from_fn_with_state(
             api.settings.clone(),
             check_origin,
@@ -198,6 +203,46 @@ async fn reload_prefs(
     match api.prefs.announce(&user).await {
         Ok(prefs) => prefs_body(&user, &prefs),
         Err(e) => prefs_error(e),
+    }
+}
+
+/// `GET /v1/users/{user}/connections` (the user's own token or the admin token): the user's
+/// live connections on every live node, oldest first.
+async fn connections(
+    State(api): State<Arc<Api>>,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(bad) = bad_user(&user) {
+        return bad;
+    }
+    if let Err(d) = api.auth.may_act_for(&headers, &user) {
+        return denied(d);
+    }
+    match api.presence.connections(&user).await {
+        Ok(conns) => {
+            let conns: Vec<serde_json::Value> = conns
+                .into_iter()
+                .map(|c| {
+                    json!({
+                        "conn": c.conn,
+                        "node": c.node,
+                        "platform": c.platform,
+                        "tab": c.tab,
+                        "connected_at": c.connected_at,
+                    })
+                })
+                .collect();
+            Json(json!({ "user": user, "connections": conns })).into_response()
+        }
+        Err(e) => {
+            tracing::warn!(user = %user, error = %e, "presence unavailable");
+            json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "presence_unavailable",
+                "presence cannot be read now; retry with backoff",
+            )
+        }
     }
 }
 

@@ -17,6 +17,7 @@
 //!   (resume, gap recovery): trait, wire format, Redis and local versions.
 //! * [`router`] — bus message → the local connections it targets, filtered by preferences;
 //!   recovers what the node missed after a bus gap.
+//! * [`presence`] — every user's live connections on every node; the presence topic.
 //! * [`prefs`] — per-user preferences: the SQL store and the change protocol.
 //! * [`types`] — the message type registry, its configuration, and preference bitsets.
 //! * [`user_id`] — what a user id may be, checked wherever one enters.
@@ -31,6 +32,7 @@
 //! * [`demo`] — the demo page at `/`.
 //! * [`admin`] — metrics, health, readiness, stats.
 //! * [`metrics`] — every Prometheus metric, registered once.
+//! * [`receipts`] — delivery receipts for the backend (`kafka.receipts_topic`).
 //! * [`shutdown`] — signals and closing sessions.
 //! * [`app`] — wiring all of the above into a running node.
 #![forbid(unsafe_code)]
@@ -51,7 +53,9 @@ pub mod kafka;
 pub mod kick;
 pub mod metrics;
 pub mod prefs;
+pub mod presence;
 pub mod protocol;
+pub mod receipts;
 pub mod registry;
 pub mod router;
 pub mod shutdown;

@@ -97,6 +97,36 @@ labels! {
 }
 
 labels! {
+    /// `outcome` of `fanout_receipts_total` (and of the receipt records themselves).
+    Receipt {
+        Delivered => "delivered",
+        Offline => "offline",
+        Filtered => "filtered",
+        Expired => "expired",
+        Acked => "acked",
+    }
+}
+
+labels! {
+    /// `reason` of `fanout_receipts_dropped_total`.
+    ReceiptDropped {
+        /// The receipts task's channel was full: the router, ingest or a session went on.
+        ChannelFull => "channel_full",
+        /// librdkafka's queue of the receipts producer was full.
+        QueueFull => "queue_full",
+        /// The brokers did not take a queued record (`message.timeout.ms` passed).
+        ProduceFailed => "produce_failed",
+        /// Redis did not answer the claim of a negative outcome: not reported, rather than
+        /// maybe reported twice.
+        ClaimFailed => "claim_failed",
+        /// Presence did not answer whether a user was online: no `offline` record.
+        PresenceFailed => "presence_failed",
+        /// An acknowledged id longer than any message id: ignored.
+        BadAck => "bad_ack",
+    }
+}
+
+labels! {
     /// `result` of `fanout_asks_total`.
     Ask {
         Ok => "ok",
@@ -126,6 +156,16 @@ labels! {
     Reload {
         Ok => "ok",
         Error => "error",
+    }
+}
+
+labels! {
+    /// `result` of `fanout_presence_events_total`.
+    PresenceEvent {
+        /// Handed to the producer's queue.
+        Produced => "produced",
+        /// The producer's queue was full (or refused it): not sent.
+        Dropped => "dropped",
     }
 }
 
@@ -196,6 +236,10 @@ pub struct Metrics {
     pub acked: IntCounter,
     /// Client `ask` frames, by result (`ok`, `error`, `disabled`).
     pub asks: IntCounterVec,
+    /// Receipt records produced to `kafka.receipts_topic`, by outcome.
+    pub receipts: IntCounterVec,
+    /// Receipts not produced, by reason.
+    pub receipts_dropped: IntCounterVec,
     /// Client frames answered with `error`, by code.
     pub client_errors: IntCounterVec,
     /// Records the bus already had (Kafka redeliveries), not published again.
@@ -223,6 +267,18 @@ pub struct Metrics {
     pub revoked_refused: IntCounter,
     /// Re-reads of `fanout_revocations` (periodic and after a bus gap), by result.
     pub revocation_reloads: IntCounterVec,
+    /// Connections this node lists in the cluster's presence (its live connections).
+    pub presence_connections: IntGauge,
+    /// Presence topic events, by result (`produced`, `dropped`).
+    pub presence_events: IntCounterVec,
+    /// Connections of dead nodes (or of this node's previous run) this node removed from
+    /// presence and reported disconnected.
+    pub presence_swept: IntCounter,
+    /// Times this node wrote all its presence entries again (after a Redis reconnect, a
+    /// failed write, or being taken for dead).
+    pub presence_resyncs: IntCounter,
+    /// Failed presence writes, heartbeats and sweeps (retried).
+    pub presence_write_errors: IntCounter,
 }
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntGaugeVec {
@@ -413,6 +469,18 @@ impl Metrics {
                 "Client ask frames, by result",
                 "result",
             ),
+            receipts: counter_vec(
+                &r,
+                "fanout_receipts_total",
+                "Receipt records produced to kafka.receipts_topic, by outcome",
+                "outcome",
+            ),
+            receipts_dropped: counter_vec(
+                &r,
+                "fanout_receipts_dropped_total",
+                "Receipts not produced, by reason",
+                "reason",
+            ),
             client_errors: counter_vec(
                 &r,
                 "fanout_client_errors_total",
@@ -489,6 +557,32 @@ impl Metrics {
                 "Re-reads of the revocation list from the database, by result",
                 "result",
             ),
+            presence_connections: gauge(
+                &r,
+                "fanout_presence_connections",
+                "Connections this node lists in the cluster's presence",
+            ),
+            presence_events: counter_vec(
+                &r,
+                "fanout_presence_events_total",
+                "Presence topic events, by result",
+                "result",
+            ),
+            presence_swept: counter(
+                &r,
+                "fanout_presence_swept_total",
+                "Connections of dead nodes removed from presence and reported disconnected",
+            ),
+            presence_resyncs: counter(
+                &r,
+                "fanout_presence_resyncs_total",
+                "Times this node wrote all its presence entries again",
+            ),
+            presence_write_errors: counter(
+                &r,
+                "fanout_presence_write_errors_total",
+                "Failed presence writes, heartbeats and sweeps (retried)",
+            ),
             registry: r,
         };
         for listener in Listener::ALL {
@@ -514,6 +608,12 @@ impl Metrics {
         for result in Resume::ALL {
             m.resumes.with_label_values(&[result.label()]);
         }
+        for outcome in Receipt::ALL {
+            m.receipts.with_label_values(&[outcome.label()]);
+        }
+        for reason in ReceiptDropped::ALL {
+            m.receipts_dropped.with_label_values(&[reason.label()]);
+        }
         for result in GapRecovery::ALL {
             m.gap_recoveries.with_label_values(&[result.label()]);
         }
@@ -525,6 +625,9 @@ impl Metrics {
         }
         for result in Reload::ALL {
             m.revocation_reloads.with_label_values(&[result.label()]);
+        }
+        for result in PresenceEvent::ALL {
+            m.presence_events.with_label_values(&[result.label()]);
         }
         m
     }

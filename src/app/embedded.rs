@@ -35,6 +35,8 @@ pub(super) fn start_embedded_kafka(settings: &mut Settings) -> anyhow::Result<Em
     topics.extend([
         settings.kafka.upstream_topic.clone(),
         settings.kafka.dead_letter_topic.clone(),
+        settings.kafka.receipts_topic.clone(),
+        settings.kafka.presence_topic.clone(),
     ]);
     for topic in topics.iter().filter(|t| !t.is_empty()) {
         cluster

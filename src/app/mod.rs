@@ -31,6 +31,8 @@ use crate::kafka::{self, Producer};
 use crate::kick::Kicks;
 use crate::metrics::{Listener, Metrics};
 use crate::prefs::{Prefs, Store};
+use crate::presence::{self, Presence};
+use crate::receipts::{self, Receipts};
 use crate::registry::Registry;
 use crate::router::Router;
 use crate::types::TypeRegistry;
@@ -177,6 +179,7 @@ async fn run_node(
     let node = Tasks::default();
     node.spawn_message_path(&parts, &pipeline.handle);
     node.spawn_probes(&parts);
+    node.spawn_presence(&parts);
     let gateway = node.serve_ports(&parts, listeners);
     node.tracker.close();
     tokio::select! {
@@ -200,8 +203,15 @@ struct Parts {
     store: Store,
     prefs: Arc<Prefs>,
     kicks: Arc<Kicks>,
+    presence: Presence,
     /// `server.max_pending_connections`, fitted into the open-file limit.
     max_pending: usize,
+    /// The reporting end of delivery receipts (off without `kafka.receipts_topic`)...
+    receipts: Receipts,
+    /// ...their task, taken when the message path starts...
+    receipts_task: parking_lot::Mutex<Option<receipts::Task>>,
+    /// ...and their producer, flushed at shutdown.
+    receipts_sink: Option<kafka::Sink>,
 }
 
 impl Parts {
@@ -212,6 +222,9 @@ impl Parts {
     ) -> anyhow::Result<Self> {
         let settings = Arc::new(settings);
         let metrics = Arc::new(Metrics::new());
+        let window = settings.recovery.window;
+        let mut claims = receipts::Claims::Local(receipts::LocalClaims::new(window));
+        let mut redis_client = None;
         let bus: Arc<dyn Bus> = if settings.redis.url.is_empty() {
             Arc::new(LocalBus::new(1 << 16, &settings.recovery))
         } else {
@@ -223,6 +236,12 @@ impl Parts {
                 .await
                 .context("the pipeline runtime stopped")?
                 .with_context(|| redis_context(&settings.redis))?;
+            claims = receipts::Claims::Redis {
+                client: bus.client(),
+                prefix: settings.redis.prefix.clone(),
+                window,
+            };
+            redis_client = Some(bus.client());
             Arc::new(bus)
         };
         let auth = Arc::new(Authenticator::new(&settings.auth).map_err(anyhow::Error::msg)?);
@@ -251,6 +270,27 @@ impl Parts {
         );
         // Before any port is open: a node never accepts a token revoked before it started.
         kicks.load().await.context("reading fanout_revocations")?;
+        let presence = build_presence(&settings, redis_client, &producer, &metrics);
+        let (receipts, receipts_task, receipts_sink) = if settings.kafka.receipts_topic.is_empty() {
+            (Receipts::off(), None, None)
+        } else {
+            let failed = metrics
+                .receipts_dropped
+                .with_label_values(&[crate::metrics::ReceiptDropped::ProduceFailed.label()]);
+            let sink = kafka::Sink::new(&settings.kafka, failed)
+                .context("creating the Kafka producer of kafka.receipts_topic")?;
+            let (receipts, inbox) = Receipts::channel(metrics.clone());
+            let task = receipts::Task {
+                inbox,
+                sink: sink.clone(),
+                topic: settings.kafka.receipts_topic.clone(),
+                node: settings.node.id.clone(),
+                claims,
+                directory: Some(Arc::new(presence.clone())),
+                metrics: metrics.clone(),
+            };
+            (receipts, Some(task), Some(sink))
+        };
         Ok(Self {
             settings,
             metrics,
@@ -264,14 +304,44 @@ impl Parts {
             store,
             prefs,
             kicks,
+            presence,
             max_pending,
+            receipts,
+            receipts_task: parking_lot::Mutex::new(receipts_task),
+            receipts_sink,
         })
     }
 }
 
+/// Presence on the Redis bus's client (or in-process), with events when
+/// `kafka.presence_topic` is set.
+fn build_presence(
+    settings: &Settings,
+    redis_client: Option<fred::clients::Client>,
+    producer: &Producer,
+    metrics: &Arc<Metrics>,
+) -> Presence {
+    let backend = match redis_client {
+        Some(client) => presence::Backend::Redis {
+            client,
+            prefix: settings.redis.prefix.clone(),
+        },
+        None => presence::Backend::Local,
+    };
+    let topic = &settings.kafka.presence_topic;
+    Presence::new(presence::Options {
+        node: settings.node.id.clone(),
+        backend,
+        session_timeout: settings.kafka.session_timeout,
+        events: (!topic.is_empty()).then(|| (producer.clone(), topic.clone())),
+        metrics: metrics.clone(),
+    })
+}
+
 /// The node's long-lived tasks, and the cancellations that stop them, in the order the
 /// shutdown fires them: `http` (stop accepting), `drain` (sessions registering late close
-/// themselves), `ingest` (commit and leave), `bus` (subscriber, router, probes, admin port).
+/// themselves), `ingest` (commit and leave), `bus` (subscriber, router, probes, presence
+/// (which then leaves: its entries are removed), admin port).
 #[derive(Default)]
 struct Tasks {
     tracker: TaskTracker,
@@ -292,6 +362,7 @@ impl Tasks {
             kafka: parts.settings.kafka.clone(),
             types: parts.types.clone(),
             metrics: parts.metrics.clone(),
+            receipts: parts.receipts.clone(),
         };
         let ingesting = ingest.run(self.ingest.clone());
         spawn(
@@ -310,7 +381,12 @@ impl Tasks {
             Some(parts.prefs.clone()),
             parts.settings.recovery.window,
         )
-        .with_kicks(parts.kicks.clone());
+        .with_kicks(parts.kicks.clone())
+        .with_receipts(parts.receipts.clone());
+        if let Some(task) = parts.receipts_task.lock().take() {
+            let reporting = task.run(self.bus.clone());
+            spawn(&self.tracker, &self.watch, "receipts", reporting, None);
+        }
         let (events, events_rx) = tokio::sync::mpsc::channel(BUS_EVENTS);
         let (bus, stop) = (parts.bus.clone(), self.bus.clone());
         let subscriber = async move {
@@ -333,6 +409,13 @@ impl Tasks {
             routing,
             Some(pipeline),
         );
+    }
+
+    /// Presence's writer (Redis: batched writes, heartbeats, sweeps of dead nodes).
+    fn spawn_presence(&self, parts: &Parts) {
+        let (presence, stop) = (parts.presence.clone(), self.bus.clone());
+        let writing = async move { presence.run(stop).await.map_err(anyhow::Error::from) };
+        spawn(&self.tracker, &self.watch, "presence", writing, None);
     }
 
     /// The readiness probes of the database and Kafka (and the revocation re-reads).
@@ -365,6 +448,8 @@ impl Tasks {
             drain: self.drain.clone(),
             prefs: parts.prefs.clone(),
             bus: parts.bus.clone(),
+            presence: parts.presence.clone(),
+            receipts: parts.receipts.clone(),
         });
         let public_api = Arc::new(api::Api {
             settings: settings.clone(),
@@ -372,6 +457,7 @@ impl Tasks {
             producer: parts.producer.clone(),
             prefs: parts.prefs.clone(),
             kicks: parts.kicks.clone(),
+            presence: parts.presence.clone(),
         });
         let http = |listener: Listener| HttpMetrics {
             pending: parts
@@ -447,6 +533,9 @@ impl Tasks {
         parts
             .producer
             .flush(end.saturating_duration_since(tokio::time::Instant::now()));
+        if let Some(sink) = &parts.receipts_sink {
+            sink.flush(end.saturating_duration_since(tokio::time::Instant::now()));
+        }
         if self.watch.failed.is_cancelled() {
             anyhow::bail!("stopped after a task failed (see the log above)");
         }

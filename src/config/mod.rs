@@ -212,8 +212,30 @@ impl Settings {
         if self.kafka.group_id.is_empty() {
             return Err(invalid("kafka.group_id", "must not be empty"));
         }
+        let presence_topic = self.kafka.presence_topic.as_str();
+        if !presence_topic.is_empty()
+            && (presence_topic.trim() != presence_topic
+                || self.kafka.topics.iter().any(|t| t == presence_topic))
+        {
+            return Err(invalid(
+                "kafka.presence_topic",
+                "must be a topic name not listed in kafka.topics (its events are not envelopes)",
+            ));
+        }
         if self.kafka.max_record_bytes == 0 {
             return Err(invalid("kafka.max_record_bytes", "must be positive"));
+        }
+        if !is_topic_name(&self.kafka.receipts_topic) {
+            return Err(invalid(
+                "kafka.receipts_topic",
+                "must be empty or a Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)",
+            ));
+        }
+        if self.kafka.topics.contains(&self.kafka.receipts_topic) {
+            return Err(invalid(
+                "kafka.receipts_topic",
+                "must not be one of kafka.topics (receipts would come back as messages)",
+            ));
         }
         if self.redis.prefix.is_empty() || self.redis.prefix.contains(char::is_whitespace) {
             return Err(invalid("redis.prefix", "must be a non-empty word"));
@@ -372,4 +394,14 @@ pub fn mask_url_password(url: &str) -> String {
         Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
         None => url.to_owned(),
     }
+}
+
+/// True for an empty string or a name Kafka accepts for a topic.
+fn is_topic_name(name: &str) -> bool {
+    name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }

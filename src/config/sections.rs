@@ -129,10 +129,18 @@ pub struct KafkaConfig {
     pub upstream_topic: String,
     /// Topic that rejected records are copied to. Empty: rejected records are only counted.
     pub dead_letter_topic: String,
+    /// Topic that delivery receipts are produced to (JSON, keyed by user id: `delivered`
+    /// per node, or one `offline`, `filtered` or `expired`; `acked` for client acks), for
+    /// messages to `to.user` / `to.users`. Empty: no receipts.
+    pub receipts_topic: String,
+    /// Topic that connect and disconnect events are produced to (docs/presence.md), keyed by
+    /// user id. Empty: no events.
+    pub presence_topic: String,
     /// Where the group starts on a partition with no committed offset. `earliest` never
     /// skips a record produced while the group was forming; `ttl_ms` keeps old ones away.
     pub auto_offset_reset: OffsetReset,
-    /// How long the group waits for a silent node before moving its partitions away.
+    /// How long the group waits for a silent node before moving its partitions away. Also
+    /// sets presence's dead bound (this + 5 s, docs/presence.md).
     #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
     /// Largest record value accepted; a larger one is rejected with reason `too_large`.
@@ -229,6 +237,8 @@ impl Default for KafkaConfig {
             group_id: "fanout".to_owned(),
             upstream_topic: String::new(),
             dead_letter_topic: String::new(),
+            receipts_topic: String::new(),
+            presence_topic: String::new(),
             auto_offset_reset: OffsetReset::Earliest,
             session_timeout: Duration::from_secs(10),
             max_record_bytes: 256 * 1024,

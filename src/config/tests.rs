@@ -281,3 +281,36 @@ fn masked_toml_hides_kafka_secrets() {
         "{text}"
     );
 }
+
+#[test]
+fn receipts_topic_is_off_by_default_and_must_be_a_topic_name() {
+    assert_eq!(kafka("").unwrap().kafka.receipts_topic, "");
+    let on = kafka("receipts_topic='fanout.receipts_v1-a'").unwrap();
+    assert_eq!(on.kafka.receipts_topic, "fanout.receipts_v1-a");
+    for bad in ["has space", "a/b", "..", &"x".repeat(250)] {
+        refused_naming(
+            kafka(&format!("receipts_topic='{bad}'")),
+            "kafka.receipts_topic",
+        );
+    }
+    refused_naming(
+        kafka("topics=['in','r']\nreceipts_topic='r'"),
+        "kafka.receipts_topic",
+    );
+}
+
+#[test]
+fn the_presence_topic_is_not_one_of_the_input_topics() {
+    let s = kafka("topics=['in']\npresence_topic='fanout.presence'").unwrap();
+    assert_eq!(s.kafka.presence_topic, "fanout.presence");
+    assert_eq!(
+        kafka("").unwrap().kafka.presence_topic,
+        "",
+        "off by default"
+    );
+    refused_naming(
+        kafka("topics=['in','p']\npresence_topic='p'"),
+        "kafka.presence_topic",
+    );
+    refused_naming(kafka("presence_topic=' p'"), "kafka.presence_topic");
+}

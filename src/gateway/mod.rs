@@ -32,6 +32,7 @@ use crate::http::json_error;
 use crate::kafka::Producer;
 use crate::metrics::{Ask, Metrics};
 use crate::prefs::Prefs;
+use crate::presence::{ConnInfo, Presence};
 use crate::protocol::{self, ClientFrame, Close, Hello};
 use crate::registry::{ConnHandle, QueueRx, RegisterError, Registration, Registry};
 use session::{FrameHandler, Session};
@@ -65,6 +66,10 @@ pub struct Gateway {
     pub prefs: Arc<Prefs>,
     /// The bus, for the history a resuming connection replays.
     pub bus: Arc<dyn Bus>,
+    /// Client `ack`s become `acked` receipts (off unless `kafka.receipts_topic` is set).
+    pub receipts: crate::receipts::Receipts,
+    /// The cluster's presence: told of each connection after its handshake and at its end.
+    pub presence: Presence,
 }
 
 fn refuse(metrics: &Metrics, status: StatusCode, code: &str, message: &str) -> Response {
@@ -245,9 +250,22 @@ impl Gateway {
             let Some((session, ws, _registration)) = self.open(on_upgrade, connect).await else {
                 return;
             };
-            let conn = session.conn.clone();
+            let conn = &session.conn;
+            let mut presented = self.presence.present(
+                ConnInfo {
+                    user: conn.user.to_string(),
+                    conn: conn.id.to_string(),
+                    node: self.settings.node.id.clone(),
+                    platform: conn.platform,
+                    tab: conn.tab.as_deref().map(str::to_owned),
+                    connected_at: crate::clock::now_ms(),
+                },
+                conn.user.clone(),
+                conn.id.clone(),
+            );
             let end = session.run(ws).await;
-            tracing::debug!(conn = %conn.id, user = %conn.user, ?end, "session ended");
+            presented.code = end.code();
+            tracing::debug!(conn = %presented.conn, user = %presented.user, ?end, "session ended");
         }
     }
 
@@ -472,6 +490,7 @@ impl FrameHandler for Gateway {
             ClientFrame::Ping => Some(protocol::pong()),
             ClientFrame::Ack { ids } => {
                 self.metrics.acked.inc_by(ids.len() as u64);
+                self.receipts.acked(&conn.user, &conn.id, ids);
                 None
             }
             ClientFrame::PrefsGet => {

@@ -52,8 +52,10 @@ const MAX_BAD_FRAMES: u32 = 20;
 /// How a session ended; a server-side end knows why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
-    /// The client closed or went away.
+    /// The client went away without a close frame.
     ClientGone,
+    /// The client closed with a close frame carrying this code (1005: it carried none).
+    ClientClosed(u16),
     /// The server closes: a close frame with this code and reason is sent.
     Close(Close),
     /// The server ended it while a write to the client was stuck (the client does not
@@ -65,7 +67,7 @@ impl End {
     /// Why the server ended it, if it did.
     pub fn close(&self) -> Option<Close> {
         match self {
-            End::ClientGone => None,
+            End::ClientGone | End::ClientClosed(_) => None,
             End::Close(close) | End::Dropped(close) => Some(*close),
         }
     }
@@ -73,6 +75,16 @@ impl End {
     /// The close code, if the server ended it.
     pub fn close_code(&self) -> Option<u16> {
         self.close().map(Close::code)
+    }
+
+    /// The close code whoever ended it gave: the server's, the client's, or 1006 (closed
+    /// abnormally) when the connection was lost without a close frame.
+    pub fn code(&self) -> u16 {
+        match self {
+            End::ClientGone => 1006,
+            End::ClientClosed(code) => *code,
+            End::Close(close) | End::Dropped(close) => close.code(),
+        }
     }
 }
 
@@ -274,7 +286,9 @@ impl Session {
                     None,
                 ))
             }
-            Message::Close(_) => return Err(End::ClientGone),
+            Message::Close(frame) => {
+                return Err(End::ClientClosed(frame.map_or(1005, |f| f.code.into())))
+            }
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
         };
         if inbound.bad_frames > MAX_BAD_FRAMES {

@@ -108,6 +108,14 @@ impl Ingest {
                         self.metrics.ingest_duplicates.inc();
                         tracing::debug!(id = %msg.header.id, seq = p.seq, "redelivered record already on the bus");
                     }
+                    if self.receipts.is_on() {
+                        // Each message published now (not a redelivery) is checked against
+                        // presence by the receipts task: `offline` or `expired` candidates.
+                        let now = crate::clock::now_ms();
+                        for (msg, _) in msgs.iter().zip(&published).filter(|(_, p)| !p.duplicate) {
+                            self.receipts.published(&msg.header, now);
+                        }
+                    }
                     if failures > 0 {
                         tracing::info!(failures, "bus publish recovered; consumption resumes");
                     }

@@ -156,6 +156,8 @@ pub struct Ingest {
     /// The node's type registry: the unknown-type rule.
     pub types: Arc<TypeRegistry>,
     pub metrics: Arc<Metrics>,
+    /// Published user-targeted messages are reported here (`offline`, `expired`).
+    pub receipts: crate::receipts::Receipts,
 }
 
 /// One record (or one skipped offset) on its way from a partition reader to the batcher.

@@ -9,9 +9,11 @@ use crate::config::{is_secret_property, KafkaConfig, SaslMechanism};
 
 mod access;
 mod producer;
+mod sink;
 
 pub use access::{check_access, StartError};
 pub use producer::Producer;
+pub use sink::Sink;
 
 /// librdkafka properties common to every client: brokers, security, then `kafka.options`
 /// (which may not repeat what the typed keys set: `config` refuses that).

@@ -35,6 +35,7 @@ use crate::kick::{self, Kick, Kicks};
 use crate::metrics::{Dropped, Gap, Metrics};
 use crate::prefs::{Change, Prefs};
 use crate::protocol;
+use crate::receipts::{self, MsgRef, Receipts, Routed};
 use crate::registry::{PushError, Registry};
 use crate::types::{self, TypeRegistry};
 use recovery::Recovery;
@@ -104,7 +105,7 @@ pub struct Router {
     whole_at: Instant,
     /// Events held while a recovery runs.
     buffer: VecDeque<BusEvent>,
-    /// Applies kicks; told to re-read revocations after a gap. `None`: kicks are ignored.
+    receipts: Receipts,
     kicks: Option<Arc<Kicks>>,
 }
 
@@ -138,12 +139,19 @@ impl Router {
             whole_at: Instant::now(),
             buffer: VecDeque::new(),
             kicks: None,
+            receipts: Receipts::off(),
         }
     }
 
     /// Applies kicks announced on the control channel with `kicks`.
     pub fn with_kicks(mut self, kicks: Arc<Kicks>) -> Self {
         self.kicks = Some(kicks);
+        self
+    }
+
+    /// Reports what each message did for each user it targets to `receipts`.
+    pub fn with_receipts(mut self, receipts: Receipts) -> Self {
+        self.receipts = receipts;
         self
     }
 
@@ -342,6 +350,9 @@ impl Router {
                 .dropped
                 .with_label_values(&[Dropped::Expired.label()])
                 .inc();
+            if self.receipts.is_on() {
+                self.report_expired(msg);
+            }
             return;
         }
         if !self.recent.insert(&h.id) {
@@ -354,17 +365,33 @@ impl Router {
         let slot = self.types.slot(&h.msg_type);
         let routed_us = now_us();
         let (mut queued, mut filtered, mut full, mut closed) = (0u64, 0u64, 0u64, 0u64);
+        let mut tally = (self.receipts.is_on() && receipts::is_user_target(&h.to))
+            .then(|| Tally::new(&self.receipts, h));
         self.registry.for_each_target(&h.to, |conn| {
+            if let Some(tally) = &mut tally {
+                tally.next(&conn.user);
+            }
             if !types::accepts(conn.prefs.get(), slot) {
                 filtered += 1;
+                if let Some(tally) = &mut tally {
+                    tally.filtered = true;
+                }
                 return;
             }
             match conn.push_msg(msg.frame.clone(), msg.seq, h.ts, routed_us) {
-                Ok(()) => queued += 1,
+                Ok(()) => {
+                    queued += 1;
+                    if let Some(tally) = &mut tally {
+                        tally.queued += 1;
+                    }
+                }
                 Err(PushError::Overflow) => full += 1,
                 Err(PushError::Closed) => closed += 1,
             }
         });
+        if let Some(tally) = &mut tally {
+            tally.flush();
+        }
         let label = if self.types.contains(&h.msg_type) {
             h.msg_type.as_str()
         } else {
@@ -397,6 +424,19 @@ impl Router {
         }
     }
 
+    /// Reports `expired` for each targeted user with a matching connection here (off the
+    /// path of live messages: only an expired one comes here).
+    fn report_expired(&self, msg: &BusMessage) {
+        if !receipts::is_user_target(&msg.header.to) {
+            return;
+        }
+        let mut tally = Tally::new(&self.receipts, &msg.header);
+        tally.expired = true;
+        self.registry
+            .for_each_target(&msg.header.to, |conn| tally.next(&conn.user));
+        tally.flush();
+    }
+
     /// Applies a preference change to this node's connections of that user.
     pub fn apply_change(&mut self, change: &Change) {
         let bits = self.types.apply(
@@ -410,6 +450,72 @@ impl Router {
         if told > 0 {
             let latency = (now_ms() - change.ts).max(0) as f64 / 1000.0;
             self.metrics.prefs_change_latency.observe(latency);
+        }
+    }
+}
+
+/// Counts, user by user, what one message did to the connections it targets here, and
+/// reports them to the receipts task in one event per message: `delivered` with the number
+/// of connections it was queued to, or (none queued) `filtered` when the user's connections
+/// had the type switched off, or `expired`. The registry gives a user's connections one
+/// after another, so one user is counted at a time. Per recipient user: a reference count
+/// (the registry's shared id) and an entry in one list; the list and the message's id and
+/// type are allocated once per message, at its first report.
+struct Tally<'a> {
+    receipts: &'a Receipts,
+    header: &'a crate::bus::Header,
+    users: Vec<(Arc<str>, Routed)>,
+    user: Option<Arc<str>>,
+    queued: u32,
+    filtered: bool,
+    expired: bool,
+}
+
+impl<'a> Tally<'a> {
+    fn new(receipts: &'a Receipts, header: &'a crate::bus::Header) -> Self {
+        Self {
+            receipts,
+            header,
+            users: Vec::new(),
+            user: None,
+            queued: 0,
+            filtered: false,
+            expired: false,
+        }
+    }
+
+    /// Moves on to `user`'s connection (counting the previous user if it changes).
+    #[inline]
+    fn next(&mut self, user: &Arc<str>) {
+        if !self.user.as_ref().is_some_and(|u| Arc::ptr_eq(u, user)) {
+            self.close_user();
+            self.user = Some(user.clone());
+        }
+    }
+
+    /// Notes what the current user got, if anything.
+    fn close_user(&mut self) {
+        let Some(user) = self.user.take() else { return };
+        let queued = std::mem::take(&mut self.queued);
+        let filtered = std::mem::take(&mut self.filtered);
+        let routed = if self.expired {
+            Routed::Expired
+        } else if queued > 0 {
+            Routed::Delivered(queued)
+        } else if filtered {
+            Routed::Filtered
+        } else {
+            return; // every queue was full or closed: nothing to report from here
+        };
+        self.users.push((user, routed));
+    }
+
+    /// Reports the message's users (one event), if any.
+    fn flush(&mut self) {
+        self.close_user();
+        if !self.users.is_empty() {
+            let users = std::mem::take(&mut self.users);
+            self.receipts.routed(MsgRef::of(self.header), users);
         }
     }
 }

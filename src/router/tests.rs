@@ -3,7 +3,7 @@
 use super::*;
 use crate::bus::local::LocalBus;
 use crate::bus::{After, Header, Outgoing, StreamKey};
-use crate::envelope::Target;
+use crate::envelope::{Platform, Target};
 use crate::registry::Limits;
 use crate::types::{TypeConfig, TypesConfig, UnknownTypes};
 
@@ -437,5 +437,137 @@ async fn a_sequence_jump_is_filled_for_groups_and_a_trimmed_group_is_told() {
         }
         stop.cancel();
         task.await.unwrap().unwrap();
+    }
+}
+
+/// The router with receipts on, and what it reports.
+fn with_receipts() -> (Router, Arc<Registry>, crate::receipts::Inbox) {
+    let (router, registry) = setup();
+    let (receipts, inbox) = Receipts::channel(router.metrics.clone());
+    (router.with_receipts(receipts), registry, inbox)
+}
+
+#[test]
+fn receipts_count_each_users_connections_once_per_message() {
+    let (mut router, registry, mut inbox) = with_receipts();
+    let defaults = router.types.defaults();
+    let promo_on = router.types.apply(defaults, [("promo", true)]);
+    let (_a1, _, _q1) = registry
+        .register("alice", Some(Platform::Ios), None, defaults, 0)
+        .unwrap();
+    let (_a2, _, _q2) = registry
+        .register("alice", Some(Platform::H5), Some("t-1".into()), defaults, 0)
+        .unwrap();
+    let (_b, _, _q3) = registry.register("bob", None, None, promo_on, 0).unwrap();
+    let users = Target::Users(vec!["alice".into(), "bob".into(), "carol".into()]);
+    router.route(&typed("1", "t", users.clone()));
+    assert_eq!(
+        inbox.summaries(),
+        ["delivered 1 alice 2", "delivered 1 bob 1"],
+        "one report per user here; none for carol, who has no connection here"
+    );
+    router.route(&typed("2", "promo", users));
+    assert_eq!(inbox.summaries(), ["filtered 2 alice", "delivered 2 bob 1"]);
+    let ios = Target::User {
+        user: "alice".into(),
+        platform: Some(Platform::Ios),
+        tab: None,
+    };
+    router.route(&typed("3", "t", ios));
+    assert_eq!(inbox.summaries(), ["delivered 3 alice 1"]);
+    let tab = Target::User {
+        user: "alice".into(),
+        platform: None,
+        tab: Some("t-9".into()),
+    };
+    router.route(&typed("4", "t", tab));
+    assert!(inbox.summaries().is_empty(), "no matching connection here");
+    router.route(&typed("5", "t", Target::All));
+    assert!(inbox.summaries().is_empty(), "only user targets");
+    router.route(&msg("6", alice(), now_ms() - 10_000, Some(1_000)));
+    assert_eq!(inbox.summaries(), ["expired 6 alice"]);
+    router.route(&typed("1", "t", alice()));
+    assert!(inbox.summaries().is_empty(), "a duplicate is not reported");
+}
+
+#[test]
+fn receipts_leave_out_connections_whose_queue_is_full() {
+    let (mut router, registry, mut inbox) = with_receipts();
+    let (_a, _, _q) = registry
+        .register("alice", None, None, router.types.defaults(), 0)
+        .unwrap();
+    for i in 0..Limits::small().queue_max_messages {
+        router.route(&typed(&format!("m{i}"), "t", alice()));
+    }
+    assert_eq!(inbox.summaries().len(), Limits::small().queue_max_messages);
+    router.route(&typed("over", "t", alice()));
+    assert!(
+        inbox.summaries().is_empty(),
+        "not queued: neither delivered nor a negative outcome from this node"
+    );
+}
+
+/// Router cost per message to 1,000 users (one connection each), receipts off and on:
+/// `cargo test --release --lib router::tests::route_cost -- --ignored --nocapture`.
+/// The receipts task's own work (another task) is not in it; draining its channel is
+/// done outside the timed part.
+#[test]
+#[ignore = "a measurement, run by hand in release"]
+fn route_cost_with_and_without_receipts() {
+    const USERS: usize = 1000;
+    const MESSAGES: usize = 200;
+    const ROUNDS: usize = 5;
+    let limits = Limits {
+        max_connections: USERS,
+        max_connections_per_user: 1,
+        queue_max_messages: MESSAGES * ROUNDS * 4 + 10,
+        queue_max_bytes: 1 << 30,
+    };
+    let users: Vec<String> = (0..USERS).map(|i| format!("user-{i}")).collect();
+    let target = Target::Users(users.clone());
+    for side in ["off", "on", "off", "on"] {
+        let (router, _) = setup();
+        let metrics = router.metrics.clone();
+        let registry = Registry::new(limits, metrics.clone());
+        let mut router = Router::new(
+            registry.clone(),
+            metrics.clone(),
+            router.types.clone(),
+            router.bus.clone(),
+            None,
+            Duration::from_secs(600),
+        );
+        let mut inbox = None;
+        if side == "on" {
+            let (receipts, rx) = Receipts::channel(metrics.clone());
+            router = router.with_receipts(receipts);
+            inbox = Some(rx);
+        }
+        let held: Vec<_> = users
+            .iter()
+            .map(|u| {
+                registry
+                    .register(u, None, None, router.types.defaults(), 0)
+                    .unwrap()
+            })
+            .collect();
+        let mut elapsed = Duration::ZERO;
+        for round in 0..ROUNDS {
+            for i in 0..MESSAGES {
+                let m = typed(&format!("{side}-{round}-{i}"), "t", target.clone());
+                let start = std::time::Instant::now();
+                router.route(&m);
+                elapsed += start.elapsed();
+                if let Some(inbox) = &mut inbox {
+                    assert_eq!(inbox.summaries().len(), USERS);
+                }
+            }
+        }
+        let per_msg = elapsed / (MESSAGES * ROUNDS) as u32;
+        println!(
+            "receipts {side}: {per_msg:?} per message to {USERS} users ({:.1} ns per recipient)",
+            per_msg.as_nanos() as f64 / USERS as f64
+        );
+        drop(held);
     }
 }

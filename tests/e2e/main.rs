@@ -13,6 +13,8 @@ mod kick;
 mod limits;
 mod oauth;
 mod preferences;
+mod presence;
+mod receipts;
 mod resume;
 mod sentinel;
 mod support;

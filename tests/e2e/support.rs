@@ -858,6 +858,20 @@ impl Client {
     pub async fn expect_close(&mut self, timeout: Duration) -> Closed {
         read_until_close(&mut self.ws, timeout).await
     }
+
+    /// Closes from the client's side with `code`, and waits (at most 5 s) for the server's
+    /// answer.
+    pub async fn close(mut self, code: u16) {
+        let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: CloseCode::from(code),
+            reason: "".into(),
+        };
+        let _ = self.ws.close(Some(frame)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
+    }
 }
 
 /// An envelope for `user`.

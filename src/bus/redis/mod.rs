@@ -163,6 +163,12 @@ impl RedisBus {
         })
     }
 
+    /// The command client (not the subscriber), for other parts of the node that keep
+    /// state in the same Redis (presence): same server, Sentinel and TLS settings.
+    pub fn client(&self) -> Client {
+        self.publisher.clone()
+    }
+
     fn stream_key(&self, key: &StreamKey<'_>) -> String {
         match key {
             StreamKey::All => self.all_key.clone(),

@@ -1,0 +1,99 @@
+//! A producer that never waits: for output topics (receipts) whose records are facts
+//! reported on the side, never worth holding up the node for.
+//!
+//! [`Sink::produce`] hands a record to librdkafka's queue and returns at once; a full queue
+//! (`queue.buffering.max.messages`, bounded) is an error the caller counts and drops. A
+//! record that fails later (broker down past `message.timeout.ms`) is counted through the
+//! `failed` counter given at creation. Its own librdkafka instance (queue and thread), so a
+//! flood of receipts cannot fill the queue that `ask` and dead-lettering wait on.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::IntCounter;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer as _, ProducerContext};
+use rdkafka::ClientContext;
+
+use super::client_config;
+use crate::config::KafkaConfig;
+
+/// How long one poll of the delivery reports waits (a report ends it early).
+const POLL_ROUND: Duration = Duration::from_secs(1);
+
+/// Records waiting in librdkafka's queue at most; beyond, `produce` fails at once.
+const QUEUE_MAX: usize = 100_000;
+
+/// Counts the records the brokers did not take.
+struct Reports {
+    failed: IntCounter,
+}
+
+impl ClientContext for Reports {}
+
+impl ProducerContext for Reports {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if result.is_err() {
+            self.failed.inc();
+        }
+    }
+}
+
+/// A cheap-to-clone handle; its polling thread stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Sink {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    producer: Arc<BaseProducer<Reports>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Sink {
+    /// A producer for `cfg`'s brokers; `failed` counts records the brokers never took.
+    pub fn new(cfg: &KafkaConfig, failed: IntCounter) -> Result<Self, KafkaError> {
+        let producer: BaseProducer<Reports> = client_config(cfg)
+            .set("acks", "all")
+            .set("enable.idempotence", "false")
+            .set("message.timeout.ms", "30000")
+            .set("linger.ms", "5")
+            .set("queue.buffering.max.messages", QUEUE_MAX.to_string())
+            .create_with_context(Reports { failed })
+            .map_err(super::without_secrets)?;
+        let producer = Arc::new(producer);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (polled, stopped) = (producer.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("fanout-sink".into())
+            .spawn(move || {
+                while !stopped.load(Ordering::Relaxed) {
+                    polled.poll(POLL_ROUND);
+                }
+            })
+            .map_err(|_| KafkaError::ClientCreation("cannot start the producer thread".into()))?;
+        Ok(Self {
+            inner: Arc::new(Shared { producer, stop }),
+        })
+    }
+
+    /// Queues one record without waiting; an error (the queue is full) means it was dropped.
+    pub fn produce(&self, topic: &str, key: &str, payload: &[u8]) -> Result<(), KafkaError> {
+        let record = BaseRecord::to(topic).key(key).payload(payload);
+        self.inner.producer.send(record).map_err(|(e, _)| e)
+    }
+
+    /// Waits for records still in flight (at shutdown).
+    pub fn flush(&self, timeout: Duration) {
+        let _ = self.inner.producer.flush(timeout);
+    }
+}

@@ -1,0 +1,100 @@
+//! The Lua scripts of presence in Redis (see the parent module for the keys).
+
+/// `now`: the Redis server's clock in ms.
+pub(super) const NOW_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"#;
+
+/// Is a node alive (`alive(node)`, cached per call)? KEYS[1] is `nodes`, `dead` the bound.
+pub(super) const ALIVE_LUA: &str = r#"
+local seen = {}
+local function alive(node)
+  if seen[node] == nil then
+    local s = redis.call('ZSCORE', KEYS[1], node)
+    seen[node] = (s and tonumber(s) >= now - dead) and true or false
+  end
+  return seen[node]
+end
+local function decode(info)
+  local ok, c = pcall(cjson.decode, info)
+  if ok and type(c) == 'table' and type(c.node) == 'string' then return c end
+  return nil
+end
+"#;
+
+/// KEYS: `nodes`; ARGV: node, dead bound (ms). Records the heartbeat; returns the status
+/// (0: was alive, 1: was absent, 2: was dead) followed by the dead nodes.
+pub(super) const HEARTBEAT_LUA: &str = r#"
+local dead = tonumber(ARGV[2])
+local before = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+local out = {0}
+if not before then out[1] = 1 elseif tonumber(before) < now - dead then out[1] = 2 end
+for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - dead))) do
+  out[#out + 1] = node
+end
+return out
+"#;
+
+/// KEYS: `nodes`, `u:<user>`; ARGV: dead bound. The user's entries on live nodes.
+pub(super) const READ_LUA: &str = r#"
+local out = {}
+for _, info in ipairs(redis.call('HVALS', KEYS[2])) do
+  local c = decode(info)
+  if c and alive(c.node) then out[#out + 1] = info end
+end
+return out
+"#;
+
+/// KEYS: `nodes`, then one `u:<user>` per query; ARGV: dead bound, then platform and tab
+/// per query (`""`: any). 1 per query with a matching entry on a live node, else 0.
+pub(super) const ONLINE_LUA: &str = r#"
+local out = {}
+for k = 2, #KEYS do
+  local platform, tab = ARGV[2 * (k - 1)], ARGV[2 * (k - 1) + 1]
+  local found = 0
+  for _, info in ipairs(redis.call('HVALS', KEYS[k])) do
+    local c = decode(info)
+    if c and (platform == '' or c.platform == platform) and (tab == '' or c.tab == tab)
+        and alive(c.node) then
+      found = 1
+      break
+    end
+  end
+  out[#out + 1] = found
+end
+return out
+"#;
+
+/// KEYS: `nodes`, `n:<node>`; ARGV: node, dead bound, chunk size, force (`1`: even if
+/// alive, and keep its heartbeat), user key prefix, HSCAN cursor. Removes one chunk of the
+/// node's entries. Returns status (-1: the node is alive, stop; 0: more to do; 1: done),
+/// the next cursor, then conn, user, info (or "") of each entry removed.
+pub(super) const SWEEP_LUA: &str = r#"
+if ARGV[4] ~= '1' then
+  local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+  if s and tonumber(s) >= now - tonumber(ARGV[2]) then return {-1, '0'} end
+end
+local scan = redis.call('HSCAN', KEYS[2], ARGV[6], 'COUNT', ARGV[3])
+local out = {0, scan[1]}
+local fields = scan[2]
+for i = 1, #fields, 2 do
+  local conn, user = fields[i], fields[i + 1]
+  local ukey = ARGV[5] .. user
+  local info = redis.call('HGET', ukey, conn)
+  if redis.call('HDEL', KEYS[2], conn) == 1 then
+    redis.call('HDEL', ukey, conn)
+    out[#out + 1] = conn
+    out[#out + 1] = user
+    out[#out + 1] = info or ''
+  end
+end
+if scan[1] == '0' then
+  if redis.call('EXISTS', KEYS[2]) == 0 then
+    if ARGV[4] ~= '1' then redis.call('ZREM', KEYS[1], ARGV[1]) end
+    out[1] = 1
+  end
+end
+return out
+"#;
