@@ -153,3 +153,30 @@ export {};
   assert.match(trace, /'@fanout\/client' was successfully resolved to '[^']*fanout\.d\.ts'/);
   assert.match(trace, /'@fanout\/client' was successfully resolved to '[^']*fanout\.d\.cts'/);
 });
+
+test("fanout.js type-checks (tsc --checkJs, strict) against its own fanout.d.ts", () => {
+  const config = join(work, "tsconfig.checkjs.json");
+  writeFileSync(
+    config,
+    JSON.stringify({
+      compilerOptions: {
+        noEmit: true,
+        allowJs: true,
+        checkJs: true,
+        strict: true,
+        target: "es2022",
+        module: "nodenext",
+        moduleResolution: "nodenext",
+        lib: ["es2022", "dom"],
+        types: [],
+      },
+      files: [join(PACKAGE_ROOT, "fanout.js")],
+    }),
+  );
+  const tscBin = createRequire(import.meta.url).resolve("typescript/bin/tsc");
+  try {
+    run(process.execPath, [tscBin, "-p", config], PACKAGE_ROOT);
+  } catch (e) {
+    assert.fail(`tsc --checkJs fanout.js:\n${/** @type {any} */ (e).stdout}${/** @type {any} */ (e).stderr}`);
+  }
+});
