@@ -104,3 +104,28 @@ test("a reconnecting client resumes with only the latest message of a collapse k
   await sleep(100);
   assert.deepEqual(replayed, [[{ pct: 90 }, "report-8"]]);
 });
+
+test("resuming from a tick that a later one replaced still recovers, with the latest tick", async () => {
+  // The common case for progress bars: the last message a tab saw is itself a tick.
+  const client = await connected({ user: "lena", tab: "away" });
+  const watcher = await connected({ user: "lena", tab: "stays" });
+  const first = next(client, "message");
+  await server.publish({ type: "order.status", to: { user: "lena" }, collapse: "report-9", data: { pct: 10 } });
+  const [, seen] = await first;
+  client.close();
+  const lastTick = next(watcher, "message", { filter: (data) => data.pct === 90 });
+  for (const pct of [40, 90]) {
+    await server.publish({ type: "order.status", to: { user: "lena" }, collapse: "report-9", data: { pct } });
+  }
+  await lastTick;
+  assert.equal(client.lastId, seen.id, "since = the replaced tick");
+  const replayed = [];
+  client.on("message", (data) => replayed.push(data));
+  const resumed = next(client, "resume");
+  client.connect();
+  const [resume] = await resumed;
+  assert.equal(resume.recovered, true);
+  assert.equal(resume.replayed, 1);
+  await sleep(100);
+  assert.deepEqual(replayed, [{ pct: 90 }]);
+});
