@@ -5,7 +5,7 @@
 // Needs no network and no fanout server.
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
@@ -33,7 +33,7 @@ before(() => {
   const [info] = JSON.parse(out.slice(out.indexOf("[")));
   packed = info.files.map((/** @type {any} */ f) => f.path).sort();
   consumer = join(work, "consumer");
-  execFileSync("mkdir", [consumer]);
+  mkdirSync(consumer);
   writeFileSync(join(consumer, "package.json"), JSON.stringify({ name: "consumer", private: true }));
   run(npm, ["install", "--offline", "--no-audit", "--no-fund", "--loglevel=error", join(work, info.filename)]);
 });
