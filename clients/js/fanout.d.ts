@@ -35,6 +35,12 @@ export interface FanoutOptions {
   platform?: "h5" | "ios" | "android" | (string & {});
   /** Any id for this connection (`?tab=`), e.g. one per browser tab. */
   tab?: string;
+  /**
+   * Insecure (development) mode only: the groups this connection belongs to, sent as
+   * `?groups=a,b` (messages `to: {"group": …}` reach it). Non-empty strings without commas.
+   * With a token, the groups are the token's `groups` claim.
+   */
+  groups?: string[];
   /** Resume point for the first connection (a `msg.id` stored earlier). */
   since?: string;
   /** WebSocket constructor; default `globalThis.WebSocket`. In Node 20 pass the `ws` package's. */
@@ -89,6 +95,12 @@ export interface MsgFrame<D = unknown> {
   /** Kafka record timestamp, ms since the epoch. */
   ts: number;
   data: D;
+  /**
+   * The envelope's `collapse` key, when it has one: this message is the latest state of
+   * that key (a progress bar, an order status). Replace the earlier message with the same
+   * key on screen instead of appending; a resume replays only the latest one.
+   */
+  collapse?: string;
 }
 
 export interface PrefsFrame {
@@ -142,6 +154,12 @@ export interface FanoutEvents {
    * "no hello within connectTimeoutMs"); a failed handshake is 1006.
    */
   close: (code: number, reason: string, info: CloseInfo) => void;
+  /**
+   * An operator closed the connection (close code 4004, `POST /v1/users/{user}/disconnect`),
+   * emitted just before its "close". The client does not reconnect: state "closed" until
+   * the app calls connect() again (after the user acts, e.g. logs in again).
+   */
+  kicked: (code: 4004, reason: string, info: CloseInfo) => void;
   /** Every (non-duplicate) message, whatever its type. */
   message: (data: unknown, msg: MsgFrame) => void;
   /** Every frame received, raw. */

@@ -13,6 +13,7 @@
  *
  *   any state ──close() by the app──────────────────────────────► closed
  *   closed by the server with 1008 (policy) ────────────────────► closed
+ *   closed by the server with 4004 (operator) ── "kicked" event ─► closed
  *   closed with 4003 (token expired) and `token` is a string ───► closed
  *   closed ──connect()──► connecting (starts over, keeps lastId)
  *
@@ -46,6 +47,7 @@ const EVENTS = new Set([
   "error",
   "resume",
   "close",
+  "kicked",
   "message",
   "frame",
 ]);
@@ -175,6 +177,15 @@ export class FanoutClient {
       );
     }
     if (options.since) this.#lastId = options.since;
+    if (options.groups != null) {
+      const ok =
+        Array.isArray(options.groups) &&
+        options.groups.every((g) => typeof g === "string" && g !== "" && !g.includes(","));
+      if (!ok) {
+        throw new TypeError("FanoutClient: options.groups must be an array of non-empty strings without commas");
+      }
+      this.#opts.groups = [...options.groups];
+    }
   }
 
   /** The current state: "idle" before connect(), then connecting / open / reconnecting / closed. */
@@ -206,6 +217,8 @@ export class FanoutClient {
    * Subscribes to a message type (handler gets `(data, msg)`) or to a client event:
    * "open"/"hello" `(hello)`, "prefs" `(prefs, frame)`, "state" `(state, previous)`,
    * "error" `(errorFrame)`, "resume" `(resume, hello)`, "close" `(code, reason, info)`,
+   * "kicked" `(code, reason, info)` when an operator closed the connection (4004, just
+   * before its "close"; the client stays closed until connect()),
    * "message" `(data, msg)` for every message, "frame" `(frame)` for every frame.
    * Those names are reserved: a message type with one of them is only seen by "message".
    *
@@ -408,6 +421,7 @@ export class FanoutClient {
     if (this.#opts.user != null) q.set("user", String(this.#opts.user));
     if (this.#opts.platform != null) q.set("platform", String(this.#opts.platform));
     if (this.#opts.tab != null) q.set("tab", String(this.#opts.tab));
+    if (this.#opts.groups?.length) q.set("groups", this.#opts.groups.join(","));
     if (this.#lastId != null) q.set("since", this.#lastId);
     return u.toString();
   }
@@ -446,6 +460,8 @@ export class FanoutClient {
     let delay;
     if (code === 1008) {
       delay = null; // policy violation: a client bug; retrying blindly would loop
+    } else if (code === 4004) {
+      delay = null; // disconnected by an operator: not until the user acts (connect())
     } else if (code === 4003) {
       delay = typeof this.#opts.token === "function" ? 0 : null;
     } else if (code === 1012) {
@@ -467,6 +483,7 @@ export class FanoutClient {
       this.#rejectPending(() => true, "closed", `the server closed the connection (${code})`);
       info.reconnect = false;
       this.#setState("closed");
+      if (code === 4004) this.#emit("kicked", code, reason, info);
       this.#emit("close", code, reason, info);
       return;
     }

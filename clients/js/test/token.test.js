@@ -13,10 +13,10 @@ import { next, recordingWebSocket, startFanout } from "../testing/fanout-server.
 const SECRET = "js-client-test-secret";
 const ADMIN = "js-client-test-admin";
 
-/** An HS256 JWT for `sub`, expiring in `ttlSeconds`. */
-function jwt(sub, ttlSeconds) {
+/** An HS256 JWT for `sub`, expiring in `ttlSeconds`, with `extra` claims (e.g. `iat`). */
+function jwt(sub, ttlSeconds, extra = {}) {
   const b64 = (obj) => Buffer.from(JSON.stringify(obj)).toString("base64url");
-  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ sub, exp: Math.floor(Date.now() / 1000) + ttlSeconds })}`;
+  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ sub, exp: Math.floor(Date.now() / 1000) + ttlSeconds, ...extra })}`;
   return `${body}.${createHmac("sha256", SECRET).update(body).digest("base64url")}`;
 }
 
@@ -107,4 +107,42 @@ test("a refused handshake (401) is retried with backoff, fetching a token each t
     [1006, false],
     [1006, false],
   ]);
+});
+
+test("revoke: 4003, the old token is refused, the token function's newer token gets back in", async () => {
+  const now = () => Math.floor(Date.now() / 1000);
+  const old = jwt("rex", 3600, { iat: now() - 60 });
+  let fresh = false;
+  const client = new FanoutClient({
+    url: server.wsUrl,
+    WebSocket,
+    minDelayMs: 100,
+    maxDelayMs: 400,
+    // Until the app's backend issues a new token, the token function still returns the old one.
+    token: () => (fresh ? jwt("rex", 3600, { iat: now() }) : old),
+  });
+  clients.push(client);
+  const closes = [];
+  client.on("close", (code, _reason, info) => closes.push([code, info.wasOpen, info.reconnect]));
+  const kicked = [];
+  client.on("kicked", (code) => kicked.push(code));
+  client.connect();
+  await next(client, "hello");
+
+  const res = await fetch(`${server.publicUrl}/v1/users/rex/disconnect`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" },
+    body: JSON.stringify({ revoke: true }),
+  });
+  assert.ok(res.ok, `disconnect answered ${res.status}: ${await res.text()}`);
+  await next(client, "close", { ms: 5000, filter: (code) => code === 4003 });
+  // The old token again: refused before the upgrade (401), i.e. 1006 without a hello.
+  await next(client, "close", { ms: 5000, filter: (code, _r, info) => code === 1006 && !info.wasOpen });
+  assert.equal(client.state, "reconnecting");
+  fresh = true;
+  const [hello] = await next(client, "hello", { ms: 10000 });
+  assert.equal(hello.user, "rex");
+  assert.deepEqual(closes[0], [4003, true, true]);
+  assert.ok(closes.slice(1).every(([code, wasOpen]) => code === 1006 && !wasOpen), JSON.stringify(closes));
+  assert.deepEqual(kicked, [], "a revoke is a 4003, not a kick");
 });
