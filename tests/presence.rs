@@ -234,7 +234,7 @@ async fn a_dead_nodes_connections_leave_presence_and_are_swept_once() {
     until_listed(&b, "ann", &["c-b"], DEAD + Duration::from_secs(3)).await;
     let gone = killed.elapsed();
     assert!(
-        gone >= DEAD - Duration::from_millis(1100),
+        gone >= DEAD / 2,
         "listed as dead after {gone:?}, before its heartbeat was {DEAD:?} old"
     );
     // One of the live nodes swept the three connections, exactly once between them.
