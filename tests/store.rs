@@ -229,3 +229,41 @@ async fn sqlite_store_keeps_the_later_revocation() {
     let (store, _path) = sqlite();
     keeps_the_later_revocation(store).await;
 }
+
+/// A database a newer version migrated (a migration this binary does not ship) still
+/// starts this version: restarts during a rollout and rollbacks work.
+async fn starts_after_a_newer_version_migrated(store: Store) {
+    store.migrate().await.unwrap();
+    match &store {
+        Store::Postgres(pool) => sqlx::query(
+            "INSERT INTO _sqlx_migrations \
+             (version, description, success, checksum, execution_time) \
+             VALUES (29991231000001, 'from a newer version', TRUE, '\\x00'::bytea, 1)",
+        )
+        .execute(pool)
+        .await
+        .map(drop),
+        Store::Sqlite(pool) => sqlx::query(
+            "INSERT INTO _sqlx_migrations \
+             (version, description, success, checksum, execution_time) \
+             VALUES (29991231000001, 'from a newer version', TRUE, X'00', 1)",
+        )
+        .execute(pool)
+        .await
+        .map(drop),
+    }
+    .unwrap();
+    store.migrate().await.unwrap();
+    store.revoke("alice", 1).await.unwrap();
+}
+
+#[tokio::test]
+async fn postgres_store_starts_after_a_newer_version_migrated() {
+    on_postgres(starts_after_a_newer_version_migrated).await;
+}
+
+#[tokio::test]
+async fn sqlite_store_starts_after_a_newer_version_migrated() {
+    let (store, _path) = sqlite();
+    starts_after_a_newer_version_migrated(store).await;
+}

@@ -12,8 +12,6 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::QueryBuilder;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
 /// A row's version: its `updated_at` in µs since the epoch (the database's clock orders
 /// changes), on PostgreSQL.
 macro_rules! version_postgres {
@@ -127,9 +125,13 @@ impl Store {
         }
     }
 
-    /// Applies the shipped migrations.
+    /// Applies the shipped migrations. Migrations a newer version applied are tolerated, so
+    /// a node of this version can restart (or be rolled back to) after a newer one migrated
+    /// the database: migrations only add, and this version never reads what they added.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        on_pool!(self, pool => MIGRATOR.run(pool).await?);
+        let mut migrator = sqlx::migrate!("./migrations");
+        migrator.set_ignore_missing(true);
+        on_pool!(self, pool => migrator.run(pool).await?);
         Ok(())
     }
 
