@@ -1,17 +1,16 @@
 // The package as an installer gets it: `npm pack`, installed from the tarball into a fresh
 // consumer project (offline: the package has no dependencies), then used through `import`,
-// `require`, a classic <script> (the UMD global `fanout`) and TypeScript (this package's
-// devDependency `typescript`) with Node's ESM and CommonJS resolution and a bundler's.
-// Needs no network and no fanout server.
+// `require` and TypeScript (this package's devDependency `typescript`) with Node's ESM and
+// CommonJS resolution and a bundler's. Needs no network and no fanout server.
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { buildSync } from "esbuild";
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { after, before, test } from "node:test";
-import vm from "node:vm";
 
 const PACKAGE_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const pkg = JSON.parse(readFileSync(join(PACKAGE_ROOT, "package.json"), "utf8"));
@@ -53,8 +52,30 @@ test("package.json: installable, Apache-2.0, versioned, exports for import and r
   assert.match(readFileSync(join(PACKAGE_ROOT, "LICENSE"), "utf8"), /Apache License\s+Version 2\.0/);
 });
 
-test("the generated fanout.cjs and fanout.d.cts are up to date with their sources", () => {
+test("the committed fanout.cjs and fanout.d.cts are what `npm run build` (esbuild) generates", () => {
   run(process.execPath, ["build.js", "--check"], PACKAGE_ROOT); // throws on exit code 1
+  assert.equal(pkg.scripts.build, "node build.js");
+  assert.equal(pkg.scripts.prepack, "node build.js --check");
+  assert.match(readFileSync(join(PACKAGE_ROOT, "build.js"), "utf8"), /^import \{ buildSync \} from "esbuild";$/m);
+});
+
+test("build.js --check fails on a drifted fanout.cjs; build.js regenerates the committed bytes", () => {
+  // A copy of the sources and outputs, with this package's node_modules (esbuild).
+  const dir = join(work, "build-copy");
+  mkdirSync(dir);
+  for (const f of ["build.js", "fanout.js", "fanout.d.ts", "fanout.cjs", "fanout.d.cts"]) {
+    copyFileSync(join(PACKAGE_ROOT, f), join(dir, f));
+  }
+  symlinkSync(join(PACKAGE_ROOT, "node_modules"), join(dir, "node_modules"), "dir");
+  const committed = readFileSync(join(PACKAGE_ROOT, "fanout.cjs"), "utf8");
+  writeFileSync(join(dir, "fanout.cjs"), committed.replace("FanoutClient", "FanoutKlient"));
+  assert.throws(
+    () => run(process.execPath, ["build.js", "--check"], dir),
+    (/** @type {any} */ e) => e.status === 1 && /fanout\.cjs is not what `npm run build` generates/.test(e.stderr),
+  );
+  assert.match(run(process.execPath, ["build.js"], dir), /wrote fanout\.cjs/);
+  assert.equal(readFileSync(join(dir, "fanout.cjs"), "utf8"), committed);
+  run(process.execPath, ["build.js", "--check"], dir);
 });
 
 test("the tarball holds exactly the library, its types, README, CHANGELOG and LICENSE", () => {
@@ -96,13 +117,21 @@ console.log(JSON.stringify({ file: require.resolve("@fanout/client"), keys: Obje
   assert.equal(cjs.delay, 2000);
 });
 
-test("as a classic <script>, fanout.cjs defines the global `fanout`", () => {
-  const code = readFileSync(join(consumer, "node_modules/@fanout/client/fanout.cjs"), "utf8");
-  const window = {};
-  vm.runInNewContext(code, window); // no `module`, no `define`: the browser case
-  const g = /** @type {any} */ (window).fanout;
-  assert.deepEqual(Object.keys(g).sort(), API);
-  assert.equal(g.parseRetryMs('{"retry_ms":1500}'), 1500);
+test("fanout.js imports nothing: a page without a bundler loads it with <script type=module>", () => {
+  const { metafile } = buildSync({
+    entryPoints: [join(PACKAGE_ROOT, "fanout.js")],
+    bundle: true,
+    format: "esm",
+    platform: "browser",
+    write: false,
+    metafile: true,
+    logLevel: "silent",
+  });
+  // The bundle's only input is fanout.js itself, which imports nothing.
+  const inputs = Object.entries(metafile.inputs);
+  assert.equal(inputs.length, 1);
+  assert.match(inputs[0][0], /(^|\/)fanout\.js$/);
+  assert.deepEqual(inputs[0][1].imports, []);
 });
 
 test("TypeScript finds the types for import (nodenext, bundler) and require (nodenext)", () => {
