@@ -27,7 +27,7 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   for h in "${cleanup_hooks[@]}"; do eval "$h" || true; done
-  rm -rf "$work"
+  if [ -n "${BENCH_KEEP:-}" ]; then echo "work directory kept (BENCH_KEEP): $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT
