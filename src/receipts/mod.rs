@@ -247,9 +247,11 @@ pub struct Inbox {
 
 impl Inbox {
     /// Takes up to `max` events into `batch`; 0 when every handle is gone (or closed).
+    /// Appends to `batch`: only what it takes leaves the pending count.
     async fn recv_many(&mut self, batch: &mut Vec<Event>, max: usize) -> usize {
+        let before = batch.len();
         let n = self.rx.recv_many(batch, max).await;
-        let weight: usize = batch.iter().map(Event::weight).sum();
+        let weight: usize = batch[before..].iter().map(Event::weight).sum();
         self.pending.fetch_sub(weight, Ordering::Relaxed);
         n
     }

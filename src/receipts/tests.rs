@@ -288,3 +288,24 @@ fn local_claims_expire_after_the_window() {
     assert!(!claims.claim("a".into()));
     assert!(claims.claim("b".into()));
 }
+
+#[tokio::test]
+async fn taking_a_batch_in_two_steps_frees_each_event_once() {
+    let (receipts, mut inbox) = Receipts::channel(Arc::new(Metrics::new()));
+    let now = now_ms();
+    for id in ["m1", "m2", "m3"] {
+        receipts.published(&header(id, users(&["alice", "bob"]), None, now), now);
+    }
+    let counted = inbox.pending.load(Ordering::Relaxed);
+    assert!(counted > 0);
+    // What the task does when it lingers: a first take, then one appended to it.
+    let mut batch = Vec::new();
+    assert_eq!(inbox.recv_many(&mut batch, 1).await, 1);
+    assert_eq!(inbox.recv_many(&mut batch, 8).await, 2);
+    assert_eq!(batch.len(), 3);
+    assert_eq!(
+        inbox.pending.load(Ordering::Relaxed),
+        0,
+        "counted {counted}; every event leaves the count once"
+    );
+}
