@@ -71,6 +71,29 @@ fn security_properties(cfg: &KafkaConfig) -> Vec<(&'static str, &str)> {
 }
 
 /// librdkafka's configuration errors show the value they refused: not a secret's.
+/// Serves `producer`'s delivery reports on a thread of its own (named `name`) until the
+/// returned flag is set: the producers of both kinds (`Producer`, `Sink`) poll this way.
+fn spawn_poller<C: rdkafka::producer::ProducerContext + 'static>(
+    producer: std::sync::Arc<rdkafka::producer::BaseProducer<C>>,
+    name: &str,
+) -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>, KafkaError> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// How long one poll of the delivery reports waits; also how long the thread may
+    /// outlive the last clone of its producer.
+    const POLL_ROUND: std::time::Duration = std::time::Duration::from_secs(1);
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                producer.poll(POLL_ROUND);
+            }
+        })
+        .map_err(|_| KafkaError::ClientCreation("cannot start the producer thread".into()))?;
+    Ok(stop)
+}
+
 pub fn without_secrets(e: KafkaError) -> KafkaError {
     match e {
         KafkaError::ClientConfig(result, description, key, _) if is_secret_property(&key) => {

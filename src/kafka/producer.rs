@@ -19,10 +19,6 @@ use tokio::sync::oneshot;
 use super::client_config;
 use crate::config::KafkaConfig;
 
-/// How long one poll of the delivery reports waits; also how long the polling thread may
-/// outlive the last clone of its producer.
-const POLL_ROUND: Duration = Duration::from_secs(1);
-
 /// librdkafka's `message.timeout.ms`: a record not acknowledged by then fails...
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// ...and `send` gives up a little later, should no report come at all.
@@ -75,16 +71,7 @@ impl Producer {
             .create_with_context(Deliveries)
             .map_err(super::without_secrets)?;
         let producer = Arc::new(producer);
-        let stop = Arc::new(AtomicBool::new(false));
-        let (polled, stopped) = (producer.clone(), stop.clone());
-        std::thread::Builder::new()
-            .name("fanout-producer".into())
-            .spawn(move || {
-                while !stopped.load(Ordering::Relaxed) {
-                    polled.poll(POLL_ROUND);
-                }
-            })
-            .map_err(|_| KafkaError::ClientCreation("cannot start the producer thread".into()))?;
+        let stop = super::spawn_poller(producer.clone(), "fanout-producer")?;
         Ok(Self {
             inner: Arc::new(Shared { producer, stop }),
         })

@@ -19,9 +19,6 @@ use rdkafka::ClientContext;
 use super::client_config;
 use crate::config::KafkaConfig;
 
-/// How long one poll of the delivery reports waits (a report ends it early).
-const POLL_ROUND: Duration = Duration::from_secs(1);
-
 /// Records waiting in librdkafka's queue at most; beyond, `produce` fails at once.
 const QUEUE_MAX: usize = 100_000;
 
@@ -71,16 +68,7 @@ impl Sink {
             .create_with_context(Reports { failed })
             .map_err(super::without_secrets)?;
         let producer = Arc::new(producer);
-        let stop = Arc::new(AtomicBool::new(false));
-        let (polled, stopped) = (producer.clone(), stop.clone());
-        std::thread::Builder::new()
-            .name("fanout-sink".into())
-            .spawn(move || {
-                while !stopped.load(Ordering::Relaxed) {
-                    polled.poll(POLL_ROUND);
-                }
-            })
-            .map_err(|_| KafkaError::ClientCreation("cannot start the producer thread".into()))?;
+        let stop = super::spawn_poller(producer.clone(), "fanout-sink")?;
         Ok(Self {
             inner: Arc::new(Shared { producer, stop }),
         })
