@@ -236,11 +236,11 @@ impl Parts {
                 .await
                 .context("the pipeline runtime stopped")?
                 .with_context(|| redis_context(&settings.redis))?;
-            claims = receipts::Claims::Redis {
-                client: bus.client(),
-                prefix: settings.redis.prefix.clone(),
+            claims = receipts::Claims::Redis(receipts::RedisClaims::new(
+                bus.client(),
+                &settings.redis.prefix,
                 window,
-            };
+            ));
             redis_client = Some(bus.client());
             Arc::new(bus)
         };
