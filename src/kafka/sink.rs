@@ -69,7 +69,9 @@ impl Sink {
             .set("acks", "all")
             .set("enable.idempotence", "false")
             .set("message.timeout.ms", "30000")
-            .set("linger.ms", "5")
+            // Side records wait up to 50 ms to share a produce request (fewer requests
+            // and wake-ups of librdkafka's threads; nothing waits for them).
+            .set("linger.ms", "50")
             .set("queue.buffering.max.messages", QUEUE_MAX.to_string())
             // Only failures are reported back (all the sink counts): no delivery report,
             // and no wake-up of the polling thread, per record taken.
