@@ -95,6 +95,12 @@ struct Args {
     /// Seconds one attempt (TCP + upgrade + first frame) may take.
     #[arg(long, default_value_t = 15.0)]
     connect_timeout: f64,
+    /// Attempts after a failed one, each after a pause of one more second (as an app
+    /// reconnects with backoff): a refusal under load (503 `overloaded` or
+    /// `prefs_unavailable` during a connect storm) is retried; what still fails counts as
+    /// failed. Every retry is counted (`retried` in the summary).
+    #[arg(long, default_value_t = 2)]
+    connect_retries: u32,
     /// User ids are <prefix><i>.
     #[arg(long, default_value = "u")]
     user_prefix: String,
@@ -127,6 +133,7 @@ struct Args {
 struct Stats {
     connected: u64,
     failed: u64,
+    retried: u64,
     attempted: u64,
     dropped: u64,
     msgs: u64,
@@ -190,6 +197,7 @@ thread_local! {
     static STATS: RefCell<Stats> = RefCell::new(Stats {
         connected: 0,
         failed: 0,
+        retried: 0,
         attempted: 0,
         dropped: 0,
         msgs: 0,
@@ -503,13 +511,25 @@ fn attempt_done(ctx: &Ctx) {
 }
 
 async fn connection(ctx: Arc<Ctx>, i: usize) {
-    let permit = ctx.permits.acquire().await.expect("semaphore");
     let timeout = Duration::from_secs_f64(ctx.args.connect_timeout);
-    let opened = tokio::select! {
-        r = tokio::time::timeout(timeout, open(&ctx, i)) => r.unwrap_or_else(|_| Err(anyhow::anyhow!("connect timeout"))),
-        _ = ctx.stop.cancelled() => Err(anyhow::anyhow!("stopped while connecting")),
+    let mut retry = 0;
+    let opened = loop {
+        let permit = ctx.permits.acquire().await.expect("semaphore");
+        let opened = tokio::select! {
+            r = tokio::time::timeout(timeout, open(&ctx, i)) => r.unwrap_or_else(|_| Err(anyhow::anyhow!("connect timeout"))),
+            _ = ctx.stop.cancelled() => break Err(anyhow::anyhow!("stopped while connecting")),
+        };
+        drop(permit);
+        if opened.is_ok() || retry == ctx.args.connect_retries {
+            break opened;
+        }
+        retry += 1;
+        with_stats(|s| s.retried += 1);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(retry.into())) => {}
+            _ = ctx.stop.cancelled() => break opened,
+        }
     };
-    drop(permit);
     let mut ws = match opened {
         Ok(ws) => {
             with_stats(|s| s.connected += 1);
@@ -630,14 +650,13 @@ async fn run(ctx: Arc<Ctx>, mine: Vec<usize>, k: usize, m: usize) -> anyhow::Res
         _ = sigint.recv() => {}
     }
     if let Some(secs) = connect_secs {
-        let (connected, failed) = with_stats(|s| (s.connected, s.failed));
+        let (connected, failed, retried) = with_stats(|s| (s.connected, s.failed, s.retried));
         eprintln!(
-            "loadgen {k}/{m}: {connected} connected, {failed} failed in {secs:.2} s ({:.0}/s)",
+            "loadgen {k}/{m}: {connected} connected, {failed} failed ({retried} retries) in {secs:.2} s ({:.0}/s)",
             connected as f64 / secs.max(1e-9)
         );
         if let Some(path) = &ctx.args.ready_file {
-            let ready =
-                serde_json::json!({"connected": connected, "failed": failed, "connect_secs": secs});
+            let ready = serde_json::json!({"connected": connected, "failed": failed, "retried": retried, "connect_secs": secs});
             std::fs::write(path, format!("{ready}\n"))?;
         }
         let hold = async {
@@ -664,6 +683,7 @@ async fn run(ctx: Arc<Ctx>, mine: Vec<usize>, k: usize, m: usize) -> anyhow::Res
             "proto": format!("{:?}", ctx.args.proto).to_lowercase(),
             "connected": s.connected,
             "failed": s.failed,
+            "retried": s.retried,
             "dropped": s.dropped,
             "connect_secs": connect_secs,
             "start_ms": start_ms,

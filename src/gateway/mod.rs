@@ -390,6 +390,7 @@ impl Gateway {
             max_frames_per_sec: self.settings.server.max_frames_per_sec,
             handler: self.clone(),
             metrics: self.metrics.clone(),
+            unflushed: Vec::new(),
         }
     }
 

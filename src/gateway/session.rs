@@ -40,6 +40,7 @@ use crate::clock::now_us;
 use crate::config::HeartbeatConfig;
 use crate::metrics::Metrics;
 use crate::protocol::{self, ClientFrame, Close};
+use crate::receipts::Ticket;
 use crate::registry::{ConnHandle, QueueRx};
 
 /// Most queued frames written before one flush.
@@ -111,6 +112,9 @@ pub struct Session {
     pub max_frames_per_sec: u32,
     pub handler: Arc<dyn FrameHandler>,
     pub metrics: Arc<Metrics>,
+    /// Receipt tickets of the frames fed since the last flush, marked once it succeeds
+    /// (empty, allocating nothing, unless receipts are on; then its room is reused).
+    pub unflushed: Vec<Arc<Ticket>>,
 }
 
 fn expiry_instant(exp: Option<u64>) -> Instant {
@@ -333,6 +337,10 @@ impl Session {
         while fed < BATCH {
             let Ok(q) = self.queue.try_recv() else { break };
             if q.seq != 0 && q.seq <= self.skip_through {
+                // Already written, flushed with the replay.
+                if let Some(ticket) = q.ticket {
+                    ticket.written();
+                }
                 continue;
             }
             if q.ts_ms != 0 {
@@ -341,13 +349,20 @@ impl Session {
                 let queued_us = now_us.saturating_sub(q.routed_us);
                 self.metrics.stage_send.observe(queued_us as f64 / 1e6);
             }
+            if let Some(ticket) = q.ticket {
+                self.unflushed.push(ticket);
+            }
             ws.feed(Message::Text(q.frame)).await?;
             fed += 1;
         }
         if fed == 0 {
             return Ok(());
         }
-        ws.flush().await
+        ws.flush().await?;
+        for ticket in self.unflushed.drain(..) {
+            ticket.written();
+        }
+        Ok(())
     }
 }
 

@@ -3,10 +3,11 @@
 //! mobile push to a user who was offline). docs/delivery.md says exactly what each outcome
 //! means and what races can produce.
 //!
-//! Three places report, none of them waiting: the router (a user's connections on this node
-//! that a message was queued to, or that all had the type switched off, or the message had
-//! expired when it got here), ingest (each user-targeted message it published, to be checked
-//! against presence), and sessions (client `ack`s). Each hands a small event to a
+//! Four places report, none of them waiting: sessions (a message written to a user's
+//! connections here, through a [`Ticket`]; and client `ack`s), the router (a user's
+//! connections on this node that all had the type switched off, or the message had expired
+//! when it got here), ingest (each user-targeted message it published, to be checked
+//! against presence). Each hands a small event to a
 //! [`Receipts`] handle: `try_send` into one bounded channel; full, the event is dropped and
 //! counted (`fanout_receipts_dropped_total{reason="channel_full"}`). With
 //! `kafka.receipts_topic` empty the handle is off and every report is one branch.
@@ -22,10 +23,14 @@
 //! * renders each record and hands it to a [`Sink`] (librdkafka's queue; full → dropped and
 //!   counted), never waiting for the broker.
 //!
-//! `delivered` is not claimed: one record per node that queued the message to the user.
+//! `delivered` is not claimed: one record per node that wrote the message to the user's
+//! sockets. The router gives the queue entries of a user's connections one shared
+//! [`Ticket`]; each session marks it once the frame is written (flushed to the socket);
+//! when the last entry is gone (written, or dropped with a closing connection) the ticket
+//! reports `delivered` with the number of sockets written, or nothing if none was.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,11 +82,10 @@ impl MsgRef {
     }
 }
 
-/// What the router saw for one user of a message on this node.
+/// A negative outcome the router saw for one user of a message on this node (what it
+/// queued is reported by its [`Ticket`] once written).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Routed {
-    /// Queued to this many of the user's connections here.
-    Delivered(u32),
     /// The user's matching connections here have the type switched off (a candidate).
     Filtered,
     /// The message had expired when it got here (a candidate).
@@ -91,8 +95,15 @@ pub enum Routed {
 /// One report, on its way to the receipts task.
 #[derive(Debug)]
 enum Event {
-    /// The router's reports for one message: one entry per user with a matching
-    /// connection here (one event per message, not per user).
+    /// A message was written to `conns` of `user`'s sockets here (a [`Ticket`]'s report).
+    Delivered {
+        msg: Arc<MsgRef>,
+        user: Arc<str>,
+        conns: u32,
+        at_ms: i64,
+    },
+    /// The router's negative reports for one message: one entry per user with matching
+    /// connections here that it queued to none of (one event per message, not per user).
     Routed {
         msg: Arc<MsgRef>,
         users: Vec<(Arc<str>, Routed)>,
@@ -118,6 +129,7 @@ impl Event {
     /// How many records it may become: what the bound on pending reports counts.
     fn weight(&self) -> usize {
         match self {
+            Event::Delivered { .. } => 1,
             Event::Routed { users, .. } => users.len(),
             Event::Published { header, .. } => users_of(&header.to).count(),
             Event::Acked { ids, .. } => ids.len(),
@@ -130,10 +142,10 @@ impl Event {
 /// `kafka.receipts_topic` is empty.
 #[derive(Clone, Default)]
 pub struct Receipts {
-    on: Option<On>,
+    /// Shared: a [`Ticket`] holds a clone, one reference count.
+    on: Option<Arc<On>>,
 }
 
-#[derive(Clone)]
 struct On {
     tx: mpsc::Sender<Event>,
     metrics: Arc<Metrics>,
@@ -159,11 +171,11 @@ impl Receipts {
         let pending = Arc::new(AtomicUsize::new(0));
         (
             Self {
-                on: Some(On {
+                on: Some(Arc::new(On {
                     tx,
                     metrics,
                     pending: pending.clone(),
-                }),
+                })),
             },
             Inbox { rx, pending },
         )
@@ -189,7 +201,22 @@ impl Receipts {
         }
     }
 
-    /// The router's reports for `msg` on this node (see [`Routed`]); nothing if empty.
+    /// A ticket for `msg` to `user`'s connections here, to queue with each of its
+    /// frames; `None` when off.
+    #[inline]
+    pub fn ticket(&self, msg: &Arc<MsgRef>, user: &Arc<str>) -> Option<Arc<Ticket>> {
+        self.on.as_ref().map(|_| {
+            Arc::new(Ticket {
+                receipts: self.clone(),
+                msg: msg.clone(),
+                user: user.clone(),
+                written: AtomicU32::new(0),
+            })
+        })
+    }
+
+    /// The router's negative reports for `msg` on this node (see [`Routed`]); nothing if
+    /// empty.
     pub fn routed(&self, msg: Arc<MsgRef>, users: Vec<(Arc<str>, Routed)>) {
         if !users.is_empty() {
             self.send(Event::Routed {
@@ -239,6 +266,49 @@ impl Receipts {
     }
 }
 
+/// One message on its way to one user's connections on this node, shared by their queue
+/// entries: each session [marks](Self::written) it when it has written the frame; when the
+/// last entry lets go (written, skipped, or dropped with a closing connection), it reports
+/// `delivered` with the number of sockets written — nothing if none was (every connection
+/// closed first: the outcome is then unknown here, as when every queue was full).
+#[derive(Debug)]
+pub struct Ticket {
+    receipts: Receipts,
+    msg: Arc<MsgRef>,
+    user: Arc<str>,
+    written: AtomicU32,
+}
+
+impl Ticket {
+    /// One more socket had the frame written (flushed).
+    #[inline]
+    pub fn written(&self) {
+        self.written.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let conns = *self.written.get_mut();
+        if conns > 0 {
+            self.receipts.send(Event::Delivered {
+                msg: self.msg.clone(),
+                user: self.user.clone(),
+                conns,
+                at_ms: now_ms(),
+            });
+        }
+    }
+}
+
+impl std::fmt::Debug for Receipts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receipts")
+            .field("on", &self.is_on())
+            .finish()
+    }
+}
+
 /// The receiving end of a [`Receipts`] handle.
 pub struct Inbox {
     rx: mpsc::Receiver<Event>,
@@ -265,9 +335,11 @@ impl Inbox {
         while let Ok(event) = self.rx.try_recv() {
             self.pending.fetch_sub(event.weight(), Ordering::Relaxed);
             match event {
+                Event::Delivered {
+                    msg, user, conns, ..
+                } => out.push(format!("delivered {} {user} {conns}", msg.id)),
                 Event::Routed { msg, users, .. } => {
                     out.extend(users.iter().map(|(user, routed)| match routed {
-                        Routed::Delivered(conns) => format!("delivered {} {user} {conns}", msg.id),
                         Routed::Filtered => format!("filtered {} {user}", msg.id),
                         Routed::Expired => format!("expired {} {user}", msg.id),
                     }))
@@ -572,37 +644,37 @@ impl Worker {
         let mut published = Vec::new();
         for event in events {
             match event {
+                Event::Delivered {
+                    msg,
+                    user,
+                    conns,
+                    at_ms,
+                } => {
+                    let value = self.render(&Record {
+                        id: &msg.id,
+                        msg_type: Some(&msg.msg_type),
+                        user: &user,
+                        outcome: Receipt::Delivered.label(),
+                        conns: Some(conns),
+                        conn: None,
+                        node: &self.node,
+                        ts: at_ms,
+                    });
+                    let key = user.to_string();
+                    out.push((Receipt::Delivered, Out { key, value }));
+                }
                 Event::Routed { msg, users, at_ms } => {
                     for (user, routed) in users {
-                        let conns = match routed {
-                            Routed::Delivered(conns) => conns,
-                            Routed::Filtered | Routed::Expired => {
-                                let outcome = if routed == Routed::Filtered {
-                                    Receipt::Filtered
-                                } else {
-                                    Receipt::Expired
-                                };
-                                pending.push(Pending {
-                                    msg: msg.clone(),
-                                    user,
-                                    outcome,
-                                    at_ms,
-                                });
-                                continue;
-                            }
+                        let outcome = match routed {
+                            Routed::Filtered => Receipt::Filtered,
+                            Routed::Expired => Receipt::Expired,
                         };
-                        let value = self.render(&Record {
-                            id: &msg.id,
-                            msg_type: Some(&msg.msg_type),
-                            user: &user,
-                            outcome: Receipt::Delivered.label(),
-                            conns: Some(conns),
-                            conn: None,
-                            node: &self.node,
-                            ts: at_ms,
+                        pending.push(Pending {
+                            msg: msg.clone(),
+                            user,
+                            outcome,
+                            at_ms,
                         });
-                        let key = user.to_string();
-                        out.push((Receipt::Delivered, Out { key, value }));
                     }
                 }
                 Event::Acked {

@@ -167,7 +167,10 @@ async fn delivered_is_reported_per_node_with_its_connection_count() {
     let alice: Arc<str> = Arc::from("alice");
     let out = w
         .process(events(|r| {
-            r.routed(msg.clone(), vec![(alice.clone(), Routed::Delivered(3))])
+            let ticket = r.ticket(&msg, &alice).unwrap();
+            for _ in 0..3 {
+                ticket.written();
+            }
         }))
         .await;
     let v = &parsed(&out)[0];
@@ -181,8 +184,37 @@ async fn delivered_is_reported_per_node_with_its_connection_count() {
         ["id", "type", "user", "outcome", "conns", "node", "ts"]
     );
     // Not claimed: a second node's delivery is reported too.
-    let again = events(|r| r.routed(msg.clone(), vec![(alice.clone(), Routed::Delivered(1))]));
+    let again = events(|r| r.ticket(&msg, &alice).unwrap().written());
     assert_eq!(w.process(again).await.len(), 1);
+}
+
+#[test]
+fn a_ticket_reports_once_its_last_holder_lets_go_and_only_if_written() {
+    let (receipts, mut inbox) = Receipts::channel(Arc::new(Metrics::new()));
+    let msg = MsgRef::of(&header("m1", alice(), None, 0));
+    let alice: Arc<str> = Arc::from("alice");
+    // Three connections' queue entries; two are written, one is dropped unwritten.
+    let ticket = receipts.ticket(&msg, &alice).unwrap();
+    let entries: Vec<_> = (0..3).map(|_| ticket.clone()).collect();
+    drop(ticket);
+    for (i, entry) in entries.into_iter().enumerate() {
+        if i < 2 {
+            entry.written();
+        }
+        drop(entry);
+        let reported = inbox.summaries();
+        if i < 2 {
+            assert!(reported.is_empty(), "entry {i}: others still hold it");
+        } else {
+            assert_eq!(reported, ["delivered m1 alice 2"]);
+        }
+    }
+    // Nothing written (every connection closed first): nothing reported.
+    let ticket = receipts.ticket(&msg, &alice).unwrap();
+    drop(ticket.clone());
+    drop(ticket);
+    assert!(inbox.summaries().is_empty());
+    assert!(Receipts::off().ticket(&msg, &alice).is_none());
 }
 
 #[tokio::test]
@@ -250,7 +282,7 @@ fn an_off_handle_reports_nothing_and_a_full_channel_counts() {
     let msg = MsgRef::of(&header("m", alice(), None, 0));
     let user: Arc<str> = Arc::from("alice");
     for _ in 0..CHANNEL + 5 {
-        on.routed(msg.clone(), vec![(user.clone(), Routed::Delivered(1))]);
+        on.routed(msg.clone(), vec![(user.clone(), Routed::Filtered)]);
     }
     let full = metrics
         .receipts_dropped
@@ -260,7 +292,7 @@ fn an_off_handle_reports_nothing_and_a_full_channel_counts() {
     // Beyond the pending records, however few events: a message to many users.
     let (on, mut inbox) = Receipts::channel(metrics.clone());
     let many: Vec<_> = (0..PENDING_MAX / 2 + 1)
-        .map(|_| (user.clone(), Routed::Delivered(1)))
+        .map(|_| (user.clone(), Routed::Filtered))
         .collect();
     on.routed(msg.clone(), many.clone());
     on.routed(msg.clone(), many.clone());

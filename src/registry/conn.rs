@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::envelope::{Platform, Target};
 use crate::protocol::Close;
+use crate::receipts::Ticket;
 
 /// A frame waiting in a connection's queue.
 #[derive(Debug)]
@@ -31,6 +32,9 @@ pub struct Queued {
     /// Bus sequence number of a `msg` frame (a resuming session skips what it replayed);
     /// 0 for other frames.
     pub seq: u64,
+    /// The delivery receipt of a `msg` frame to a user (receipts on), marked by the session
+    /// once the frame is written.
+    pub ticket: Option<Arc<Ticket>>,
 }
 
 /// A connection's queued frames and their size in bytes.
@@ -144,22 +148,26 @@ impl ConnHandle {
             ts_ms: 0,
             routed_us: 0,
             seq: 0,
+            ticket: None,
         })
     }
 
-    /// Queues a `msg` frame with its bus sequence number, Kafka timestamp and routing time.
+    /// Queues a `msg` frame with its bus sequence number, Kafka timestamp, routing time
+    /// and receipt ticket.
     pub fn push_msg(
         &self,
         frame: Utf8Bytes,
         seq: u64,
         ts_ms: i64,
         routed_us: u64,
+        ticket: Option<Arc<Ticket>>,
     ) -> Result<(), PushError> {
         self.enqueue(Queued {
             frame,
             ts_ms,
             routed_us,
             seq,
+            ticket,
         })
     }
 

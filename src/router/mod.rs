@@ -378,7 +378,8 @@ impl Router {
                 }
                 return;
             }
-            match conn.push_msg(msg.frame.clone(), msg.seq, h.ts, routed_us) {
+            let ticket = tally.as_mut().and_then(Tally::ticket);
+            match conn.push_msg(msg.frame.clone(), msg.seq, h.ts, routed_us, ticket) {
                 Ok(()) => {
                     queued += 1;
                     if let Some(tally) = &mut tally {
@@ -454,18 +455,22 @@ impl Router {
     }
 }
 
-/// Counts, user by user, what one message did to the connections it targets here, and
-/// reports them to the receipts task in one event per message: `delivered` with the number
-/// of connections it was queued to, or (none queued) `filtered` when the user's connections
-/// had the type switched off, or `expired`. The registry gives a user's connections one
-/// after another, so one user is counted at a time. Per recipient user: a reference count
-/// (the registry's shared id) and an entry in one list; the list and the message's id and
-/// type are allocated once per message, at its first report.
+/// Follows, user by user, what one message does to the connections it targets here: the
+/// frames queued to a user's connections share one [`Ticket`](receipts::Ticket), which
+/// reports `delivered` once they are written; a user it queued nothing to is reported in
+/// one event per message: `filtered` when the user's connections had the type switched
+/// off, or `expired`. The registry gives a user's connections one after another, so one
+/// user is followed at a time. Per recipient user: a reference count (the registry's
+/// shared id) and a ticket; the message's id and type are allocated once per message, at
+/// its first report.
 struct Tally<'a> {
     receipts: &'a Receipts,
     header: &'a crate::bus::Header,
+    msg: Option<Arc<MsgRef>>,
     users: Vec<(Arc<str>, Routed)>,
     user: Option<Arc<str>>,
+    /// The current user's ticket, made at its first queued frame.
+    current: Option<Arc<receipts::Ticket>>,
     queued: u32,
     filtered: bool,
     expired: bool,
@@ -476,15 +481,21 @@ impl<'a> Tally<'a> {
         Self {
             receipts,
             header,
+            msg: None,
             users: Vec::new(),
             user: None,
+            current: None,
             queued: 0,
             filtered: false,
             expired: false,
         }
     }
 
-    /// Moves on to `user`'s connection (counting the previous user if it changes).
+    fn msg(&mut self) -> &Arc<MsgRef> {
+        self.msg.get_or_insert_with(|| MsgRef::of(self.header))
+    }
+
+    /// Moves on to `user`'s connection (closing the previous user if it changes).
     #[inline]
     fn next(&mut self, user: &Arc<str>) {
         if !self.user.as_ref().is_some_and(|u| Arc::ptr_eq(u, user)) {
@@ -493,15 +504,26 @@ impl<'a> Tally<'a> {
         }
     }
 
-    /// Notes what the current user got, if anything.
+    /// The current user's ticket, for one more queued frame.
+    fn ticket(&mut self) -> Option<Arc<receipts::Ticket>> {
+        if self.current.is_none() {
+            let user = self.user.clone()?;
+            let receipts = self.receipts;
+            self.current = receipts.ticket(self.msg(), &user);
+        }
+        self.current.clone()
+    }
+
+    /// Notes a negative outcome for the current user, if it had one here.
     fn close_user(&mut self) {
+        self.current = None; // its frames hold it now (or nothing does: then it is silent)
         let Some(user) = self.user.take() else { return };
         let queued = std::mem::take(&mut self.queued);
         let filtered = std::mem::take(&mut self.filtered);
         let routed = if self.expired {
             Routed::Expired
         } else if queued > 0 {
-            Routed::Delivered(queued)
+            return; // its ticket reports it
         } else if filtered {
             Routed::Filtered
         } else {
@@ -510,12 +532,13 @@ impl<'a> Tally<'a> {
         self.users.push((user, routed));
     }
 
-    /// Reports the message's users (one event), if any.
+    /// Reports the message's negative outcomes (one event), if any.
     fn flush(&mut self) {
         self.close_user();
         if !self.users.is_empty() {
             let users = std::mem::take(&mut self.users);
-            self.receipts.routed(MsgRef::of(self.header), users);
+            let msg = self.msg().clone();
+            self.receipts.routed(msg, users);
         }
     }
 }

@@ -86,6 +86,7 @@ fn session(exp: Option<u64>) -> (Session, crate::registry::Registration) {
         max_frames_per_sec: 100,
         handler: Arc::new(NoHandler),
         metrics,
+        unflushed: Vec::new(),
     };
     (session, guard)
 }
@@ -193,7 +194,7 @@ async fn queued_frames_are_written_and_bad_frames_answered() {
     let mut h = start(None);
     h.out.next().await.unwrap();
     h.conn
-        .push_msg("one".into(), 1, crate::clock::now_ms(), now_us())
+        .push_msg("one".into(), 1, crate::clock::now_ms(), now_us(), None)
         .unwrap();
     h.conn.push("two".into()).unwrap();
     assert_eq!(h.out.next().await.unwrap(), Message::Text("one".into()));
@@ -293,4 +294,61 @@ async fn protocol_violations_are_answered_with_their_close_codes() {
         assert_eq!(close_code(&h.out.next().await.unwrap()), Some(code));
         assert_eq!(h.task.await.unwrap().close_code(), Some(code));
     }
+}
+
+/// A receipt ticket queued with a frame to alice, and the receipts it reports.
+fn ticket() -> (Arc<Ticket>, crate::receipts::Inbox) {
+    use crate::receipts::{MsgRef, Receipts};
+    let (receipts, inbox) = Receipts::channel(Arc::new(Metrics::new()));
+    let header = crate::bus::Header {
+        id: "m1".into(),
+        msg_type: "t".into(),
+        to: crate::envelope::Target::All,
+        ts: 0,
+        ttl_ms: None,
+        at_us: 0,
+        collapse: None,
+    };
+    let ticket = receipts.ticket(&MsgRef::of(&header), &Arc::from("alice"));
+    (ticket.unwrap(), inbox)
+}
+
+/// `delivered` means written: the session marks a frame's ticket once it is flushed.
+#[tokio::test]
+async fn a_written_frame_reports_its_receipt() {
+    let mut h = start(None);
+    h.out.next().await.unwrap();
+    let (ticket, mut inbox) = ticket();
+    h.conn
+        .push_msg("one".into(), 1, 0, now_us(), Some(ticket))
+        .unwrap();
+    assert_eq!(h.out.next().await.unwrap(), Message::Text("one".into()));
+    let mut reported = Vec::new();
+    for _ in 0..100 {
+        reported = inbox.summaries();
+        if !reported.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(reported, ["delivered m1 alice 1"]);
+}
+
+/// A frame the client never took (its socket full, the connection then closed) is not
+/// reported delivered.
+#[tokio::test(start_paused = true)]
+async fn a_frame_never_written_reports_nothing() {
+    let mut h = start_with_room(None, 1);
+    h.out.next().await.unwrap();
+    let (ticket, mut inbox) = ticket();
+    h.conn
+        .push_msg("one".into(), 1, 0, now_us(), Some(ticket))
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!h.task.is_finished(), "waiting on the full socket");
+    h.conn.close(Close::TooSlow);
+    let end = (&mut h.task).await.unwrap();
+    assert_eq!(end, End::Dropped(Close::TooSlow));
+    drop(h);
+    assert!(inbox.summaries().is_empty());
 }
