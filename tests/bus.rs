@@ -1,5 +1,6 @@
 //! The bus contract, checked against both implementations: the Redis bus (a real Redis at
-//! `FANOUT_TEST_REDIS`) and the in-process bus. Each scenario runs on both.
+//! `FANOUT_TEST_REDIS`, and a Redis Cluster at `FANOUT_TEST_REDIS_CLUSTER`) and the
+//! in-process bus. Each scenario runs on all three (`redis_…`, `cluster_…`, `local_…`).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -41,19 +42,60 @@ impl Recorder {
     }
 }
 
-async fn redis_bus(prefix: &str) -> Arc<dyn Bus> {
-    let url = servers::redis_url();
+/// Which Redis a scenario runs on.
+#[derive(Clone, Copy, Debug)]
+enum On {
+    /// One server (`FANOUT_TEST_REDIS`).
+    Server,
+    /// A Redis Cluster (`FANOUT_TEST_REDIS_CLUSTER`).
+    Cluster,
+}
+
+impl On {
+    fn url(self) -> String {
+        match self {
+            On::Server => servers::redis_url(),
+            On::Cluster => servers::redis_cluster_url(),
+        }
+    }
+
+    async fn connect(self, prefix: &str) -> RedisBus {
+        bus_at(&self.url(), prefix).await
+    }
+
+    async fn bus(self, prefix: &str) -> Arc<dyn Bus> {
+        Arc::new(self.connect(prefix).await)
+    }
+
+    /// A client for looking at the keys of the bus under `prefix` behind its back.
+    async fn raw(self, prefix: &str) -> Raw {
+        let bus = self.connect(prefix).await;
+        Raw {
+            client: bus.client(),
+            base: bus.key_base().to_owned(),
+        }
+    }
+}
+
+async fn bus_at(url: &str, prefix: &str) -> RedisBus {
     let cfg = RedisConfig {
-        url: url.clone(),
+        url: url.to_owned(),
         prefix: prefix.to_owned(),
         ..RedisConfig::default()
     };
-    let bus = RedisBus::connect(&cfg, &recovery(), Arc::new(Metrics::new()))
+    RedisBus::connect(&cfg, &recovery(), Arc::new(Metrics::new()))
         .await
         .unwrap_or_else(|e| {
             panic!("Redis at {url} is needed for this test (./scripts/test starts it): {e}")
-        });
-    Arc::new(bus)
+        })
+}
+
+async fn redis_bus(prefix: &str) -> Arc<dyn Bus> {
+    On::Server.bus(prefix).await
+}
+
+async fn cluster_bus(prefix: &str) -> Arc<dyn Bus> {
+    On::Cluster.bus(prefix).await
 }
 
 /// Small limits, so trimming is easy to reach.
@@ -150,8 +192,72 @@ async fn local_bus_delivers_every_message_to_every_subscriber_in_order() {
 }
 
 #[tokio::test]
+async fn cluster_bus_delivers_every_message_to_every_node_in_order() {
+    let p = prefix();
+    every_subscriber_sees_every_message_in_order(cluster_bus(&p).await, cluster_bus(&p).await)
+        .await;
+}
+
+/// On a Redis Cluster the bus's keys share one hash tag (one slot, one shard: a script
+/// touches them together) and its channels are shard channels of that slot, which only
+/// that shard's nodes carry.
+#[tokio::test]
+async fn cluster_bus_keys_and_channels_share_the_prefix_hash_tag() {
+    let p = prefix();
+    let bus = cluster_bus(&p).await;
+    let raw = On::Cluster.raw(&p).await;
+    assert_eq!(raw.base, format!("{{{p}}}"));
+    let (_live, stop) = subscribed(&bus).await;
+    bus.publish_messages(&[
+        outgoing("k1", Target::Users(vec!["kim".into(), "kai".into()])),
+        outgoing("k2", group("crew")),
+        outgoing("k3", Target::All),
+    ])
+    .await
+    .unwrap();
+    let keys = raw.cmd(vec!["KEYS".into(), raw.key("*")]).await;
+    let fred::types::Value::Array(keys) = keys else {
+        panic!("KEYS: {keys:?}");
+    };
+    let mut keys: Vec<String> = keys.iter().map(|k| k.as_string().unwrap()).collect();
+    keys.sort();
+    for rest in [
+        "seq", "epoch", "all", "u:kim", "u:kai", "g:crew", "m:k1", "m:k3",
+    ] {
+        assert!(keys.contains(&raw.key(rest)), "{rest} not in {keys:?}");
+    }
+    let subscribers = raw
+        .cmd(vec![
+            "PUBSUB".into(),
+            "SHARDNUMSUB".into(),
+            raw.key("bus"),
+            raw.key("control"),
+        ])
+        .await;
+    let fred::types::Value::Array(counts) = subscribers else {
+        panic!("PUBSUB SHARDNUMSUB: {subscribers:?}");
+    };
+    let counts: Vec<String> = counts.iter().filter_map(|v| v.as_string()).collect();
+    assert_eq!(
+        counts,
+        [raw.key("bus"), "1".into(), raw.key("control"), "1".into()],
+        "one shard subscription each, on the shard of the hash tag"
+    );
+    stop.cancel();
+}
+
+#[tokio::test]
 async fn redis_bus_prefixes_keep_clusters_apart() {
-    let (one, two) = (redis_bus(&prefix()).await, redis_bus(&prefix()).await);
+    prefixes_keep_clusters_apart(On::Server).await;
+}
+
+#[tokio::test]
+async fn cluster_bus_prefixes_keep_clusters_apart() {
+    prefixes_keep_clusters_apart(On::Cluster).await;
+}
+
+async fn prefixes_keep_clusters_apart(on: On) {
+    let (one, two) = (on.bus(&prefix()).await, on.bus(&prefix()).await);
     let stop = CancellationToken::new();
     let (a, b) = subscribe_two(&one, &two, &stop).await;
     one.publish(Channel::Bus, Bytes::from_static(b"for one"))
@@ -166,6 +272,7 @@ async fn redis_bus_prefixes_keep_clusters_apart() {
 #[tokio::test]
 async fn both_buses_stop_subscribing_on_shutdown() {
     subscribe_ends_on_shutdown(redis_bus(&prefix()).await).await;
+    subscribe_ends_on_shutdown(cluster_bus(&prefix()).await).await;
     subscribe_ends_on_shutdown(Arc::new(LocalBus::default())).await;
 }
 
@@ -332,6 +439,11 @@ async fn redis_history_replays_exactly_what_a_user_missed() {
 }
 
 #[tokio::test]
+async fn cluster_history_replays_exactly_what_a_user_missed() {
+    history_replays_exactly_what_a_user_missed(cluster_bus(&prefix()).await).await;
+}
+
+#[tokio::test]
 async fn local_history_replays_exactly_what_a_user_missed() {
     history_replays_exactly_what_a_user_missed(local_bus()).await;
 }
@@ -342,6 +454,11 @@ async fn redis_history_trimmed_past_since_is_not_recovered() {
 }
 
 #[tokio::test]
+async fn cluster_history_trimmed_past_since_is_not_recovered() {
+    history_trimmed_past_since_is_not_recovered(cluster_bus(&prefix()).await).await;
+}
+
+#[tokio::test]
 async fn local_history_trimmed_past_since_is_not_recovered() {
     history_trimmed_past_since_is_not_recovered(local_bus()).await;
 }
@@ -349,6 +466,11 @@ async fn local_history_trimmed_past_since_is_not_recovered() {
 #[tokio::test]
 async fn redis_recovery_reads_what_a_node_missed() {
     recovery_reads_what_a_node_missed(redis_bus(&prefix()).await).await;
+}
+
+#[tokio::test]
+async fn cluster_recovery_reads_what_a_node_missed() {
+    recovery_reads_what_a_node_missed(cluster_bus(&prefix()).await).await;
 }
 
 #[tokio::test]
@@ -406,6 +528,11 @@ async fn redis_bus_publishes_a_batch_in_order_and_once() {
 }
 
 #[tokio::test]
+async fn cluster_bus_publishes_a_batch_in_order_and_once() {
+    a_batch_is_published_in_order_and_a_retry_adds_nothing(cluster_bus(&prefix()).await).await;
+}
+
+#[tokio::test]
 async fn local_bus_publishes_a_batch_in_order_and_once() {
     a_batch_is_published_in_order_and_a_retry_adds_nothing(local_bus()).await;
 }
@@ -416,8 +543,17 @@ async fn local_bus_publishes_a_batch_in_order_and_once() {
 /// name another replication id, which is what such a server finds.
 #[tokio::test]
 async fn redis_positions_from_before_a_new_epoch_are_not_recovered_exactly() {
+    positions_from_before_a_new_epoch_are_not_recovered_exactly(On::Server).await;
+}
+
+#[tokio::test]
+async fn cluster_positions_from_before_a_new_epoch_are_not_recovered_exactly() {
+    positions_from_before_a_new_epoch_are_not_recovered_exactly(On::Cluster).await;
+}
+
+async fn positions_from_before_a_new_epoch_are_not_recovered_exactly(on: On) {
     let prefix = prefix();
-    let bus = redis_bus(&prefix).await;
+    let bus = on.bus(&prefix).await;
     let first = bus
         .publish_message(&outgoing("e1", user("eda")))
         .await
@@ -432,18 +568,9 @@ async fn redis_positions_from_before_a_new_epoch_are_not_recovered_exactly() {
         Replay::Recovered { .. }
     ));
 
-    let url = servers::redis_url();
-    let client = fred::prelude::Client::new(
-        fred::prelude::Config::from_url(&url).unwrap(),
-        None,
-        None,
-        None,
-    );
-    fred::prelude::ClientLike::init(&client).await.unwrap();
-    let epoch_key = format!("{prefix}:epoch");
-    fred::prelude::KeysInterface::set::<(), _, _>(&client, &epoch_key, "0ld 1", None, None, false)
-        .await
-        .unwrap();
+    let raw = on.raw(&prefix).await;
+    raw.cmd(vec!["SET".into(), raw.key("epoch"), "0ld 1".into()])
+        .await;
 
     let second = bus
         .publish_message(&outgoing("e2", user("eda")))
@@ -480,49 +607,51 @@ async fn redis_positions_from_before_a_new_epoch_are_not_recovered_exactly() {
     assert!(!found.reset && found.messages.is_empty());
 }
 
-/// A plain client on the test Redis, for looking at keys behind the bus's back.
-async fn raw_redis() -> fred::prelude::Client {
-    let url = servers::redis_url();
-    let client = fred::prelude::Client::new(
-        fred::prelude::Config::from_url(&url).unwrap(),
-        None,
-        None,
-        None,
-    );
-    fred::prelude::ClientLike::init(&client).await.unwrap();
-    client
+/// A client on the Redis of a bus, for looking at its keys behind its back.
+struct Raw {
+    client: fred::prelude::Client,
+    /// The bus's key base: `<prefix>`, or `{<prefix>}` on a Redis Cluster.
+    base: String,
 }
 
-async fn raw_command(client: &fred::prelude::Client, args: Vec<String>) -> fred::types::Value {
-    let mut args = args.into_iter();
-    let name = args.next().unwrap();
-    let cmd = fred::types::CustomCommand::new(name, fred::types::ClusterHash::FirstKey, false);
-    fred::prelude::ClientLike::custom(client, cmd, args.collect())
-        .await
-        .unwrap()
+impl Raw {
+    /// `<base>:<rest>`.
+    fn key(&self, rest: &str) -> String {
+        format!("{}:{rest}", self.base)
+    }
+
+    /// A command, sent on a cluster to the node serving the bus's slot (every key of the
+    /// bus is there; `KEYS` sees only the node it runs on).
+    async fn cmd(&self, args: Vec<String>) -> fred::types::Value {
+        let mut args = args.into_iter();
+        let name = args.next().unwrap();
+        let slot = fred::types::ClusterHash::from(self.base.as_str());
+        let cmd = fred::types::CustomCommand::new(name, slot, false);
+        fred::prelude::ClientLike::custom(&self.client, cmd, args.collect())
+            .await
+            .unwrap()
+    }
 }
 
-/// Bytes Redis uses for every key under `prefix` (`MEMORY USAGE … SAMPLES 0`: exact, and
-/// blind to what other tests do on the same server).
-async fn memory_under(client: &fred::prelude::Client, prefix: &str) -> (usize, i64) {
-    let keys = raw_command(client, vec!["KEYS".into(), format!("{prefix}:*")]).await;
+/// Bytes Redis uses for every key of the bus (`MEMORY USAGE … SAMPLES 0`: exact, and blind
+/// to what other tests do on the same server).
+async fn memory_under(raw: &Raw) -> (usize, i64) {
+    let keys = raw.cmd(vec!["KEYS".into(), raw.key("*")]).await;
     let fred::types::Value::Array(keys) = keys else {
         panic!("KEYS: {keys:?}");
     };
     let mut total = 0;
     for key in &keys {
         let key = key.as_string().unwrap();
-        let used = raw_command(
-            client,
-            vec![
+        let used = raw
+            .cmd(vec![
                 "MEMORY".into(),
                 "USAGE".into(),
                 key,
                 "SAMPLES".into(),
                 "0".into(),
-            ],
-        )
-        .await;
+            ])
+            .await;
         total += used.as_i64().unwrap_or(0);
     }
     (keys.len(), total)
@@ -549,21 +678,30 @@ fn big_outgoing(id: &str, users: &[String], payload_bytes: usize) -> Outgoing {
 /// 66 MB); and each of them still gets it back on resume.
 #[tokio::test]
 async fn redis_a_message_to_many_users_stores_its_payload_once() {
+    a_message_to_many_users_stores_its_payload_once(On::Server).await;
+}
+
+#[tokio::test]
+async fn cluster_a_message_to_many_users_stores_its_payload_once() {
+    a_message_to_many_users_stores_its_payload_once(On::Cluster).await;
+}
+
+async fn a_message_to_many_users_stores_its_payload_once(on: On) {
     const USERS: usize = 1000;
     const PAYLOAD: usize = 100 * 1024;
     let prefix = prefix();
-    let bus = redis_bus(&prefix).await;
-    let client = raw_redis().await;
+    let bus = on.bus(&prefix).await;
+    let raw = on.raw(&prefix).await;
     let users: Vec<String> = (0..USERS).map(|i| format!("user-{i:04}")).collect();
     bus.publish_message(&outgoing("before", user("nobody")))
         .await
         .unwrap();
-    let (_, before) = memory_under(&client, &prefix).await;
+    let (_, before) = memory_under(&raw).await;
     let msg = big_outgoing("big", &users, PAYLOAD);
     let body = msg.body().len();
     let published = bus.publish_message(&msg).await.unwrap();
     assert!(!published.duplicate);
-    let (keys, after) = memory_under(&client, &prefix).await;
+    let (keys, after) = memory_under(&raw).await;
     let grown = (after - before) as usize;
     // The body once (with its allocator slack), and per user a list of two short entries
     // (~100 bytes in Redis 7).
@@ -610,9 +748,18 @@ async fn redis_a_message_to_many_users_stores_its_payload_once() {
 /// points at it is a gap, reported as such: never skipped silently.
 #[tokio::test]
 async fn redis_a_payload_gone_from_the_history_is_a_gap() {
+    a_payload_gone_from_the_history_is_a_gap(On::Server).await;
+}
+
+#[tokio::test]
+async fn cluster_a_payload_gone_from_the_history_is_a_gap() {
+    a_payload_gone_from_the_history_is_a_gap(On::Cluster).await;
+}
+
+async fn a_payload_gone_from_the_history_is_a_gap(on: On) {
     let prefix = prefix();
-    let bus = redis_bus(&prefix).await;
-    let client = raw_redis().await;
+    let bus = on.bus(&prefix).await;
+    let raw = on.raw(&prefix).await;
     bus.publish_message(&outgoing("g1", user("gus")))
         .await
         .unwrap();
@@ -631,11 +778,8 @@ async fn redis_a_payload_gone_from_the_history_is_a_gap() {
         history::replay(&*bus, "gil", &[], "g1").await.unwrap(),
         Replay::Recovered { ref messages, .. } if ids(messages) == ["g2"]
     ));
-    raw_command(
-        &client,
-        vec!["DEL".into(), format!("{prefix}:b:{}", lost.seq)],
-    )
-    .await;
+    raw.cmd(vec!["DEL".into(), raw.key(&format!("b:{}", lost.seq))])
+        .await;
     for u in ["gus", "gil"] {
         assert!(
             matches!(
@@ -711,6 +855,11 @@ async fn redis_bus_publishes_a_batch_to_many_users_in_order() {
 }
 
 #[tokio::test]
+async fn cluster_bus_publishes_a_batch_to_many_users_in_order() {
+    a_batch_to_many_users_is_published_in_order(cluster_bus(&prefix()).await).await;
+}
+
+#[tokio::test]
 async fn local_bus_publishes_a_batch_to_many_users_in_order() {
     a_batch_to_many_users_is_published_in_order(local_bus()).await;
 }
@@ -719,10 +868,19 @@ async fn local_bus_publishes_a_batch_to_many_users_in_order() {
 /// still numbered in order, published once, and in every user's history.
 #[tokio::test]
 async fn redis_a_message_to_more_users_than_one_call_takes_is_published_whole() {
+    a_message_to_more_users_than_one_call_takes_is_published_whole(On::Server).await;
+}
+
+#[tokio::test]
+async fn cluster_a_message_to_more_users_than_one_call_takes_is_published_whole() {
+    a_message_to_more_users_than_one_call_takes_is_published_whole(On::Cluster).await;
+}
+
+async fn a_message_to_more_users_than_one_call_takes_is_published_whole(on: On) {
     const USERS: usize = 2500;
     let prefix = prefix();
-    let bus = redis_bus(&prefix).await;
-    let client = raw_redis().await;
+    let bus = on.bus(&prefix).await;
+    let raw = on.raw(&prefix).await;
     let (live, stop) = subscribed(&bus).await;
     let users: Vec<String> = (0..USERS).map(|i| format!("w{i}")).collect();
     let batch = [
@@ -762,7 +920,7 @@ async fn redis_a_message_to_more_users_than_one_call_takes_is_published_whole() 
         assert_eq!(ids(&messages), expected, "{u}");
         assert_eq!(head, seqs[2]);
     }
-    let pending = raw_command(&client, vec!["EXISTS".into(), format!("{prefix}:pending")]).await;
+    let pending = raw.cmd(vec!["EXISTS".into(), raw.key("pending")]).await;
     assert_eq!(pending.as_i64(), Some(0), "nothing left half written");
     stop.cancel();
 }
@@ -773,52 +931,49 @@ async fn redis_a_message_to_more_users_than_one_call_takes_is_published_whole() 
 /// published again), and streams that got its number skip it.
 #[tokio::test]
 async fn redis_a_half_written_message_is_not_read_and_is_aborted_after_its_lease() {
+    a_half_written_message_is_not_read_and_is_aborted_after_its_lease(On::Server).await;
+}
+
+#[tokio::test]
+async fn cluster_a_half_written_message_is_not_read_and_is_aborted_after_its_lease() {
+    a_half_written_message_is_not_read_and_is_aborted_after_its_lease(On::Cluster).await;
+}
+
+async fn a_half_written_message_is_not_read_and_is_aborted_after_its_lease(on: On) {
     let prefix = prefix();
-    let bus = redis_bus(&prefix).await;
-    let client = raw_redis().await;
+    let bus = on.bus(&prefix).await;
+    let raw = on.raw(&prefix).await;
     let h0 = bus
         .publish_message(&outgoing("h0", user("hal")))
         .await
         .unwrap();
     // What a publisher that stopped after its first call leaves.
     let ghost = h0.seq + 1;
-    raw_command(&client, vec!["INCR".into(), format!("{prefix}:seq")]).await;
+    raw.cmd(vec!["INCR".into(), raw.key("seq")]).await;
     let body = format!("{ghost}\n{{\"id\":\"ghost\",\"type\":\"t\",\"to\":{{\"users\":[\"hal\",\"x\"]}},\"ts\":1}}\nframe ghost");
-    raw_command(
-        &client,
-        vec![
-            "SET".into(),
-            format!("{prefix}:b:{ghost}"),
-            body,
-            "EX".into(),
-            "60".into(),
-        ],
-    )
+    raw.cmd(vec![
+        "SET".into(),
+        raw.key(&format!("b:{ghost}")),
+        body,
+        "EX".into(),
+        "60".into(),
+    ])
     .await;
-    raw_command(
-        &client,
-        vec!["RPUSH".into(), format!("{prefix}:u:hal"), ghost.to_string()],
-    )
+    raw.cmd(vec!["RPUSH".into(), raw.key("u:hal"), ghost.to_string()])
+        .await;
+    raw.cmd(vec![
+        "SET".into(),
+        raw.key("pending"),
+        format!("{ghost} ghost"),
+    ])
     .await;
-    raw_command(
-        &client,
-        vec![
-            "SET".into(),
-            format!("{prefix}:pending"),
-            format!("{ghost} ghost"),
-        ],
-    )
-    .await;
-    raw_command(
-        &client,
-        vec![
-            "SET".into(),
-            format!("{prefix}:lease"),
-            "ghost".into(),
-            "PX".into(),
-            "600".into(),
-        ],
-    )
+    raw.cmd(vec![
+        "SET".into(),
+        raw.key("lease"),
+        "ghost".into(),
+        "PX".into(),
+        "600".into(),
+    ])
     .await;
 
     let read = bus.read_history(After::Seq(0), &[]).await.unwrap();
@@ -857,9 +1012,18 @@ async fn redis_a_half_written_message_is_not_read_and_is_aborted_after_its_lease
 /// calls) is retried by ingest: the retry goes on with the message's number, once.
 #[tokio::test]
 async fn redis_a_retried_message_written_in_parts_keeps_its_number() {
+    a_retried_message_written_in_parts_keeps_its_number(On::Server).await;
+}
+
+#[tokio::test]
+async fn cluster_a_retried_message_written_in_parts_keeps_its_number() {
+    a_retried_message_written_in_parts_keeps_its_number(On::Cluster).await;
+}
+
+async fn a_retried_message_written_in_parts_keeps_its_number(on: On) {
     let prefix = prefix();
-    let bus = redis_bus(&prefix).await;
-    let client = raw_redis().await;
+    let bus = on.bus(&prefix).await;
+    let raw = on.raw(&prefix).await;
     let (live, stop) = subscribed(&bus).await;
     let r0 = bus
         .publish_message(&outgoing("r0", user("r5")))
@@ -869,38 +1033,25 @@ async fn redis_a_retried_message_written_in_parts_keeps_its_number() {
     let msg = big_outgoing("r-big", &users, 100);
     // What its first call left before the error: a number, the payload, and `pending`.
     let n = r0.seq + 1;
-    raw_command(&client, vec!["INCR".into(), format!("{prefix}:seq")]).await;
+    raw.cmd(vec!["INCR".into(), raw.key("seq")]).await;
     let payload = format!("{n}\n{}", std::str::from_utf8(msg.body()).unwrap());
-    raw_command(
-        &client,
-        vec![
-            "SET".into(),
-            format!("{prefix}:b:{n}"),
-            payload,
-            "EX".into(),
-            "60".into(),
-        ],
-    )
+    raw.cmd(vec![
+        "SET".into(),
+        raw.key(&format!("b:{n}")),
+        payload,
+        "EX".into(),
+        "60".into(),
+    ])
     .await;
-    raw_command(
-        &client,
-        vec![
-            "SET".into(),
-            format!("{prefix}:pending"),
-            format!("{n} r-big"),
-        ],
-    )
-    .await;
-    raw_command(
-        &client,
-        vec![
-            "SET".into(),
-            format!("{prefix}:lease"),
-            "r-big".into(),
-            "PX".into(),
-            "5000".into(),
-        ],
-    )
+    raw.cmd(vec!["SET".into(), raw.key("pending"), format!("{n} r-big")])
+        .await;
+    raw.cmd(vec![
+        "SET".into(),
+        raw.key("lease"),
+        "r-big".into(),
+        "PX".into(),
+        "5000".into(),
+    ])
     .await;
     let started = std::time::Instant::now();
     let published = bus.publish_message(&msg).await.unwrap();
@@ -1108,6 +1259,11 @@ async fn redis_group_messages_resume_and_recover() {
 }
 
 #[tokio::test]
+async fn cluster_group_messages_resume_and_recover() {
+    group_messages_resume_and_recover(cluster_bus(&prefix()).await).await;
+}
+
+#[tokio::test]
 async fn local_group_messages_resume_and_recover() {
     group_messages_resume_and_recover(local_bus()).await;
 }
@@ -1115,6 +1271,11 @@ async fn local_group_messages_resume_and_recover() {
 #[tokio::test]
 async fn redis_collapse_keeps_the_latest_per_key() {
     collapse_keeps_the_latest_per_key(redis_bus(&prefix()).await).await;
+}
+
+#[tokio::test]
+async fn cluster_collapse_keeps_the_latest_per_key() {
+    collapse_keeps_the_latest_per_key(cluster_bus(&prefix()).await).await;
 }
 
 #[tokio::test]
@@ -1127,9 +1288,18 @@ async fn local_collapse_keeps_the_latest_per_key() {
 /// script call takes collapses in every user's stream too.
 #[tokio::test]
 async fn redis_collapse_hashes_stay_bounded_and_split_messages_collapse() {
+    collapse_hashes_stay_bounded_and_split_messages_collapse(On::Server).await;
+}
+
+#[tokio::test]
+async fn cluster_collapse_hashes_stay_bounded_and_split_messages_collapse() {
+    collapse_hashes_stay_bounded_and_split_messages_collapse(On::Cluster).await;
+}
+
+async fn collapse_hashes_stay_bounded_and_split_messages_collapse(on: On) {
     let prefix = prefix();
-    let bus = redis_bus(&prefix).await;
-    let client = raw_redis().await;
+    let bus = on.bus(&prefix).await;
+    let raw = on.raw(&prefix).await;
     bus.publish_message(&outgoing("h0", user("hal")))
         .await
         .unwrap();
@@ -1142,13 +1312,13 @@ async fn redis_collapse_hashes_stay_bounded_and_split_messages_collapse() {
         .await
         .unwrap();
     }
-    let hash = format!("{prefix}:c:u:hal");
-    let len = raw_command(&client, vec!["HLEN".into(), hash.clone()]).await;
+    let hash = raw.key("c:u:hal");
+    let len = raw.cmd(vec!["HLEN".into(), hash.clone()]).await;
     assert!(
         len.as_i64().is_some_and(|n| (5..=11).contains(&n)),
         "at most about twice the stream (5): {len:?}"
     );
-    let ttl = raw_command(&client, vec!["TTL".into(), hash]).await;
+    let ttl = raw.cmd(vec!["TTL".into(), hash]).await;
     assert!(ttl.as_i64().is_some_and(|t| t > 0 && t <= 60), "{ttl:?}");
 
     let users: Vec<String> = (0..1500).map(|i| format!("s{i}")).collect();

@@ -236,12 +236,14 @@ impl Parts {
                 .await
                 .context("the pipeline runtime stopped")?
                 .with_context(|| redis_context(&settings.redis))?;
+            // Receipt claims are single keys under the plain prefix: on a Redis Cluster they
+            // spread over every shard instead of joining the bus's hash tag.
             claims = receipts::Claims::Redis {
                 client: bus.client(),
                 prefix: settings.redis.prefix.clone(),
                 window,
             };
-            redis_client = Some(bus.client());
+            redis_client = Some((bus.client(), bus.key_base().to_owned()));
             Arc::new(bus)
         };
         let auth = Arc::new(Authenticator::new(&settings.auth).map_err(anyhow::Error::msg)?);
@@ -313,18 +315,18 @@ impl Parts {
     }
 }
 
-/// Presence on the Redis bus's client (or in-process), with events when
-/// `kafka.presence_topic` is set.
+/// Presence on the Redis bus's client and under its key base (or in-process), with events
+/// when `kafka.presence_topic` is set.
 fn build_presence(
     settings: &Settings,
-    redis_client: Option<fred::clients::Client>,
+    redis_client: Option<(fred::clients::Client, String)>,
     producer: &Producer,
     metrics: &Arc<Metrics>,
 ) -> Presence {
     let backend = match redis_client {
-        Some(client) => presence::Backend::Redis {
+        Some((client, key_base)) => presence::Backend::Redis {
             client,
-            prefix: settings.redis.prefix.clone(),
+            prefix: key_base,
         },
         None => presence::Backend::Local,
     };

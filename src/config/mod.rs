@@ -240,6 +240,15 @@ impl Settings {
         if self.redis.prefix.is_empty() || self.redis.prefix.contains(char::is_whitespace) {
             return Err(invalid("redis.prefix", "must be a non-empty word"));
         }
+        let cluster = RedisScheme::of(&self.redis.url).is_ok_and(RedisScheme::is_cluster);
+        if cluster && self.redis.prefix.contains(['{', '}']) {
+            // On a Redis Cluster the bus's keys are `{<prefix>}:…`: a brace in the prefix
+            // would move the hash tag and split the keys one script touches over slots.
+            return Err(invalid(
+                "redis.prefix",
+                "must not contain `{` or `}` with a Redis Cluster (fanout adds the hash tag itself)",
+            ));
+        }
         tls::check_kafka(&self.kafka, self.kafka.brokers.is_empty())?;
         tls::check_redis(&self.redis)?;
         let db = &self.database.url;

@@ -264,7 +264,36 @@ fn redis_and_postgres_tls_settings_are_accepted() {
         fixture("client.key")
     ))
     .unwrap();
-    refused_naming(cluster("[redis]\nurl='redis-cluster://h:1'"), "redis.url");
+    refused_naming(cluster("[redis]\nurl='memcached://h:1'"), "redis.url");
+}
+
+#[test]
+fn redis_cluster_urls_are_accepted_and_prefixes_with_braces_refused() {
+    let s = cluster("[redis]\nurl='redis-cluster://u:p@10.0.0.1:7000,10.0.0.2:7001'").unwrap();
+    let scheme = RedisScheme::of(&s.redis.url).unwrap();
+    assert_eq!(scheme, RedisScheme::Cluster);
+    assert!(scheme.is_cluster() && !scheme.uses_tls());
+    let s = cluster(&format!(
+        "[redis]\nurl='rediss-cluster://h:7000'\ntls_ca_file='{}'",
+        fixture("ca.pem")
+    ))
+    .unwrap();
+    let scheme = RedisScheme::of(&s.redis.url).unwrap();
+    assert!(scheme.is_cluster() && scheme.uses_tls());
+    refused_naming(
+        cluster("[redis]\nurl='redis-cluster://h:7000'\ntls_ca_file='/x/ca.pem'"),
+        "redis.tls_ca_file",
+    );
+    for bad in ["{fanout}", "a{b", "a}b"] {
+        refused_naming(
+            cluster(&format!(
+                "[redis]\nurl='redis-cluster://h:7000'\nprefix='{bad}'"
+            )),
+            "redis.prefix",
+        );
+    }
+    // One server or Sentinel: no hash tag is added, an existing prefix keeps working.
+    cluster("[redis]\nurl='redis://h:6379'\nprefix='a{b}'").unwrap();
 }
 
 #[test]

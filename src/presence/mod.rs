@@ -88,7 +88,8 @@ pub enum Backend {
     /// The embedded default's in-process bus: this node is the cluster.
     Local,
     /// Redis (the client of the Redis bus, [`crate::bus::redis::RedisBus::client`]), keys
-    /// under `<prefix>:presence:`.
+    /// under `<prefix>:presence:`, where `prefix` is the bus's
+    /// [`key_base`](crate::bus::redis::RedisBus::key_base) (`{<prefix>}` on a Redis Cluster).
     Redis {
         client: fred::clients::Client,
         prefix: String,

@@ -1,5 +1,6 @@
 //! The servers the server-backed tests need, one place for each address: Kafka
-//! (`FANOUT_TEST_KAFKA`), Redis (`FANOUT_TEST_REDIS`, default the local one) and PostgreSQL
+//! (`FANOUT_TEST_KAFKA`), Redis (`FANOUT_TEST_REDIS`, default the local one), a Redis
+//! Cluster (`FANOUT_TEST_REDIS_CLUSTER`, started by `./scripts/test`) and PostgreSQL
 //! (`FANOUT_TEST_DATABASE_URL`, default the local one). Each is checked with a TCP connect
 //! before first use, so a run without them (`cargo test` on a fresh clone) fails each such
 //! test within seconds with one line saying how to get them, instead of waiting on
@@ -31,6 +32,25 @@ pub fn redis_url() -> String {
         "Redis",
         &host_port(&url, 6379),
         "FANOUT_TEST_REDIS=redis://host:port",
+    );
+    url
+}
+
+/// The Redis Cluster's URL, `redis-cluster://host:port,host:port…` (DESIGN §7).
+pub fn redis_cluster_url() -> String {
+    let variable = "FANOUT_TEST_REDIS_CLUSTER=redis-cluster://host:port,host:port…";
+    let url = std::env::var("FANOUT_TEST_REDIS_CLUSTER")
+        .unwrap_or_else(|_| missing("a Redis Cluster", None, variable));
+    let first = url
+        .split_once("://")
+        .map_or(url.as_str(), |(_, rest)| rest)
+        .split(',')
+        .next()
+        .unwrap_or_default();
+    check(
+        "a Redis Cluster",
+        &host_port(&format!("redis://{first}"), 6379),
+        variable,
     );
     url
 }

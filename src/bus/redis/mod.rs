@@ -1,8 +1,9 @@
 //! The Redis bus: scripts on one client, `SUBSCRIBE` on a dedicated subscriber client.
 //!
-//! Keys (all under `<prefix>:`): `seq` the cluster's message counter; `m:<id>` the
-//! sequence number of a published id; `b:<seq>` a message's payload exactly as published,
-//! once however many streams it belongs to; `u:<user>`, `g:<group>` and `all` the history
+//! Keys (all under the key base: `<prefix>:`, or `{<prefix>}:` on a Redis Cluster): `seq`
+//! the cluster's message counter; `m:<id>` the sequence number of a published id;
+//! `b:<seq>` a message's payload exactly as published, once however many streams it
+//! belongs to; `u:<user>`, `g:<group>` and `all` the history
 //! streams: lists of sequence numbers, oldest first, each pointing at a `b:<seq>`;
 //! `c:<stream>` (`c:u:<user>`, `c:g:<group>`, `c:all`) a stream's `collapse` keys, a hash
 //! key → the number of its entry: a message with a `collapse` key removes that entry
@@ -39,6 +40,16 @@
 //! epoch at the next number. A position before the epoch's first number cannot be
 //! continued exactly: resumes across it are not recovered, and nodes tell their
 //! connections they may have lost messages ([`HistoryRead::epoch_start`]).
+//!
+//! Redis Cluster: every key and channel of the bus (and of presence, which takes the same key
+//! base from [`RedisBus::key_base`]) carries the hash tag `{<prefix>}`, so one script call
+//! can touch every stream of a batch, `b:<seq>` keys it builds itself, and the channels it
+//! publishes to: the whole bus lives on the shard that serves that slot. Pub/sub is sharded
+//! (`SPUBLISH` / `SSUBSCRIBE`): a message goes to that shard's nodes only, not over the
+//! cluster bus to every node, and bus and control messages, two channels of one slot, reach
+//! a subscriber in the order they were published, on one connection. The epoch rule covers a
+//! failover of that shard like one under Sentinel. One server or Sentinel keeps the untagged
+//! `<prefix>:` and classic `PUBLISH` / `SUBSCRIBE`, so an existing deployment keeps its keys.
 //!
 //! fred hands pub/sub messages to a broadcast channel; a receiver that falls behind loses
 //! messages, so the channel is large, drained by one dedicated task, and lag is counted and
@@ -88,7 +99,10 @@ const BROADCAST_CAPACITY: usize = 1 << 16;
 pub struct RedisBus {
     publisher: Client,
     subscriber: SubscriberClient,
-    prefix: String,
+    /// `{<prefix>}` on a Redis Cluster, else `<prefix>`: what every key starts with.
+    base: String,
+    /// On a Redis Cluster: sharded pub/sub.
+    cluster: bool,
     /// `<prefix>:seq`, `<prefix>:epoch` and `<prefix>:all`, named once.
     seq_key: String,
     epoch_key: String,
@@ -110,15 +124,18 @@ pub struct RedisBus {
 }
 
 impl RedisBus {
-    /// Connects both clients to the Redis `cfg` names (one server, or the primary its
-    /// sentinels report, over TLS for `rediss`); fails if Redis cannot be reached now.
+    /// Connects both clients to the Redis `cfg` names (one server, the primary its
+    /// sentinels report, or a Redis Cluster; over TLS for `rediss`); fails if Redis cannot be
+    /// reached now.
     pub async fn connect(
         cfg: &RedisConfig,
         recovery: &RecoveryConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, BusError> {
-        let prefix = cfg.prefix.as_str();
         let config = connect::client_config(cfg)?;
+        let cluster = config.server.is_clustered();
+        let base = key_base(&cfg.prefix, cluster);
+        let prefix = base.as_str();
         let mut builder = Builder::from_config(config);
         builder
             .with_connection_config(|c| {
@@ -136,8 +153,13 @@ impl RedisBus {
         let subscriber = builder.build_subscriber_client()?;
         publisher.init().await?;
         subscriber.init().await?;
-        let publish_script = Script::from_lua(format!("{EPOCH_LUA}{PUBLISH_LUA}{PUBLISH_SCRIPT}"));
-        let chunk_script = Script::from_lua(format!("{EPOCH_LUA}{PUBLISH_LUA}{CHUNK_SCRIPT}"));
+        // The scripts publish with `PUB`: a shard channel of their own slot on a cluster.
+        let publish = format!(
+            "local PUB = '{}'\n{EPOCH_LUA}{PUBLISH_LUA}",
+            if cluster { "SPUBLISH" } else { "PUBLISH" }
+        );
+        let publish_script = Script::from_lua(format!("{publish}{PUBLISH_SCRIPT}"));
+        let chunk_script = Script::from_lua(format!("{publish}{CHUNK_SCRIPT}"));
         let read_script = Script::from_lua(format!("{EPOCH_LUA}{READ_SCRIPT}"));
         publish_script.load(&publisher).await?;
         chunk_script.load(&publisher).await?;
@@ -145,7 +167,7 @@ impl RedisBus {
         Ok(Self {
             publisher,
             subscriber,
-            prefix: prefix.to_owned(),
+            cluster,
             seq_key: format!("{prefix}:seq"),
             epoch_key: format!("{prefix}:epoch"),
             all_key: format!("{prefix}:all"),
@@ -160,7 +182,15 @@ impl RedisBus {
             max_messages: recovery.max_messages.to_string(),
             window_secs: recovery.window.as_secs().max(1).to_string(),
             metrics,
+            base,
         })
+    }
+
+    /// What every key of the bus starts with (before its `:`): `{<prefix>}` on a Redis
+    /// Cluster (one hash tag, one slot), else `<prefix>`. Presence keeps its keys under it
+    /// too, so that they share the bus's shard.
+    pub fn key_base(&self) -> &str {
+        &self.base
     }
 
     /// The command client (not the subscriber), for other parts of the node that keep
@@ -172,8 +202,8 @@ impl RedisBus {
     fn stream_key(&self, key: &StreamKey<'_>) -> String {
         match key {
             StreamKey::All => self.all_key.clone(),
-            StreamKey::User(user) => format!("{}:u:{user}", self.prefix),
-            StreamKey::Group(group) => format!("{}:g:{group}", self.prefix),
+            StreamKey::User(user) => format!("{}:u:{user}", self.base),
+            StreamKey::Group(group) => format!("{}:g:{group}", self.base),
         }
     }
 
@@ -181,9 +211,9 @@ impl RedisBus {
     /// key → the sequence number of its entry.
     fn collapse_key(&self, key: &StreamKey<'_>) -> String {
         match key {
-            StreamKey::All => format!("{}:c:all", self.prefix),
-            StreamKey::User(user) => format!("{}:c:u:{user}", self.prefix),
-            StreamKey::Group(group) => format!("{}:c:g:{group}", self.prefix),
+            StreamKey::All => format!("{}:c:all", self.base),
+            StreamKey::User(user) => format!("{}:c:u:{user}", self.base),
+            StreamKey::Group(group) => format!("{}:c:g:{group}", self.base),
         }
     }
 
@@ -206,7 +236,7 @@ impl RedisBus {
 
     /// `<prefix>:m:<id>`: the sequence number an id was published with.
     fn seen_key(&self, id: &str) -> String {
-        format!("{}:m:{id}", self.prefix)
+        format!("{}:m:{id}", self.base)
     }
 
     fn script_keys<'a>(
@@ -382,6 +412,15 @@ impl RedisBus {
     }
 }
 
+/// `{<prefix>}` on a Redis Cluster (the hash tag of every bus key), else `<prefix>`.
+pub fn key_base(prefix: &str, cluster: bool) -> String {
+    if cluster {
+        format!("{{{prefix}}}")
+    } else {
+        prefix.to_owned()
+    }
+}
+
 fn int(value: &Value) -> Result<i64, BusError> {
     value
         .as_i64()
@@ -437,7 +476,11 @@ fn payload_bytes(value: Value) -> Option<Bytes> {
 impl Bus for RedisBus {
     async fn publish(&self, channel: Channel, payload: Bytes) -> Result<(), BusError> {
         let name = self.channel_name(channel).to_owned();
-        let result: Result<i64, _> = self.publisher.publish(name, payload).await;
+        let result: Result<i64, _> = if self.cluster {
+            self.publisher.spublish(name, payload).await
+        } else {
+            self.publisher.publish(name, payload).await
+        };
         match result {
             Ok(_) => {
                 self.metrics
@@ -510,9 +553,13 @@ impl Bus for RedisBus {
         let mut messages = self.subscriber.message_rx();
         let mut reconnects = self.subscriber.reconnect_rx();
         let resubscriber = self.subscriber.manage_subscriptions();
-        self.subscriber
-            .subscribe(vec![self.bus_channel.clone(), self.control_channel.clone()])
-            .await?;
+        let channels = vec![self.bus_channel.clone(), self.control_channel.clone()];
+        if self.cluster {
+            // Two channels of one slot: one command, one connection, one order.
+            self.subscriber.ssubscribe(channels).await?;
+        } else {
+            self.subscriber.subscribe(channels).await?;
+        }
         let received_bus = self
             .metrics
             .bus_received

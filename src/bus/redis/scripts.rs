@@ -1,5 +1,7 @@
 //! The Redis bus's Lua scripts (the layout and protocol they implement are described in
-//! the parent module's comment). Each call is one atomic step on the server.
+//! the parent module's comment). Each call is one atomic step on the server. The publish
+//! scripts publish with the command in the Lua local `PUB` (`PUBLISH`, or `SPUBLISH` on a
+//! Redis Cluster), which the bus defines before them.
 
 /// Lua shared by both scripts: the first sequence number of the current epoch (see the
 /// module comment), starting a new one when the server's replication id changed.
@@ -125,7 +127,7 @@ for m = 5, #ARGV, 3 do
         append(KEYS[i], seq, max, ARGV[2], nil, nil)
       end
     end
-    redis.call('PUBLISH', ARGV[3], payload)
+    redis.call(PUB, ARGV[3], payload)
     redis.call('SET', KEYS[k], seq, 'EX', ARGV[2])
     out[#out + 1] = seq
     out[#out + 1] = 0
@@ -175,7 +177,7 @@ else
 end
 if ARGV[6] == 'last' then
   local payload = redis.call('GET', ARGV[4] .. string.format('%d', seq))
-  redis.call('PUBLISH', ARGV[3], payload)
+  redis.call(PUB, ARGV[3], payload)
   redis.call('SET', KEYS[5], seq, 'EX', ARGV[2])
   redis.call('DEL', KEYS[3], KEYS[4])
 end
