@@ -55,6 +55,17 @@ pub fn redis_cluster_url() -> String {
     url
 }
 
+/// The Redis URL the end-to-end nodes use: the Redis Cluster's when
+/// `FANOUT_TEST_REDIS_MODE=cluster` (how `./scripts/test` runs the delivery, resume and
+/// failure scenarios a second time), else [`redis_url`].
+pub fn nodes_redis_url() -> String {
+    match std::env::var("FANOUT_TEST_REDIS_MODE").as_deref() {
+        Ok("cluster") => redis_cluster_url(),
+        Ok("") | Ok("single") | Err(_) => redis_url(),
+        Ok(other) => panic!("FANOUT_TEST_REDIS_MODE={other}: expected `cluster` or `single`"),
+    }
+}
+
 /// The PostgreSQL URL tests create their databases with.
 pub fn database_url() -> String {
     let url = std::env::var("FANOUT_TEST_DATABASE_URL")
