@@ -15,6 +15,8 @@ use fanout::envelope::Target;
 use fanout::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 
+#[path = "common/redis_cluster.rs"]
+mod redis_cluster;
 #[path = "common/servers.rs"]
 mod servers;
 
@@ -1342,4 +1344,75 @@ async fn collapse_hashes_stay_bounded_and_split_messages_collapse(on: On) {
         };
         assert_eq!(ids(&messages), ["s-tick-2"], "{u}");
     }
+}
+
+// ---- Redis Cluster failover ----
+
+/// A manual failover of the bus's shard (`CLUSTER FAILOVER`: its replica takes the slots,
+/// the old primary stays up as a replica) ends the bus's shard subscription at the old
+/// primary with a `sunsubscribe` push, which fred drops without a word (no reconnect, no
+/// event). The bus subscribes again by itself, at the new primary: live messages come
+/// again within seconds, each once and in order (what was published meanwhile is the
+/// router's to recover from the history: a jump in the sequence numbers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_bus_subscribes_again_after_a_manual_failover() {
+    let cluster = redis_cluster::PrivateCluster::start().await;
+    let p = prefix();
+    let bus: Arc<dyn Bus> = Arc::new(bus_at(&cluster.url, &p).await);
+    let (live, stop) = subscribed(&bus).await;
+    bus.publish_message(&outgoing("before", user("mia")))
+        .await
+        .unwrap();
+    assert_eq!(live.wait_for(1).await.len(), 1, "heard before the failover");
+    let mut failover = cluster.failover(&format!("{{{p}}}"), true);
+    let promoted = failover.wait_for("FAILOVER_PROMOTED").await;
+    let heard = |live: &Recorder| -> Vec<BusMessage> {
+        live.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, payload)| BusMessage::decode(payload.clone()).unwrap())
+            .collect()
+    };
+    let mut published = 0;
+    let started = std::time::Instant::now();
+    while heard(&live).len() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no message came live within 10 s after {promoted} took over the bus's shard \
+             ({published} published meanwhile)"
+        );
+        bus.publish_message(&outgoing(&format!("after-{published}"), user("mia")))
+            .await
+            .unwrap();
+        published += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "live again {:?} after the failover ({published} published meanwhile)",
+        started.elapsed()
+    );
+    for i in 0..20 {
+        bus.publish_message(&outgoing(&format!("later-{i}"), user("mia")))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let heard = heard(&live);
+    let later: Vec<String> = heard
+        .iter()
+        .map(|m| m.header.id.clone())
+        .filter(|id| id.starts_with("later-"))
+        .collect();
+    assert_eq!(
+        later,
+        (0..20).map(|i| format!("later-{i}")).collect::<Vec<_>>(),
+        "every message published once live again: heard once each, in order"
+    );
+    let seqs: Vec<u64> = heard.iter().map(|m| m.seq).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "never twice, never out of order: {seqs:?}"
+    );
+    stop.cancel();
 }

@@ -3,6 +3,7 @@
 
 mod bounds;
 mod clients;
+mod cluster;
 mod delivery;
 mod drain;
 mod edges;

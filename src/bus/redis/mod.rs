@@ -55,6 +55,14 @@
 //! messages, so the channel is large, drained by one dedicated task, and lag is counted and
 //! reported as a [`BusEvent::Gap`]. After a lost connection fred reconnects with backoff and
 //! `manage_subscriptions` resubscribes; that, too, is reported as a gap.
+//!
+//! On a Redis Cluster a server may also end a shard subscription on a live connection: a
+//! manual failover or a slot migration moves the slot, and the old owner pushes
+//! `sunsubscribe`, which fred drops without a word (no reconnect, no event). So the
+//! subscriber repeats its `SSUBSCRIBE` every [`RESUBSCRIBE_EVERY`]: a no-op where the
+//! subscription holds; after a move, fred follows the redirection to the slot's owner.
+//! What was published meanwhile shows as a jump in the sequence numbers and is recovered
+//! from the history like any gap.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,6 +102,10 @@ const BUSY_WAIT: Duration = Duration::from_millis(2 * LEASE_MS);
 
 /// Capacity of fred's pub/sub broadcast channel (messages buffered before lag).
 const BROADCAST_CAPACITY: usize = 1 << 16;
+
+/// On a Redis Cluster, how often the subscriber repeats its `SSUBSCRIBE` (see the module
+/// comment).
+const RESUBSCRIBE_EVERY: Duration = Duration::from_secs(1);
 
 /// A [`Bus`] over Redis pub/sub.
 pub struct RedisBus {
@@ -140,7 +152,10 @@ impl RedisBus {
         builder
             .with_connection_config(|c| {
                 c.connection_timeout = Duration::from_secs(3);
-                c.max_command_attempts = 1;
+                // A failed publish is retried by ingest, not by fred. But fred counts
+                // following a redirection as a second write: on a cluster, where a failover or
+                // a slot move answers the next command with MOVED, one attempt would fail it.
+                c.max_command_attempts = if cluster { 2 } else { 1 };
             })
             .with_performance_config(|p| {
                 p.default_command_timeout = Duration::from_secs(3);
@@ -463,6 +478,21 @@ fn parse_read(reply: Value) -> Result<HistoryRead, BusError> {
     })
 }
 
+/// Repeats `SSUBSCRIBE channels` every [`RESUBSCRIBE_EVERY`], for a subscription a server
+/// ended without fred noticing (see the module comment). Runs beside the receive loop: a
+/// slow or failing command never delays the messages.
+async fn keep_subscribed(subscriber: SubscriberClient, channels: Vec<String>) {
+    let mut tick = tokio::time::interval(RESUBSCRIBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(e) = subscriber.ssubscribe(channels.clone()).await {
+            tracing::debug!(error = %e, "repeated SSUBSCRIBE failed; trying again");
+        }
+    }
+}
+
 /// A pub/sub payload as bytes, without copying.
 fn payload_bytes(value: Value) -> Option<Bytes> {
     match value {
@@ -554,9 +584,14 @@ impl Bus for RedisBus {
         let mut reconnects = self.subscriber.reconnect_rx();
         let resubscriber = self.subscriber.manage_subscriptions();
         let channels = vec![self.bus_channel.clone(), self.control_channel.clone()];
+        let mut keeper = None;
         if self.cluster {
             // Two channels of one slot: one command, one connection, one order.
-            self.subscriber.ssubscribe(channels).await?;
+            self.subscriber.ssubscribe(channels.clone()).await?;
+            keeper = Some(tokio::spawn(keep_subscribed(
+                self.subscriber.clone(),
+                channels,
+            )));
         } else {
             self.subscriber.subscribe(channels).await?;
         }
@@ -605,6 +640,9 @@ impl Bus for RedisBus {
             }
         };
         resubscriber.abort();
+        if let Some(keeper) = keeper {
+            keeper.abort();
+        }
         let _ = self.subscriber.unsubscribe_all().await;
         result
     }
