@@ -166,6 +166,8 @@ labels! {
         Produced => "produced",
         /// The producer's queue was full (or refused it): not sent.
         Dropped => "dropped",
+        /// Queued, but the brokers never took it (within `message.timeout.ms`).
+        Failed => "failed",
     }
 }
 

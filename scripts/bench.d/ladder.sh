@@ -45,7 +45,7 @@ sources=${BENCH_SOURCES:-16}
 drain=${BENCH_DRAIN:-2}
 partitions=4
 secret=bench-secret
-shared_db=""
+shared_db="" base_db=""
 
 cat >"$work/types.toml" <<TOML
 [kafka.options]
@@ -63,9 +63,17 @@ cluster_up() {
   new_topic "$topic" "$partitions"
   for i in $(seq 0 $((nodes - 1))); do
     if fanout_side "$side"; then
-      [ -n "$shared_db" ] || shared_db=$(new_database)
-      local extra=() node_bin=$bin
-      [ "$side" = base ] && node_bin=$BENCH_BASE_BIN
+      local extra=() node_bin=$bin db
+      if [ "$side" = base ]; then
+        # Its own database: an older build may refuse one a newer build migrated.
+        node_bin=$BENCH_BASE_BIN
+        [ -n "$base_db" ] || base_db=$(new_database)
+        db=$base_db
+      else
+        [ -n "$shared_db" ] || shared_db=$(new_database)
+        db=$shared_db
+      fi
+      cluster_db=$db
       if [ "$side" = fanout-on ]; then
         # Receipts and presence on: both topics exist before the nodes start.
         [ "$i" != 0 ] || { new_topic "$topic-receipts" "$partitions"; new_topic "$topic-presence" "$partitions"; }
@@ -74,7 +82,7 @@ cluster_up() {
       bin=$node_bin node_config=$work/types.toml start_fanout "$dir/node$i" "${extra[@]}" \
         FANOUT__NODE__ID="bench-$i" FANOUT__KAFKA__BROKERS="$kafka" FANOUT__KAFKA__TOPICS="$topic" \
         FANOUT__KAFKA__GROUP_ID="$topic" FANOUT__REDIS__URL="$redis_url" FANOUT__REDIS__PREFIX="$topic" \
-        FANOUT__DATABASE__URL="$shared_db" FANOUT__AUTH__JWT_SECRET="$secret" \
+        FANOUT__DATABASE__URL="$db" FANOUT__AUTH__JWT_SECRET="$secret" \
         FANOUT__SERVER__MAX_CONNECTIONS=20000 FANOUT__SERVER__MAX_FRAMES_PER_SEC=1000
       cluster_admins+=("$node_admin")
     else

@@ -25,7 +25,7 @@ step_targets=users:$users
 echo "==> S3 personal: $users users over $nodes nodes, odd users muted, steps of $seconds s at $rates records/s (linger ${BENCH_LINGER_MS:-2/10} ms), $runs runs per side"
 before_clients() {
   [ "$1" != peer ] || return 0
-  psql "$shared_db" -qc "DELETE FROM fanout_preferences;
+  psql "$cluster_db" -qc "DELETE FROM fanout_preferences;
     INSERT INTO fanout_preferences (user_id, msg_type, enabled)
     SELECT 'u' || i, 'robot.reply', false FROM generate_series(1, $users - 1, 2) i" >/dev/null
 }

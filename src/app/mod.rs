@@ -210,8 +210,8 @@ struct Parts {
     receipts: Receipts,
     /// ...their task, taken when the message path starts...
     receipts_task: parking_lot::Mutex<Option<receipts::Task>>,
-    /// ...and their producer, flushed at shutdown.
-    receipts_sink: Option<kafka::Sink>,
+    /// The never-waiting producer of receipts and presence events, if either topic is set.
+    sink: Option<kafka::Sink>,
 }
 
 impl Parts {
@@ -236,13 +236,13 @@ impl Parts {
                 .await
                 .context("the pipeline runtime stopped")?
                 .with_context(|| redis_context(&settings.redis))?;
-            // Receipt claims are single keys under the plain prefix: on a Redis Cluster they
-            // spread over every shard instead of joining the bus's hash tag.
-            claims = receipts::Claims::Redis {
-                client: bus.client(),
-                prefix: settings.redis.prefix.clone(),
+            // Claim keys under the bus's key base: on a Redis Cluster `{<prefix>}`, the one
+            // slot a batch's claim script must keep all its keys in.
+            claims = receipts::Claims::Redis(receipts::RedisClaims::new(
+                bus.client(),
+                bus.key_base(),
                 window,
-            };
+            ));
             redis_client = Some((bus.client(), bus.key_base().to_owned()));
             Arc::new(bus)
         };
@@ -272,26 +272,23 @@ impl Parts {
         );
         // Before any port is open: a node never accepts a token revoked before it started.
         kicks.load().await.context("reading fanout_revocations")?;
-        let presence = build_presence(&settings, redis_client, &producer, &metrics);
-        let (receipts, receipts_task, receipts_sink) = if settings.kafka.receipts_topic.is_empty() {
-            (Receipts::off(), None, None)
-        } else {
-            let failed = metrics
-                .receipts_dropped
-                .with_label_values(&[crate::metrics::ReceiptDropped::ProduceFailed.label()]);
-            let sink = kafka::Sink::new(&settings.kafka, failed)
-                .context("creating the Kafka producer of kafka.receipts_topic")?;
-            let (receipts, inbox) = Receipts::channel(metrics.clone());
-            let task = receipts::Task {
-                inbox,
-                sink: sink.clone(),
-                topic: settings.kafka.receipts_topic.clone(),
-                node: settings.node.id.clone(),
-                claims,
-                directory: Some(Arc::new(presence.clone())),
-                metrics: metrics.clone(),
-            };
-            (receipts, Some(task), Some(sink))
+        let sink = side_sink(&settings, &metrics)?;
+        let presence = build_presence(&settings, redis_client, sink.as_ref(), &metrics);
+        let (receipts, receipts_task) = match &sink {
+            Some(sink) if !settings.kafka.receipts_topic.is_empty() => {
+                let (receipts, inbox) = Receipts::channel(metrics.clone());
+                let task = receipts::Task {
+                    inbox,
+                    sink: sink.clone(),
+                    topic: settings.kafka.receipts_topic.clone(),
+                    node: settings.node.id.clone(),
+                    claims,
+                    directory: Some(Arc::new(presence.clone())),
+                    metrics: metrics.clone(),
+                };
+                (receipts, Some(task))
+            }
+            _ => (Receipts::off(), None),
         };
         Ok(Self {
             settings,
@@ -310,9 +307,34 @@ impl Parts {
             max_pending,
             receipts,
             receipts_task: parking_lot::Mutex::new(receipts_task),
-            receipts_sink,
+            sink,
         })
     }
+}
+
+/// The never-waiting producer for `kafka.receipts_topic` and `kafka.presence_topic`, if
+/// either is set (its own librdkafka instance: they never fill the queue `ask` waits on).
+fn side_sink(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Option<kafka::Sink>> {
+    let kafka = &settings.kafka;
+    let mut failed = Vec::new();
+    if !kafka.receipts_topic.is_empty() {
+        let counter = metrics
+            .receipts_dropped
+            .with_label_values(&[crate::metrics::ReceiptDropped::ProduceFailed.label()]);
+        failed.push((kafka.receipts_topic.clone(), counter));
+    }
+    if !kafka.presence_topic.is_empty() {
+        let counter = metrics
+            .presence_events
+            .with_label_values(&[crate::metrics::PresenceEvent::Failed.label()]);
+        failed.push((kafka.presence_topic.clone(), counter));
+    }
+    if failed.is_empty() {
+        return Ok(None);
+    }
+    let sink = kafka::Sink::new(kafka, failed)
+        .context("creating the Kafka producer of kafka.receipts_topic / kafka.presence_topic")?;
+    Ok(Some(sink))
 }
 
 /// Presence on the Redis bus's client and under its key base (or in-process), with events
@@ -320,7 +342,7 @@ impl Parts {
 fn build_presence(
     settings: &Settings,
     redis_client: Option<(fred::clients::Client, String)>,
-    producer: &Producer,
+    sink: Option<&kafka::Sink>,
     metrics: &Arc<Metrics>,
 ) -> Presence {
     let backend = match redis_client {
@@ -335,7 +357,9 @@ fn build_presence(
         node: settings.node.id.clone(),
         backend,
         session_timeout: settings.kafka.session_timeout,
-        events: (!topic.is_empty()).then(|| (producer.clone(), topic.clone())),
+        events: sink
+            .filter(|_| !topic.is_empty())
+            .map(|sink| (sink.clone(), topic.clone())),
         metrics: metrics.clone(),
     })
 }
@@ -535,7 +559,7 @@ impl Tasks {
         parts
             .producer
             .flush(end.saturating_duration_since(tokio::time::Instant::now()));
-        if let Some(sink) = &parts.receipts_sink {
+        if let Some(sink) = &parts.sink {
             sink.flush(end.saturating_duration_since(tokio::time::Instant::now()));
         }
         if self.watch.failed.is_cancelled() {

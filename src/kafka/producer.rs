@@ -109,16 +109,6 @@ impl Producer {
         }
     }
 
-    /// Hands one record to librdkafka's queue without waiting for anything: `Err` at once
-    /// when the queue is full (or the record is refused). Its delivery is not reported.
-    pub fn try_send(&self, topic: &str, key: &str, payload: &[u8]) -> Result<(), KafkaError> {
-        let (done, _) = oneshot::channel();
-        let record = BaseRecord::with_opaque_to(topic, Box::new(done))
-            .payload(payload)
-            .key(key);
-        self.inner.producer.send(record).map_err(|(e, _)| e)
-    }
-
     /// True if the cluster answers a metadata request for `topic` within `timeout`.
     /// Blocks: call it from `spawn_blocking`.
     pub fn probe(&self, topic: &str, timeout: Duration) -> bool {

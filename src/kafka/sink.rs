@@ -1,11 +1,12 @@
-//! A producer that never waits: for output topics (receipts) whose records are facts
-//! reported on the side, never worth holding up the node for.
+//! A producer that never waits: for output topics (receipts, presence events) whose
+//! records are facts reported on the side, never worth holding up the node for.
 //!
 //! [`Sink::produce`] hands a record to librdkafka's queue and returns at once; a full queue
 //! (`queue.buffering.max.messages`, bounded) is an error the caller counts and drops. A
 //! record that fails later (broker down past `message.timeout.ms`) is counted through the
-//! `failed` counter given at creation. Its own librdkafka instance (queue and thread), so a
-//! flood of receipts cannot fill the queue that `ask` and dead-lettering wait on.
+//! counter given for its topic at creation. Its own librdkafka instance (queue and thread),
+//! so a flood of receipts or a connect storm's presence events cannot fill the queue that
+//! `ask` and dead-lettering wait on.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,9 +23,9 @@ use crate::config::KafkaConfig;
 /// Records waiting in librdkafka's queue at most; beyond, `produce` fails at once.
 const QUEUE_MAX: usize = 100_000;
 
-/// Counts the records the brokers did not take.
+/// Counts the records the brokers did not take, per topic.
 struct Reports {
-    failed: IntCounter,
+    failed: Vec<(String, IntCounter)>,
 }
 
 impl ClientContext for Reports {}
@@ -33,8 +34,12 @@ impl ProducerContext for Reports {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if result.is_err() {
-            self.failed.inc();
+        use rdkafka::Message as _;
+        if let Err((_, record)) = result {
+            let topic = record.topic();
+            if let Some((_, failed)) = self.failed.iter().find(|(t, _)| t == topic) {
+                failed.inc();
+            }
         }
     }
 }
@@ -57,14 +62,18 @@ impl Drop for Shared {
 }
 
 impl Sink {
-    /// A producer for `cfg`'s brokers; `failed` counts records the brokers never took.
-    pub fn new(cfg: &KafkaConfig, failed: IntCounter) -> Result<Self, KafkaError> {
+    /// A producer for `cfg`'s brokers; `failed` counts, per topic, records the brokers
+    /// never took.
+    pub fn new(cfg: &KafkaConfig, failed: Vec<(String, IntCounter)>) -> Result<Self, KafkaError> {
         let producer: BaseProducer<Reports> = client_config(cfg)
             .set("acks", "all")
             .set("enable.idempotence", "false")
             .set("message.timeout.ms", "30000")
             .set("linger.ms", "5")
             .set("queue.buffering.max.messages", QUEUE_MAX.to_string())
+            // Only failures are reported back (all the sink counts): no delivery report,
+            // and no wake-up of the polling thread, per record taken.
+            .set("delivery.report.only.error", "true")
             .create_with_context(Reports { failed })
             .map_err(super::without_secrets)?;
         let producer = Arc::new(producer);

@@ -1,13 +1,14 @@
 //! The presence topic (`kafka.presence_topic`, DESIGN §6): one JSON record per connect and
-//! disconnect, keyed by user id, handed to librdkafka without waiting. When its queue is
-//! full the event is dropped and counted (`fanout_presence_events_total{result="dropped"}`):
-//! a session never waits for Kafka.
+//! disconnect, keyed by user id, handed to librdkafka without waiting (the never-waiting
+//! [`Sink`] shared with receipts). When its queue is full the event is dropped and counted
+//! (`fanout_presence_events_total{result="dropped"}`), as is one the brokers never took
+//! (`result="failed"`): a session never waits for Kafka.
 
 use serde::Serialize;
 
 use super::ConnInfo;
 use crate::envelope::Platform;
-use crate::kafka::Producer;
+use crate::kafka::Sink;
 use crate::metrics::{Metrics, PresenceEvent};
 
 /// A record of the presence topic.
@@ -51,13 +52,13 @@ impl<'a> Event<'a> {
 
 /// Produces presence events to one topic.
 pub(super) struct Events {
-    producer: Producer,
+    sink: Sink,
     topic: String,
 }
 
 impl Events {
-    pub fn new(producer: Producer, topic: String) -> Self {
-        Self { producer, topic }
+    pub fn new(sink: Sink, topic: String) -> Self {
+        Self { sink, topic }
     }
 
     pub fn connect(&self, info: &ConnInfo, ts: i64, metrics: &Metrics) {
@@ -70,7 +71,7 @@ impl Events {
 
     fn produce(&self, event: &Event<'_>, metrics: &Metrics) {
         let payload = serde_json::to_vec(event).expect("an event serializes");
-        let result = match self.producer.try_send(&self.topic, event.user, &payload) {
+        let result = match self.sink.produce(&self.topic, event.user, &payload) {
             Ok(()) => PresenceEvent::Produced,
             Err(e) => {
                 tracing::debug!(error = %e, user = event.user, "presence event dropped");

@@ -38,7 +38,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::envelope::Platform;
-use crate::kafka::Producer;
+use crate::kafka::Sink;
 use crate::metrics::Metrics;
 
 pub use self::redis::{dead_bound, HEARTBEAT_PERIOD};
@@ -105,7 +105,7 @@ pub struct Options {
     /// ([`dead_bound`]).
     pub session_timeout: Duration,
     /// The producer and `kafka.presence_topic`, when that is set.
-    pub events: Option<(Producer, String)>,
+    pub events: Option<(Sink, String)>,
     pub metrics: Arc<Metrics>,
 }
 

@@ -16,8 +16,8 @@
 //! * asks presence, in one call, which users of the published messages have a matching
 //!   connection anywhere ([`Directory`]); those without one are `offline` candidates;
 //! * claims every negative candidate (`offline`, `filtered`, `expired`) in one round trip
-//!   ([`Claims`]: Redis `SET <prefix>:receipt:<id>:<user> 1 NX EX <recovery.window>`,
-//!   pipelined; in memory on the in-process bus): only the first claim of an (id, user) in
+//!   ([`Claims`]: Redis `SET <key base>:receipt:<id>:<user> 1 NX EX <recovery.window>`,
+//!   one script call; in memory on the in-process bus): only the first claim of an (id, user) in
 //!   the cluster is produced, so the backend gets at most one negative outcome per message
 //!   and user, whichever node or ingest saw it first;
 //! * renders each record and hands it to a [`Sink`] (librdkafka's queue; full → dropped and
@@ -392,14 +392,74 @@ impl Directory for crate::presence::Presence {
 
 /// Decides which node reports a negative outcome: the first to claim (id, user).
 pub enum Claims {
-    /// A cluster: `SET <prefix>:receipt:<id>:<user> 1 NX EX <window>`, pipelined.
-    Redis {
-        client: fred::clients::Client,
-        prefix: String,
-        window: Duration,
-    },
+    /// A cluster: [`RedisClaims`].
+    Redis(RedisClaims),
     /// One process (the in-process bus): remembered here for `window`.
     Local(LocalClaims),
+}
+
+/// Claims in Redis: `SET <key base>:receipt:<id>:<user> 1 NX EX <window>` for every key of
+/// a batch, in one script call (one command for the client to encode and route, however many
+/// claims: a pipeline of one `SET` each cost the receipts task more than all its other
+/// work). The key base is the bus's: `<prefix>` on one Redis, `{<prefix>}` on a Redis
+/// Cluster, where a script's keys must all be in one slot.
+pub struct RedisClaims {
+    client: fred::clients::Client,
+    /// `<key base>:receipt:`
+    base: String,
+    window_secs: String,
+    script: fred::types::scripts::Script,
+}
+
+/// KEYS: the claims; ARGV: the window in seconds. 1 for each claim this call won, else 0.
+const CLAIM_LUA: &str = r#"
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('SET', key, '1', 'NX', 'EX', ARGV[1]) then out[i] = 1 else out[i] = 0 end
+end
+return out
+"#;
+
+impl RedisClaims {
+    /// Claims under `key_base` (the bus's [`crate::bus::redis::RedisBus::key_base`]).
+    pub fn new(client: fred::clients::Client, key_base: &str, window: Duration) -> Self {
+        Self {
+            client,
+            base: format!("{key_base}:receipt:"),
+            window_secs: window.as_secs().max(1).to_string(),
+            script: fred::types::scripts::Script::from_lua(CLAIM_LUA),
+        }
+    }
+
+    /// The key of the claim on (`id`, `user`).
+    fn key(&self, id: &str, user: &str) -> String {
+        let mut key = String::with_capacity(self.base.len() + id.len() + 1 + user.len());
+        key.push_str(&self.base);
+        key.push_str(id);
+        key.push(':');
+        key.push_str(user);
+        key
+    }
+
+    async fn claim(&self, pending: &[Pending]) -> Result<Vec<bool>, String> {
+        use fred::prelude::*;
+        let keys: Vec<String> = pending
+            .iter()
+            .map(|p| self.key(&p.msg.id, &p.user))
+            .collect();
+        let reply: Value = self
+            .script
+            .evalsha_with_reload(&self.client, keys, vec![self.window_secs.clone()])
+            .await
+            .map_err(|e| e.to_string())?;
+        let Value::Array(won) = reply else {
+            return Err(format!("claims answered {reply:?}"));
+        };
+        if won.len() != pending.len() {
+            return Err(format!("{} replies to {} claims", won.len(), pending.len()));
+        }
+        Ok(won.iter().map(|v| v.as_i64() == Some(1)).collect())
+    }
 }
 
 /// Claims kept in memory for `window` (at most [`LOCAL_CLAIMS_MAX`]).
@@ -418,7 +478,8 @@ impl LocalClaims {
         }
     }
 
-    fn claim(&mut self, key: String) -> bool {
+    fn claim(&mut self, id: &str, user: &str) -> bool {
+        let key = format!("{id}:{user}");
         let now = Instant::now();
         while let Some((at, _)) = self.order.front() {
             if now.duration_since(*at) < self.window && self.order.len() < LOCAL_CLAIMS_MAX {
@@ -437,44 +498,14 @@ impl LocalClaims {
 }
 
 impl Claims {
-    /// One answer per key: true if this claim was the first.
-    async fn claim(&mut self, keys: Vec<String>) -> Result<Vec<bool>, String> {
+    /// One answer per pending outcome: true if its claim was the first.
+    async fn claim(&mut self, pending: &[Pending]) -> Result<Vec<bool>, String> {
         match self {
-            Claims::Local(local) => Ok(keys.into_iter().map(|k| local.claim(k)).collect()),
-            Claims::Redis {
-                client,
-                prefix,
-                window,
-            } => {
-                use fred::prelude::*;
-                if keys.is_empty() {
-                    return Ok(Vec::new());
-                }
-                let secs = window.as_secs().max(1) as i64;
-                let pipeline = client.pipeline();
-                for key in &keys {
-                    let key = format!("{prefix}:receipt:{key}");
-                    let () = pipeline
-                        .set(
-                            key,
-                            1,
-                            Some(Expiration::EX(secs)),
-                            Some(SetOptions::NX),
-                            false,
-                        )
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-                let replies: Vec<Value> = pipeline.all().await.map_err(|e| e.to_string())?;
-                if replies.len() != keys.len() {
-                    return Err(format!(
-                        "{} replies to {} claims",
-                        replies.len(),
-                        keys.len()
-                    ));
-                }
-                Ok(replies.iter().map(|v| !v.is_null()).collect())
-            }
+            Claims::Local(local) => Ok(pending
+                .iter()
+                .map(|p| local.claim(&p.msg.id, &p.user))
+                .collect()),
+            Claims::Redis(redis) => redis.claim(pending).await,
         }
     }
 }
@@ -639,9 +670,9 @@ impl Worker {
     /// The records of one batch of events, in order of kind: `delivered` and `acked` as
     /// they came, then the negative outcomes that won their claims.
     async fn process(&mut self, events: Vec<Event>) -> Vec<(Receipt, Out)> {
-        let mut out = Vec::new();
-        let mut pending = Vec::new();
-        let mut published = Vec::new();
+        let mut out = Vec::with_capacity(events.len());
+        let mut pending = Vec::with_capacity(events.len());
+        let mut published = Vec::with_capacity(events.len());
         for event in events {
             match event {
                 Event::Delivered {
@@ -788,11 +819,7 @@ impl Worker {
         if pending.is_empty() {
             return;
         }
-        let keys = pending
-            .iter()
-            .map(|p| format!("{}:{}", p.msg.id, p.user))
-            .collect();
-        let won = match self.claims.claim(keys).await {
+        let won = match self.claims.claim(&pending).await {
             Ok(won) => won,
             Err(e) => {
                 tracing::warn!(error = %e, "receipt claims failed: negative outcomes not reported");

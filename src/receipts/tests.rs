@@ -313,12 +313,12 @@ fn an_off_handle_reports_nothing_and_a_full_channel_counts() {
 #[test]
 fn local_claims_expire_after_the_window() {
     let mut claims = LocalClaims::new(Duration::from_millis(0));
-    assert!(claims.claim("a".into()));
-    assert!(claims.claim("a".into()), "the window passed");
+    assert!(claims.claim("m", "a"));
+    assert!(claims.claim("m", "a"), "the window passed");
     let mut claims = LocalClaims::new(Duration::from_secs(60));
-    assert!(claims.claim("a".into()));
-    assert!(!claims.claim("a".into()));
-    assert!(claims.claim("b".into()));
+    assert!(claims.claim("m", "a"));
+    assert!(!claims.claim("m", "a"));
+    assert!(claims.claim("m", "b"));
 }
 
 #[tokio::test]
