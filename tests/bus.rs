@@ -1,6 +1,8 @@
 //! The bus contract, checked against both implementations: the Redis bus (a real Redis at
 //! `FANOUT_TEST_REDIS`, and a Redis Cluster at `FANOUT_TEST_REDIS_CLUSTER`) and the
-//! in-process bus. Each scenario runs on all three (`redis_…`, `cluster_…`, `local_…`).
+//! in-process bus. Each scenario runs on all three (`redis_…`, `cluster_…`, `local_…`), and
+//! on the Redis bus in routed mode (`routed_…`, `routed_cluster_…`; `bus.routing =
+//! "routed"`), with the routed-only scenarios at the end.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -8,11 +10,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use fanout::bus::history::{self, Replay};
 use fanout::bus::local::LocalBus;
-use fanout::bus::redis::RedisBus;
-use fanout::bus::{After, Bus, BusEvent, BusHandler, BusMessage, Channel, Header, Outgoing};
+use fanout::bus::redis::{BusRouting, RedisBus};
+use fanout::bus::{
+    After, Bus, BusEvent, BusHandler, BusMessage, Channel, EventSender, Header, Outgoing,
+};
 use fanout::config::{RecoveryConfig, RedisConfig};
 use fanout::envelope::Target;
 use fanout::metrics::Metrics;
+use fanout::registry::{Limits, Registry};
+use fanout::router::Router;
+use fanout::types::{TypeRegistry, TypesConfig};
 use tokio_util::sync::CancellationToken;
 
 #[path = "common/redis_cluster.rs"]
@@ -1415,4 +1422,324 @@ async fn cluster_bus_subscribes_again_after_a_manual_failover() {
         "never twice, never out of order: {seqs:?}"
     );
     stop.cancel();
+}
+
+// ---- Routed mode (`bus.routing = "routed"`) ----
+
+/// A bus in routed mode as node `node`, with `users` present on it: their presence entries
+/// written in Redis as that node's presence writes them.
+async fn routed_bus(on: On, prefix: &str, node: &str, users: &[&str]) -> RedisBus {
+    let cfg = RedisConfig {
+        url: on.url(),
+        prefix: prefix.to_owned(),
+        ..RedisConfig::default()
+    };
+    let routing = BusRouting::Routed {
+        node: node.to_owned(),
+    };
+    let bus = RedisBus::connect_with(&cfg, &recovery(), routing, Arc::new(Metrics::new()))
+        .await
+        .unwrap_or_else(|e| panic!("Redis at {} is needed for this test: {e}", on.url()));
+    let raw = Raw {
+        client: bus.client(),
+        base: bus.key_base().to_owned(),
+    };
+    for user in users {
+        present(&raw, node, user).await;
+    }
+    bus
+}
+
+/// Writes a presence entry of `user` on `node` (conn `c-<node>-<user>`).
+async fn present(raw: &Raw, node: &str, user: &str) {
+    let conn = format!("c-{node}-{user}");
+    let info = serde_json::json!({
+        "user": user, "conn": conn, "node": node,
+        "platform": null, "tab": null, "connected_at": 0
+    });
+    raw.cmd(vec![
+        "HSET".into(),
+        raw.key(&format!("presence:u:{user}")),
+        conn,
+        info.to_string(),
+    ])
+    .await;
+}
+
+/// Removes the presence entry [`present`] wrote.
+async fn absent(raw: &Raw, node: &str, user: &str) {
+    raw.cmd(vec![
+        "HDEL".into(),
+        raw.key(&format!("presence:u:{user}")),
+        format!("c-{node}-{user}"),
+    ])
+    .await;
+}
+
+fn routed_dyn(bus: RedisBus) -> Arc<dyn Bus> {
+    Arc::new(bus)
+}
+
+// The contract scenarios, on a routed bus whose node holds every user they watch live
+// (the history-only ones need nobody present).
+
+#[tokio::test]
+async fn routed_history_replays_exactly_what_a_user_missed() {
+    let bus = routed_bus(On::Server, &prefix(), "n1", &["ann", "bob"]).await;
+    history_replays_exactly_what_a_user_missed(routed_dyn(bus)).await;
+}
+
+#[tokio::test]
+async fn routed_cluster_history_replays_exactly_what_a_user_missed() {
+    let bus = routed_bus(On::Cluster, &prefix(), "n1", &["ann", "bob"]).await;
+    history_replays_exactly_what_a_user_missed(routed_dyn(bus)).await;
+}
+
+#[tokio::test]
+async fn routed_history_trimmed_past_since_is_not_recovered() {
+    let bus = routed_bus(On::Server, &prefix(), "n1", &[]).await;
+    history_trimmed_past_since_is_not_recovered(routed_dyn(bus)).await;
+}
+
+#[tokio::test]
+async fn routed_cluster_history_trimmed_past_since_is_not_recovered() {
+    let bus = routed_bus(On::Cluster, &prefix(), "n1", &[]).await;
+    history_trimmed_past_since_is_not_recovered(routed_dyn(bus)).await;
+}
+
+#[tokio::test]
+async fn routed_recovery_reads_what_a_node_missed() {
+    let bus = routed_bus(On::Server, &prefix(), "n1", &[]).await;
+    recovery_reads_what_a_node_missed(routed_dyn(bus)).await;
+}
+
+#[tokio::test]
+async fn routed_cluster_recovery_reads_what_a_node_missed() {
+    let bus = routed_bus(On::Cluster, &prefix(), "n1", &[]).await;
+    recovery_reads_what_a_node_missed(routed_dyn(bus)).await;
+}
+
+#[tokio::test]
+async fn routed_bus_publishes_a_batch_in_order_and_once() {
+    let bus = routed_bus(On::Server, &prefix(), "n1", &["kim", "lea"]).await;
+    a_batch_is_published_in_order_and_a_retry_adds_nothing(routed_dyn(bus)).await;
+}
+
+#[tokio::test]
+async fn routed_cluster_bus_publishes_a_batch_in_order_and_once() {
+    let bus = routed_bus(On::Cluster, &prefix(), "n1", &["kim", "lea"]).await;
+    a_batch_is_published_in_order_and_a_retry_adds_nothing(routed_dyn(bus)).await;
+}
+
+#[tokio::test]
+async fn routed_bus_publishes_a_batch_to_many_users_in_order() {
+    let bus = routed_bus(On::Server, &prefix(), "n1", &["zoe", "g2-5"]).await;
+    a_batch_to_many_users_is_published_in_order(routed_dyn(bus)).await;
+}
+
+#[tokio::test]
+async fn routed_cluster_bus_publishes_a_batch_to_many_users_in_order() {
+    let bus = routed_bus(On::Cluster, &prefix(), "n1", &["zoe", "g2-5"]).await;
+    a_batch_to_many_users_is_published_in_order(routed_dyn(bus)).await;
+}
+
+#[tokio::test]
+async fn routed_group_messages_resume_and_recover() {
+    let bus = routed_bus(On::Server, &prefix(), "n1", &[]).await;
+    group_messages_resume_and_recover(routed_dyn(bus)).await;
+}
+
+#[tokio::test]
+async fn routed_cluster_group_messages_resume_and_recover() {
+    let bus = routed_bus(On::Cluster, &prefix(), "n1", &[]).await;
+    group_messages_resume_and_recover(routed_dyn(bus)).await;
+}
+
+#[tokio::test]
+async fn routed_collapse_keeps_the_latest_per_key() {
+    let bus = routed_bus(On::Server, &prefix(), "n1", &[]).await;
+    collapse_keeps_the_latest_per_key(routed_dyn(bus)).await;
+}
+
+#[tokio::test]
+async fn routed_cluster_collapse_keeps_the_latest_per_key() {
+    let bus = routed_bus(On::Cluster, &prefix(), "n1", &[]).await;
+    collapse_keeps_the_latest_per_key(routed_dyn(bus)).await;
+}
+
+/// What a node heard: (channel, cluster number, channel number, id) per frame.
+async fn heard(rec: &Recorder, n: usize) -> Vec<(Channel, u64, u64, String)> {
+    rec.wait_for(n)
+        .await
+        .into_iter()
+        .map(|(channel, payload)| {
+            let number = fanout::bus::payload_channel_seq(&payload).expect("a channel number");
+            let msg = BusMessage::decode(payload).unwrap();
+            (channel, msg.seq, number, msg.header.id)
+        })
+        .collect()
+}
+
+/// A message for users goes to the nodes holding one of their connections, once each;
+/// broadcasts, groups and `to.conn` reach every node; a user connected nowhere costs no
+/// frame; each channel numbers its frames 1, 2, 3…; history reads report both counters.
+async fn routed_messages_reach_the_nodes_of_their_users(on: On) {
+    let p = prefix();
+    let a = routed_bus(on, &p, "node-a", &["bob"]).await;
+    let b = routed_bus(on, &p, "node-b", &["ann", "bob"]).await;
+    let (a, b): (Arc<dyn Bus>, Arc<dyn Bus>) = (Arc::new(a), Arc::new(b));
+    let stop = CancellationToken::new();
+    let (heard_a, heard_b) = subscribe_two(&a, &b, &stop).await;
+    let batch = [
+        outgoing("for-ann", user("ann")),
+        outgoing("for-bob", user("bob")),
+        outgoing("for-both", Target::Users(vec!["ann".into(), "bob".into()])),
+        outgoing("for-all", Target::All),
+        outgoing("for-group", group("store-1")),
+        outgoing("for-carl", user("carl")),
+        outgoing("for-conn", Target::Conn("c-x".into())),
+    ];
+    let seqs: Vec<u64> = a
+        .publish_messages(&batch)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.seq)
+        .collect();
+    let s = |i: usize| seqs[i];
+    let node = Channel::Node;
+    let bus = Channel::Bus;
+    let on_a = heard(&heard_a, 5).await;
+    let on_b = heard(&heard_b, 6).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        on_a,
+        [
+            (node, s(1), 1, "for-bob".to_owned()),
+            (node, s(2), 2, "for-both".to_owned()),
+            (bus, s(3), 1, "for-all".to_owned()),
+            (bus, s(4), 2, "for-group".to_owned()),
+            (bus, s(6), 3, "for-conn".to_owned()),
+        ]
+    );
+    assert_eq!(
+        on_b,
+        [
+            (node, s(0), 1, "for-ann".to_owned()),
+            (node, s(1), 2, "for-bob".to_owned()),
+            (node, s(2), 3, "for-both".to_owned()),
+            (bus, s(3), 1, "for-all".to_owned()),
+            (bus, s(4), 2, "for-group".to_owned()),
+            (bus, s(6), 3, "for-conn".to_owned()),
+        ]
+    );
+    assert_eq!(heard_a.0.lock().unwrap().len(), 5, "nothing more on A");
+    assert_eq!(heard_b.0.lock().unwrap().len(), 6, "nothing more on B");
+    // Each node's history reads say where its channels are, with the head.
+    let read = a.read_history(After::Seq(0), &[]).await.unwrap();
+    assert_eq!(read.head, s(6));
+    let at = read.positions.expect("routed reads report positions");
+    assert_eq!((at.bus, at.node), (3, 2));
+    let at = b.read_history(After::Seq(0), &[]).await.unwrap().positions;
+    assert_eq!(at.map(|p| (p.bus, p.node)), Some((3, 3)));
+    // The history is the cluster's: carl's message is there for when he connects.
+    let Replay::Recovered { messages, .. } =
+        history::replay(&*a, "carl", &[], "for-ann").await.unwrap()
+    else {
+        panic!("for-ann is in the history");
+    };
+    assert_eq!(ids(&messages), ["for-all", "for-carl"]);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn routed_messages_reach_only_the_nodes_of_their_users() {
+    routed_messages_reach_the_nodes_of_their_users(On::Server).await;
+}
+
+#[tokio::test]
+async fn routed_cluster_messages_reach_only_the_nodes_of_their_users() {
+    routed_messages_reach_the_nodes_of_their_users(On::Cluster).await;
+}
+
+/// A frame lost on a node's channel shows as a jump in that channel's numbers: the router
+/// recovers the message from the history, and each connection gets every message once,
+/// in order.
+async fn a_gap_on_a_node_channel_is_recovered(on: On) {
+    let p = prefix();
+    let bus = routed_bus(on, &p, "node-b", &["ann"]).await;
+    let raw = Raw {
+        client: bus.client(),
+        base: bus.key_base().to_owned(),
+    };
+    let bus: Arc<dyn Bus> = Arc::new(bus);
+    let metrics = Arc::new(Metrics::new());
+    let types = Arc::new(TypeRegistry::new(&TypesConfig::default()));
+    let registry = Registry::new(
+        Limits {
+            max_connections: 10,
+            max_connections_per_user: 10,
+            queue_max_messages: 100,
+            queue_max_bytes: 1 << 20,
+        },
+        metrics.clone(),
+    );
+    let (_registration, _conn, mut queue) =
+        registry.register("ann", None, None, u64::MAX, 0).unwrap();
+    let router = Router::new(
+        registry.clone(),
+        metrics.clone(),
+        types,
+        bus.clone(),
+        None,
+        Duration::from_secs(60),
+    );
+    let stop = CancellationToken::new();
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(router.run(rx, stop.clone()));
+    tokio::spawn({
+        let (bus, stop) = (bus.clone(), stop.clone());
+        async move { bus.subscribe(Box::new(EventSender::new(tx)), stop).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bus.publish_message(&outgoing("m1", user("ann")))
+        .await
+        .unwrap();
+    // A message whose frame for node-b is lost: published while ann's entry is away, and
+    // node-b's counter moved on as if its frame had been sent.
+    absent(&raw, "node-b", "ann").await;
+    bus.publish_message(&outgoing("m2", user("ann")))
+        .await
+        .unwrap();
+    present(&raw, "node-b", "ann").await;
+    raw.cmd(vec!["INCR".into(), raw.key("nseq:node-b")]).await;
+    bus.publish_message(&outgoing("m3", user("ann")))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while got.len() < 3 {
+        match queue.try_recv() {
+            Ok(q) => got.push(q.frame.as_str().to_owned()),
+            Err(_) => tokio::time::timeout_at(deadline, queue.ready())
+                .await
+                .unwrap_or_else(|_| panic!("three messages within 10 s, got {got:?}")),
+        }
+    }
+    assert_eq!(got, ["frame m1", "frame m2", "frame m3"]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(queue.try_recv().is_err(), "nothing twice");
+    let gaps = metrics.bus_gaps.with_label_values(&["skipped"]).get();
+    assert_eq!(gaps, 1, "the jump was seen as a gap");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn routed_a_gap_on_a_node_channel_is_recovered() {
+    a_gap_on_a_node_channel_is_recovered(On::Server).await;
+}
+
+#[tokio::test]
+async fn routed_cluster_a_gap_on_a_node_channel_is_recovered() {
+    a_gap_on_a_node_channel_is_recovered(On::Cluster).await;
 }

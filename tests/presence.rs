@@ -376,3 +376,47 @@ async fn a_node_that_stops_leaves_presence() {
         .unwrap();
     assert_eq!(score, None);
 }
+
+/// Routed mode waits for a connection's entry: [`Presence::written`] answers once the
+/// writer has it in Redis (a direct read then finds it), and a write that cannot happen
+/// (no writer running) is answered `false` after the timeout.
+async fn a_write_can_be_awaited(on: On) {
+    let prefix = prefix();
+    let node = node_on(on, &prefix, "a").await;
+    let (client, base) = client_on(on, &prefix).await;
+    for i in 0..20 {
+        let conn = format!("c-{i}");
+        let mark = node.presence.connected(info(&node, "ann", &conn, None));
+        assert!(mark > 0, "a write on Redis is numbered");
+        assert!(
+            node.presence.written(mark, Duration::from_secs(3)).await,
+            "written within 3 s"
+        );
+        let held: Option<String> = client
+            .hget(format!("{base}:presence:u:ann"), conn.as_str())
+            .await
+            .unwrap();
+        assert!(held.is_some(), "{conn} is in Redis once written() said so");
+    }
+    node.kill();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mark = node.presence.connected(info(&node, "ann", "c-late", None));
+    let started = Instant::now();
+    assert!(
+        !node
+            .presence
+            .written(mark, Duration::from_millis(300))
+            .await
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_write_can_be_awaited_on_redis() {
+    a_write_can_be_awaited(On::Server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_write_can_be_awaited_on_a_redis_cluster() {
+    a_write_can_be_awaited(On::Cluster).await;
+}

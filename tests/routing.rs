@@ -4,13 +4,15 @@
 //! fed directly, and end to end through a Redis Cluster (`FANOUT_TEST_REDIS_CLUSTER`): two
 //! routers ("nodes") subscribed to one bus, messages published by the publish script and
 //! preference changes announced on the control channel, which must reach every node in the
-//! order they were published.
+//! order they were published. With `FANOUT_TEST_BUS_ROUTING=routed` the two nodes run in
+//! routed mode (`bus.routing = "routed"`): each connection's presence entry is written
+//! before the case starts, and messages for users reach only the nodes holding them.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use fanout::bus::redis::RedisBus;
+use fanout::bus::redis::{BusRouting, RedisBus};
 use fanout::bus::{local::LocalBus, Bus, BusMessage, Channel, EventSender, Header, Outgoing};
 use fanout::clock::now_ms;
 use fanout::config::{RecoveryConfig, RedisConfig};
@@ -21,6 +23,7 @@ use fanout::registry::{Limits, Registry};
 use fanout::router::Router;
 use fanout::types::TypeRegistry;
 use fanout::types::{TypeConfig, TypesConfig, UnknownTypes};
+use fred::interfaces::HashesInterface as _;
 use proptest::prelude::*;
 use tokio_util::sync::CancellationToken;
 
@@ -269,13 +272,23 @@ async fn through_a_cluster(
     let _stop_on_return = stop.clone().drop_guard();
     let mut buses: Vec<Arc<dyn Bus>> = Vec::new();
     let mut registries = Vec::new();
-    for _ in 0..NODES {
+    let routed = servers::bus_routing() == "routed";
+    let mut redis = None;
+    for k in 0..NODES {
         let metrics = Arc::new(Metrics::new());
-        let bus: Arc<dyn Bus> = Arc::new(
-            RedisBus::connect(&cfg, &RecoveryConfig::default(), metrics.clone())
+        let routing = if routed {
+            BusRouting::Routed {
+                node: format!("node-{k}"),
+            }
+        } else {
+            BusRouting::Broadcast
+        };
+        let bus =
+            RedisBus::connect_with(&cfg, &RecoveryConfig::default(), routing, metrics.clone())
                 .await
-                .expect("the Redis Cluster (./scripts/test starts one)"),
-        );
+                .expect("the Redis Cluster (./scripts/test starts one)");
+        redis.get_or_insert_with(|| (bus.client(), bus.key_base().to_owned()));
+        let bus: Arc<dyn Bus> = Arc::new(bus);
         let registry = Registry::new(limits, metrics.clone());
         let router = Router::new(
             registry.clone(),
@@ -314,6 +327,23 @@ async fn through_a_cluster(
                 0,
             )
             .unwrap();
+        if routed {
+            // As the node's presence writes it, before anything is published for the user.
+            let (client, base) = redis.as_ref().expect("connected");
+            let conn = registered.1.id.to_string();
+            let info = serde_json::json!({
+                "user": user, "conn": conn, "node": format!("node-{}", k % NODES),
+                "platform": c.platform.map(|p| p.as_str()), "tab": c.tab,
+                "connected_at": 0
+            });
+            let _: i64 = client
+                .hset(
+                    format!("{base}:presence:u:{user}"),
+                    (conn, info.to_string()),
+                )
+                .await
+                .expect("presence written");
+        }
         handles.push(registered);
     }
     // Until every node hears the bus: each connection has a `ready` frame.

@@ -23,8 +23,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin, Health};
 use crate::auth::Authenticator;
-use crate::bus::{local::LocalBus, redis::RedisBus, Bus, EventSender};
-use crate::config::{mask_url_password, RedisConfig, Settings};
+use crate::bus::redis::{BusRouting, RedisBus};
+use crate::bus::{local::LocalBus, Bus, EventSender};
+use crate::config::{mask_url_password, RedisConfig, Routing, Settings};
 use crate::gateway::Gateway;
 use crate::ingest::{self, Ingest};
 use crate::kafka::{self, Producer};
@@ -232,7 +233,15 @@ impl Parts {
             let (s, m) = (settings.clone(), metrics.clone());
             let bus = pipeline
                 .handle
-                .spawn(async move { RedisBus::connect(&s.redis, &s.recovery, m).await })
+                .spawn(async move {
+                    let routing = match s.bus.routing {
+                        Routing::Broadcast => BusRouting::Broadcast,
+                        Routing::Routed => BusRouting::Routed {
+                            node: s.node.id.clone(),
+                        },
+                    };
+                    RedisBus::connect_with(&s.redis, &s.recovery, routing, m).await
+                })
                 .await
                 .context("the pipeline runtime stopped")?
                 .with_context(|| redis_context(&settings.redis))?;
@@ -437,11 +446,43 @@ impl Tasks {
         );
     }
 
-    /// Presence's writer (Redis: batched writes, heartbeats, sweeps of dead nodes).
+    /// Presence's writer (Redis: batched writes, heartbeats, sweeps of dead nodes); in
+    /// routed mode also the watch that tells this node's connections they may have lost
+    /// messages when presence had taken the node for dead.
     fn spawn_presence(&self, parts: &Parts) {
         let (presence, stop) = (parts.presence.clone(), self.bus.clone());
         let writing = async move { presence.run(stop).await.map_err(anyhow::Error::from) };
         spawn(&self.tracker, &self.watch, "presence", writing, None);
+        if parts.bus.is_routed() {
+            let mut lost = parts.presence.entries_lost();
+            let (registry, metrics) = (parts.registry.clone(), parts.metrics.clone());
+            let stop = self.bus.clone();
+            let watching = async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        changed = lost.changed() => {
+                            if changed.is_err() {
+                                stop.cancelled().await; // presence is gone: nothing to watch
+                                return Ok(());
+                            }
+                        }
+                    }
+                    let told = crate::router::tell_all_lost(&registry, &metrics);
+                    tracing::warn!(
+                        connections = told,
+                        "presence had taken this node for dead: messages for its users may have reached no node; its connections were told messages_lost"
+                    );
+                }
+            };
+            spawn(
+                &self.tracker,
+                &self.watch,
+                "presence loss watch",
+                watching,
+                None,
+            );
+        }
     }
 
     /// The readiness probes of the database and Kafka (and the revocation re-reads).

@@ -62,6 +62,7 @@ pub struct Settings {
     pub admin: AdminConfig,
     pub kafka: KafkaConfig,
     pub redis: RedisConfig,
+    pub bus: BusConfig,
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
     pub heartbeat: HeartbeatConfig,
@@ -247,6 +248,12 @@ impl Settings {
             return Err(invalid(
                 "redis.prefix",
                 "must not contain `{` or `}` with a Redis Cluster (fanout adds the hash tag itself)",
+            ));
+        }
+        if self.bus.routing == Routing::Routed && self.redis.url.is_empty() {
+            return Err(invalid(
+                "bus.routing",
+                "\"routed\" needs a Redis bus (redis.url): the embedded in-process bus has one node, nothing to route",
             ));
         }
         tls::check_kafka(&self.kafka, self.kafka.brokers.is_empty())?;

@@ -292,6 +292,29 @@ impl Default for RedisConfig {
     }
 }
 
+/// `[bus]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusConfig {
+    /// `broadcast` (default): every node receives every bus message and picks its own
+    /// connections. `routed` (large clusters, a Redis bus only): a message for users
+    /// (`to.user`, `to.users`) reaches only the nodes holding a connection of one of them,
+    /// as presence knows them; broadcasts, groups and `to.conn` still reach every node.
+    /// Every node of a cluster must use the same value.
+    pub routing: Routing,
+}
+
+/// `bus.routing`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Routing {
+    /// Every node receives every bus message.
+    #[default]
+    Broadcast,
+    /// Messages for users go only to the nodes holding one of their connections.
+    Routed,
+}
+
 /// `[database]`
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]

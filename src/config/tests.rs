@@ -343,3 +343,17 @@ fn the_presence_topic_is_not_one_of_the_input_topics() {
     );
     refused_naming(kafka("presence_topic=' p'"), "kafka.presence_topic");
 }
+
+#[test]
+fn bus_routing_is_broadcast_by_default_and_routed_needs_redis() {
+    let s = cluster("").unwrap();
+    assert_eq!(s.bus.routing, Routing::Broadcast);
+    assert!(s.to_masked_toml().contains("routing = \"broadcast\""));
+    let s = cluster("[bus]\nrouting='routed'").unwrap();
+    assert_eq!(s.bus.routing, Routing::Routed);
+    assert!(s.to_masked_toml().contains("routing = \"routed\""));
+    refused_naming(cluster("[bus]\nrouting='sometimes'"), "routing");
+    // The embedded default's in-process bus is one node: nothing to route.
+    let err = refused_naming(from_toml("[bus]\nrouting='routed'"), "bus.routing");
+    assert!(err.contains("redis.url"), "{err}");
+}

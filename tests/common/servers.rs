@@ -66,6 +66,17 @@ pub fn nodes_redis_url() -> String {
     }
 }
 
+/// `bus.routing` of the nodes the e2e tests start and of the buses tests/routing.rs
+/// builds: `FANOUT_TEST_BUS_ROUTING=routed` (how `./scripts/test` runs the delivery, resume
+/// and failure scenarios and the property test a second time), else `broadcast`.
+pub fn bus_routing() -> &'static str {
+    match std::env::var("FANOUT_TEST_BUS_ROUTING").as_deref() {
+        Ok("routed") => "routed",
+        Ok("") | Ok("broadcast") | Err(_) => "broadcast",
+        Ok(other) => panic!("FANOUT_TEST_BUS_ROUTING={other}: expected `routed` or `broadcast`"),
+    }
+}
+
 /// The PostgreSQL URL tests create their databases with.
 pub fn database_url() -> String {
     let url = std::env::var("FANOUT_TEST_DATABASE_URL")

@@ -17,6 +17,7 @@ mod preferences;
 mod presence;
 mod receipts;
 mod resume;
+mod routed;
 mod sentinel;
 mod support;
 mod tls;

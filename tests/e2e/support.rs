@@ -2,7 +2,8 @@
 //! Apache Kafka (`FANOUT_TEST_KAFKA`, started by `./scripts/test`), a real Redis
 //! (`FANOUT_TEST_REDIS`) and a real PostgreSQL (`FANOUT_TEST_DATABASE_URL`). With
 //! `FANOUT_TEST_REDIS_MODE=cluster` the nodes of a [`TestCluster`] use the Redis Cluster at
-//! `FANOUT_TEST_REDIS_CLUSTER` instead (tests that start their own Redis keep it).
+//! `FANOUT_TEST_REDIS_CLUSTER` instead (tests that start their own Redis keep it). With
+//! `FANOUT_TEST_BUS_ROUTING=routed` they run with `bus.routing = "routed"`.
 //!
 //! Each test gets its own topics, consumer group and Redis prefix, so tests run in parallel
 //! on one broker and one Redis without seeing each other.
@@ -37,7 +38,7 @@ pub const PARTITIONS: i32 = 4;
 #[path = "../common/servers.rs"]
 mod servers;
 /// The servers: each fails the test in seconds, with one line, when it is not there.
-pub use servers::{database_url, kafka_addr, nodes_redis_url, redis_url};
+pub use servers::{bus_routing, database_url, kafka_addr, nodes_redis_url, redis_url};
 
 /// `url` with its database name replaced by `name`.
 fn with_database(url: &str, name: &str) -> String {
@@ -585,6 +586,7 @@ impl TestCluster {
             .env("FANOUT__REDIS__URL", &self.options.redis_url)
             .env("FANOUT__DATABASE__URL", &self.database_url)
             .env("FANOUT__REDIS__PREFIX", &self.prefix)
+            .env("FANOUT__BUS__ROUTING", bus_routing())
             .env("FANOUT__AUTH__JWT_SECRET", SECRET)
             .env("FANOUT__AUTH__ADMIN_TOKEN", ADMIN_TOKEN)
             .stdout(Stdio::null())

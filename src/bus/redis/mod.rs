@@ -51,6 +51,16 @@
 //! failover of that shard like one under Sentinel. One server or Sentinel keeps the untagged
 //! `<prefix>:` and classic `PUBLISH` / `SUBSCRIBE`, so an existing deployment keeps its keys.
 //!
+//! Routed mode (`bus.routing = "routed"`, [`BusRouting::Routed`]): the publish script reads,
+//! for a message to users, each user's presence hash (`<prefix>:presence:u:<user>`, written
+//! by [`crate::presence`] under the same key base) and publishes the message once on
+//! `node:<node id>` of each node found there, after `INCR nseq:<node id>` (which expires a
+//! day after its last message); other messages go on `bus` after `INCR bseq`. Each frame's
+//! first line is `<seq> <channel counter>`; the history keeps `<seq>` alone. A message
+//! written over several calls goes on `bus` (to this many users, most nodes hold one).
+//! History reads also return both counters of the reading node, read with the head
+//! ([`super::Positions`]). Every key is still under the key base: one slot on a cluster.
+//!
 //! fred hands pub/sub messages to a broadcast channel; a receiver that falls behind loses
 //! messages, so the channel is large, drained by one dedicated task, and lag is counted and
 //! reported as a [`BusEvent::Gap`]. After a lost connection fred reconnects with backoff and
@@ -76,16 +86,19 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    After, Bus, BusError, BusEvent, BusHandler, Channel, HistoryRead, Outgoing, Published,
-    StreamKey, StreamRead,
+    After, Bus, BusError, BusEvent, BusHandler, Channel, HistoryRead, Outgoing, Positions,
+    Published, StreamKey, StreamRead,
 };
 use crate::config::{RecoveryConfig, RedisConfig};
+use crate::envelope::Target;
 use crate::metrics::{Gap, Metrics};
 
 mod connect;
 mod scripts;
 
-use scripts::{CHUNK_SCRIPT, EPOCH_LUA, PUBLISH_LUA, PUBLISH_SCRIPT, READ_SCRIPT};
+use scripts::{
+    BROADCAST_LUA, CHUNK_SCRIPT, EPOCH_LUA, PUBLISH_LUA, PUBLISH_SCRIPT, READ_SCRIPT, ROUTED_LUA,
+};
 
 /// Most history streams one publish script call appends to, so that one call stays short
 /// (~8 ms at 1,024 users new to the history, on the 2-core test machine): a batch is split
@@ -107,6 +120,21 @@ const BROADCAST_CAPACITY: usize = 1 << 16;
 /// comment).
 const RESUBSCRIBE_EVERY: Duration = Duration::from_secs(1);
 
+/// How long a node channel's counter outlives its last message: a node id that stopped
+/// being used leaves a small key behind only this long. (A live node whose counter expired
+/// sees its next frame numbered 1: a step back, recovered like any gap.)
+const NODE_COUNTER_TTL_SECS: u64 = 86_400;
+
+/// Where a Redis bus sends messages for users (`bus.routing`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusRouting {
+    /// Every message on `<prefix>:bus`, to every node.
+    Broadcast,
+    /// Messages for users only to the nodes holding their connections; `node` is this
+    /// node's `node.id`, whose channel it subscribes to.
+    Routed { node: String },
+}
+
 /// A [`Bus`] over Redis pub/sub.
 pub struct RedisBus {
     publisher: Client,
@@ -127,6 +155,8 @@ pub struct RedisBus {
     lease_key: String,
     bus_channel: String,
     control_channel: String,
+    /// Routed mode: this node's channel, `<prefix>:node:<node.id>`.
+    node_channel: Option<String>,
     publish_script: Script,
     chunk_script: Script,
     read_script: Script,
@@ -142,6 +172,16 @@ impl RedisBus {
     pub async fn connect(
         cfg: &RedisConfig,
         recovery: &RecoveryConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, BusError> {
+        Self::connect_with(cfg, recovery, BusRouting::Broadcast, metrics).await
+    }
+
+    /// [`connect`](Self::connect), routing as `routing` says.
+    pub async fn connect_with(
+        cfg: &RedisConfig,
+        recovery: &RecoveryConfig,
+        routing: BusRouting,
         metrics: Arc<Metrics>,
     ) -> Result<Self, BusError> {
         let config = connect::client_config(cfg)?;
@@ -169,13 +209,17 @@ impl RedisBus {
         publisher.init().await?;
         subscriber.init().await?;
         // The scripts publish with `PUB`: a shard channel of their own slot on a cluster.
+        let send = match &routing {
+            BusRouting::Broadcast => BROADCAST_LUA.to_owned(),
+            BusRouting::Routed { node } => format!("{}{ROUTED_LUA}", routed_names(prefix, node)),
+        };
         let publish = format!(
-            "local PUB = '{}'\n{EPOCH_LUA}{PUBLISH_LUA}",
+            "local PUB = '{}'\n{send}{EPOCH_LUA}{PUBLISH_LUA}",
             if cluster { "SPUBLISH" } else { "PUBLISH" }
         );
         let publish_script = Script::from_lua(format!("{publish}{PUBLISH_SCRIPT}"));
         let chunk_script = Script::from_lua(format!("{publish}{CHUNK_SCRIPT}"));
-        let read_script = Script::from_lua(format!("{EPOCH_LUA}{READ_SCRIPT}"));
+        let read_script = Script::from_lua(format!("{send}{EPOCH_LUA}{READ_SCRIPT}"));
         publish_script.load(&publisher).await?;
         chunk_script.load(&publisher).await?;
         read_script.load(&publisher).await?;
@@ -191,6 +235,10 @@ impl RedisBus {
             lease_key: format!("{prefix}:lease"),
             bus_channel: format!("{prefix}:bus"),
             control_channel: format!("{prefix}:control"),
+            node_channel: match &routing {
+                BusRouting::Broadcast => None,
+                BusRouting::Routed { node } => Some(format!("{prefix}:node:{node}")),
+            },
             publish_script,
             chunk_script,
             read_script,
@@ -397,6 +445,10 @@ impl RedisBus {
             args.push(Value::Integer(streams.len() as i64));
             args.push(Value::Bytes(msg.body().clone()));
             args.push(msg.header.collapse.as_deref().unwrap_or("").into());
+            if self.node_channel.is_some() {
+                let to_users = matches!(msg.header.to, Target::User { .. } | Target::Users(_));
+                args.push(if to_users { "u" } else { "" }.into());
+            }
         }
         let items = self.publish_eval(&self.publish_script, keys, args).await?;
         if items.len() != 2 * msgs.len() {
@@ -419,12 +471,47 @@ impl RedisBus {
         Ok(published)
     }
 
+    /// The channel's name; [`Channel::Node`] is this node's own (the bus channel in
+    /// broadcast mode, which has no node channels).
     fn channel_name(&self, channel: Channel) -> &str {
         match channel {
             Channel::Bus => &self.bus_channel,
             Channel::Control => &self.control_channel,
+            Channel::Node => self.node_channel.as_deref().unwrap_or(&self.bus_channel),
         }
     }
+}
+
+/// The names [`ROUTED_LUA`] uses, as Lua definitions, for the key base `base` and this
+/// node's id.
+fn routed_names(base: &str, node: &str) -> String {
+    let users = format!("{base}:u:");
+    format!(
+        "local R_BSEQ = {}\nlocal R_NSEQ = {}\nlocal R_OWN = {}\nlocal R_NODE = {}\n\
+         local R_PRESENCE = {}\nlocal R_USERS_LEN = {}\nlocal R_NSEQ_TTL = {}\n",
+        lua_string(&format!("{base}:bseq")),
+        lua_string(&format!("{base}:nseq:")),
+        lua_string(&format!("{base}:nseq:{node}")),
+        lua_string(&format!("{base}:node:")),
+        lua_string(&format!("{base}:presence:u:")),
+        users.len(),
+        NODE_COUNTER_TTL_SECS,
+    )
+}
+
+/// `s` as a Lua string literal (every byte that is not plain printable ASCII escaped).
+fn lua_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for b in s.bytes() {
+        if (b.is_ascii_graphic() && b != b'\\' && b != b'\'') || b == b' ' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("\\{b:03}"));
+        }
+    }
+    out.push('\'');
+    out
 }
 
 /// `{<prefix>}` on a Redis Cluster (the hash tag of every bus key), else `<prefix>`.
@@ -442,24 +529,41 @@ fn int(value: &Value) -> Result<i64, BusError> {
         .ok_or_else(|| BusError::Reply(format!("expected an integer, got {value:?}")))
 }
 
-/// Parses [`READ_SCRIPT`]'s reply.
-fn parse_read(reply: Value) -> Result<HistoryRead, BusError> {
+/// Parses [`READ_SCRIPT`]'s reply (with the channel counters after `after` when `routed`).
+fn parse_read(reply: Value, routed: bool) -> Result<HistoryRead, BusError> {
     let Value::Array(items) = reply else {
         return Err(BusError::Reply(format!("history read: {reply:?}")));
     };
     let head = items.first().map(int).transpose()?.unwrap_or(0).max(0) as u64;
     let epoch_start = items.get(1).map(int).transpose()?.unwrap_or(0).max(0) as u64;
     let after = items.get(2).map(int).transpose()?.unwrap_or(-1);
+    let positions = if routed {
+        match items.get(3) {
+            Some(Value::Array(pos)) if pos.len() == 2 => Some(Positions {
+                bus: int(&pos[0])?.max(0) as u64,
+                node: int(&pos[1])?.max(0) as u64,
+            }),
+            other => {
+                return Err(BusError::Reply(format!(
+                    "history read: no channel counters: {other:?}"
+                )))
+            }
+        }
+    } else {
+        None
+    };
     if after < 0 {
         return Ok(HistoryRead {
             after: None,
             head,
             epoch_start,
             streams: Vec::new(),
+            positions,
         });
     }
-    let mut streams = Vec::with_capacity(items.len().saturating_sub(3));
-    for item in items.into_iter().skip(3) {
+    let skip = if routed { 4 } else { 3 };
+    let mut streams = Vec::with_capacity(items.len().saturating_sub(skip));
+    for item in items.into_iter().skip(skip) {
         let Value::Array(parts) = item else {
             return Err(BusError::Reply(
                 "history read: stream is not an array".into(),
@@ -475,6 +579,7 @@ fn parse_read(reply: Value) -> Result<HistoryRead, BusError> {
         head,
         epoch_start,
         streams,
+        positions,
     })
 }
 
@@ -572,7 +677,7 @@ impl Bus for RedisBus {
             .read_script
             .evalsha_with_reload(&self.publisher, keys, args)
             .await?;
-        parse_read(reply)
+        parse_read(reply, self.node_channel.is_some())
     }
 
     async fn subscribe(
@@ -583,10 +688,11 @@ impl Bus for RedisBus {
         let mut messages = self.subscriber.message_rx();
         let mut reconnects = self.subscriber.reconnect_rx();
         let resubscriber = self.subscriber.manage_subscriptions();
-        let channels = vec![self.bus_channel.clone(), self.control_channel.clone()];
+        let mut channels = vec![self.bus_channel.clone(), self.control_channel.clone()];
+        channels.extend(self.node_channel.clone());
         let mut keeper = None;
         if self.cluster {
-            // Two channels of one slot: one command, one connection, one order.
+            // Channels of one slot: one command, one connection, one order.
             self.subscriber.ssubscribe(channels.clone()).await?;
             keeper = Some(tokio::spawn(keep_subscribed(
                 self.subscriber.clone(),
@@ -603,6 +709,11 @@ impl Bus for RedisBus {
             .metrics
             .bus_received
             .with_label_values(&[Channel::Control.as_str()]);
+        let received_node = self
+            .metrics
+            .bus_received
+            .with_label_values(&[Channel::Node.as_str()]);
+        let node_channel = self.node_channel.as_deref().unwrap_or_default();
         let result = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
@@ -614,6 +725,9 @@ impl Bus for RedisBus {
                         } else if *message.channel == *self.control_channel {
                             received_control.inc();
                             Channel::Control
+                        } else if !node_channel.is_empty() && *message.channel == *node_channel {
+                            received_node.inc();
+                            Channel::Node
                         } else {
                             continue;
                         };
@@ -649,5 +763,9 @@ impl Bus for RedisBus {
 
     fn is_connected(&self) -> bool {
         self.publisher.is_connected() && self.subscriber.is_connected()
+    }
+
+    fn is_routed(&self) -> bool {
+        self.node_channel.is_some()
     }
 }
