@@ -317,8 +317,13 @@ async fn a_node_taken_for_dead_writes_its_connections_again() {
         redis_node(&prefix, "a").await,
         redis_node(&prefix, "b").await,
     );
+    let mut lost = a.presence.entries_lost();
     a.presence.connected(info(&a, "ann", "c-a", None));
     until_listed(&b, "ann", &["c-a"], Duration::from_secs(3)).await;
+    assert!(
+        !lost.has_changed().unwrap(),
+        "nothing lost while it heartbeats"
+    );
     // What a sweep leaves after a node was cut off from Redis for longer than the bound.
     let (redis, _) = client_on(On::Server, &prefix).await;
     let _: i64 = redis
@@ -334,6 +339,11 @@ async fn a_node_taken_for_dead_writes_its_connections_again() {
     // Its next heartbeat finds it was gone, and it writes its connections again.
     until_listed(&b, "ann", &["c-a"], Duration::from_secs(3)).await;
     assert!(a.metrics.presence_resyncs.get() >= 1);
+    // ...and says its entries may have been missing (routed mode tells its connections).
+    tokio::time::timeout(Duration::from_secs(3), lost.changed())
+        .await
+        .expect("entries_lost changes within 3 s")
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
