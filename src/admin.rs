@@ -117,7 +117,8 @@ async fn stats(State(admin): State<Arc<Admin>>) -> Json<serde_json::Value> {
         "users": admin.registry.user_count(),
         "kafka_partitions": m.kafka_partitions.get(),
         "messages_in": m.ingest_records.get(),
-        "bus_received": m.bus_received.with_label_values(&[Channel::Bus.as_str()]).get(),
+        "bus_received": m.bus_received.with_label_values(&[Channel::Bus.as_str()]).get()
+            + m.bus_received.with_label_values(&[Channel::Node.as_str()]).get(),
         "messages_out": m.deliveries.get(),
     }))
 }

@@ -178,7 +178,7 @@ pub const REJECTED_UNDECODABLE: &str = "undecodable";
 /// The `channel` label of `fanout_bus_published_total` / `fanout_bus_received_total`: the
 /// bus's channel names (`bus::Channel::as_str`; this module cannot name `bus`, which
 /// depends on it).
-const BUS_CHANNELS: [&str; 2] = ["bus", "control"];
+const BUS_CHANNELS: [&str; 3] = ["bus", "control", "node"];
 
 /// The metrics of one node.
 pub struct Metrics {

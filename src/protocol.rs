@@ -37,6 +37,9 @@ pub enum Close {
     /// 4003: the user's tokens were revoked (`POST /v1/users/{user}/disconnect` with
     /// `{"revoke":true}`).
     TokenRevoked,
+    /// 1011: a dependency the connection needs is unavailable (routed mode: its presence
+    /// entry could not be written in time); the client retries with backoff.
+    Unavailable,
 }
 
 impl Close {
@@ -54,6 +57,7 @@ impl Close {
             Close::TokenExpired => 4003,
             Close::Kicked => 4004,
             Close::TokenRevoked => 4003,
+            Close::Unavailable => 1011,
         }
     }
 
@@ -73,6 +77,7 @@ impl Close {
             Close::TokenExpired => "token expired",
             Close::Kicked => "disconnected by an operator",
             Close::TokenRevoked => "token revoked",
+            Close::Unavailable => "presence unavailable: retry with backoff",
         }
     }
 
@@ -102,11 +107,12 @@ impl Close {
             Close::TokenExpired => "4003",
             Close::Kicked => "4004",
             Close::TokenRevoked => "4003",
+            Close::Unavailable => "1011",
         }
     }
 
     /// Every close, for exporting the metric's labels at zero.
-    pub const ALL: [Close; 12] = [
+    pub const ALL: [Close; 13] = [
         Close::ProtocolError,
         Close::InvalidPayload,
         Close::Policy,
@@ -119,6 +125,7 @@ impl Close {
         Close::TokenExpired,
         Close::Kicked,
         Close::TokenRevoked,
+        Close::Unavailable,
     ];
 
     /// A compact form for an atomic (0 is "none").

@@ -1,6 +1,7 @@
 //! The presence contract, on both backends where it applies: Redis (a real Redis at
-//! `FANOUT_TEST_REDIS`, several "nodes" sharing one prefix, each a `Presence` with its
-//! writer task) and the in-process one of the embedded default.
+//! `FANOUT_TEST_REDIS`, and a Redis Cluster at `FANOUT_TEST_REDIS_CLUSTER`, several "nodes"
+//! sharing one prefix, each a `Presence` with its writer task) and the in-process one of
+//! the embedded default.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,8 +37,20 @@ impl TestNode {
     }
 }
 
-async fn client(prefix: &str) -> Client {
-    let url = servers::redis_url();
+/// Which Redis presence runs on.
+#[derive(Clone, Copy)]
+enum On {
+    Server,
+    Cluster,
+}
+
+/// The bus's client on `on` and its key base, which presence keys live under (as the app
+/// wires them).
+async fn client_on(on: On, prefix: &str) -> (Client, String) {
+    let url = match on {
+        On::Server => servers::redis_url(),
+        On::Cluster => servers::redis_cluster_url(),
+    };
     let cfg = RedisConfig {
         url: url.clone(),
         prefix: prefix.to_owned(),
@@ -48,15 +61,22 @@ async fn client(prefix: &str) -> Client {
         .unwrap_or_else(|e| {
             panic!("Redis at {url} is needed for this test (./scripts/test starts it): {e}")
         });
-    bus.client()
+    (bus.client(), bus.key_base().to_owned())
+}
+
+async fn node_on(on: On, prefix: &str, node: &str) -> TestNode {
+    let (client, base) = client_on(on, prefix).await;
+    start(
+        node,
+        Backend::Redis {
+            client,
+            prefix: base,
+        },
+    )
 }
 
 async fn redis_node(prefix: &str, node: &str) -> TestNode {
-    let backend = Backend::Redis {
-        client: client(prefix).await,
-        prefix: prefix.to_owned(),
-    };
-    start(node, backend)
+    node_on(On::Server, prefix, node).await
 }
 
 fn local_node() -> TestNode {
@@ -157,11 +177,25 @@ async fn a_connection_is_listed_until_it_ends_in_process() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_listed_until_it_ends_on_a_redis_cluster() {
+    lists_and_forgets(&node_on(On::Cluster, &prefix(), "a").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_lists_the_connections_of_every_node() {
+    every_node_lists_every_connection(On::Server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_lists_the_connections_of_every_node_on_a_redis_cluster() {
+    every_node_lists_every_connection(On::Cluster).await;
+}
+
+async fn every_node_lists_every_connection(on: On) {
     let prefix = prefix();
     let (a, b) = (
-        redis_node(&prefix, "a").await,
-        redis_node(&prefix, "b").await,
+        node_on(on, &prefix, "a").await,
+        node_on(on, &prefix, "b").await,
     );
     a.presence
         .connected(info(&a, "ann", "c-a1", Some(Platform::Ios)));
@@ -211,11 +245,21 @@ async fn online_in_process_answers_for_the_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_nodes_connections_leave_presence_and_are_swept_once() {
+    dead_nodes_are_swept_once(On::Server).await;
+}
+
+/// The sweep script builds user keys itself: on a cluster they are in its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_connections_leave_presence_and_are_swept_once_on_a_redis_cluster() {
+    dead_nodes_are_swept_once(On::Cluster).await;
+}
+
+async fn dead_nodes_are_swept_once(on: On) {
     let prefix = prefix();
     let (a, b, c) = (
-        redis_node(&prefix, "a").await,
-        redis_node(&prefix, "b").await,
-        redis_node(&prefix, "c").await,
+        node_on(on, &prefix, "a").await,
+        node_on(on, &prefix, "b").await,
+        node_on(on, &prefix, "c").await,
     );
     for i in 0..3 {
         a.presence
@@ -238,14 +282,14 @@ async fn a_dead_nodes_connections_leave_presence_and_are_swept_once() {
         "listed as dead after {gone:?}, before its heartbeat was {DEAD:?} old"
     );
     // One of the live nodes swept the three connections, exactly once between them.
-    let redis = client(&prefix).await;
-    let node_key = format!("{prefix}:presence:n:a");
+    let (redis, base) = client_on(on, &prefix).await;
+    let node_key = format!("{base}:presence:n:a");
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let swept = b.metrics.presence_swept.get() + c.metrics.presence_swept.get();
         let left: i64 = redis.hlen(&node_key).await.unwrap();
         let score: Option<f64> = redis
-            .zscore(format!("{prefix}:presence:nodes"), "a")
+            .zscore(format!("{base}:presence:nodes"), "a")
             .await
             .unwrap();
         if swept == 3 && left == 0 && score.is_none() {
@@ -257,10 +301,7 @@ async fn a_dead_nodes_connections_leave_presence_and_are_swept_once() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let user_entries: i64 = redis
-        .hlen(format!("{prefix}:presence:u:ann"))
-        .await
-        .unwrap();
+    let user_entries: i64 = redis.hlen(format!("{base}:presence:u:ann")).await.unwrap();
     assert_eq!(user_entries, 1, "only b's connection is left");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
@@ -276,10 +317,15 @@ async fn a_node_taken_for_dead_writes_its_connections_again() {
         redis_node(&prefix, "a").await,
         redis_node(&prefix, "b").await,
     );
+    let mut lost = a.presence.entries_lost();
     a.presence.connected(info(&a, "ann", "c-a", None));
     until_listed(&b, "ann", &["c-a"], Duration::from_secs(3)).await;
+    assert!(
+        !lost.has_changed().unwrap(),
+        "nothing lost while it heartbeats"
+    );
     // What a sweep leaves after a node was cut off from Redis for longer than the bound.
-    let redis = client(&prefix).await;
+    let (redis, _) = client_on(On::Server, &prefix).await;
     let _: i64 = redis
         .hdel(format!("{prefix}:presence:u:ann"), "c-a")
         .await
@@ -293,6 +339,11 @@ async fn a_node_taken_for_dead_writes_its_connections_again() {
     // Its next heartbeat finds it was gone, and it writes its connections again.
     until_listed(&b, "ann", &["c-a"], Duration::from_secs(3)).await;
     assert!(a.metrics.presence_resyncs.get() >= 1);
+    // ...and says its entries may have been missing (routed mode tells its connections).
+    tokio::time::timeout(Duration::from_secs(3), lost.changed())
+        .await
+        .expect("entries_lost changes within 3 s")
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,10 +379,54 @@ async fn a_node_that_stops_leaves_presence() {
         .expect("the writer stops within its leave bound")
         .unwrap();
     assert!(listed(&b, "ann").await.is_empty(), "gone at once");
-    let redis = client(&prefix).await;
+    let (redis, _) = client_on(On::Server, &prefix).await;
     let score: Option<f64> = redis
         .zscore(format!("{prefix}:presence:nodes"), "a")
         .await
         .unwrap();
     assert_eq!(score, None);
+}
+
+/// Routed mode waits for a connection's entry: [`Presence::written`] answers once the
+/// writer has it in Redis (a direct read then finds it), and a write that cannot happen
+/// (no writer running) is answered `false` after the timeout.
+async fn a_write_can_be_awaited(on: On) {
+    let prefix = prefix();
+    let node = node_on(on, &prefix, "a").await;
+    let (client, base) = client_on(on, &prefix).await;
+    for i in 0..20 {
+        let conn = format!("c-{i}");
+        let mark = node.presence.connected(info(&node, "ann", &conn, None));
+        assert!(mark > 0, "a write on Redis is numbered");
+        assert!(
+            node.presence.written(mark, Duration::from_secs(3)).await,
+            "written within 3 s"
+        );
+        let held: Option<String> = client
+            .hget(format!("{base}:presence:u:ann"), conn.as_str())
+            .await
+            .unwrap();
+        assert!(held.is_some(), "{conn} is in Redis once written() said so");
+    }
+    node.kill();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mark = node.presence.connected(info(&node, "ann", "c-late", None));
+    let started = Instant::now();
+    assert!(
+        !node
+            .presence
+            .written(mark, Duration::from_millis(300))
+            .await
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_write_can_be_awaited_on_redis() {
+    a_write_can_be_awaited(On::Server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_write_can_be_awaited_on_a_redis_cluster() {
+    a_write_can_be_awaited(On::Cluster).await;
 }

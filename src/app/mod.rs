@@ -23,8 +23,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin, Health};
 use crate::auth::Authenticator;
-use crate::bus::{local::LocalBus, redis::RedisBus, Bus, EventSender};
-use crate::config::{mask_url_password, RedisConfig, Settings};
+use crate::bus::redis::{BusRouting, RedisBus};
+use crate::bus::{local::LocalBus, Bus, EventSender};
+use crate::config::{mask_url_password, RedisConfig, Routing, Settings};
 use crate::gateway::Gateway;
 use crate::ingest::{self, Ingest};
 use crate::kafka::{self, Producer};
@@ -210,7 +211,6 @@ struct Parts {
     receipts: Receipts,
     /// ...their task, taken when the message path starts...
     receipts_task: parking_lot::Mutex<Option<receipts::Task>>,
-    /// ...and their producer, flushed at shutdown.
     /// The never-waiting producer of receipts and presence events, if either topic is set.
     sink: Option<kafka::Sink>,
 }
@@ -233,16 +233,26 @@ impl Parts {
             let (s, m) = (settings.clone(), metrics.clone());
             let bus = pipeline
                 .handle
-                .spawn(async move { RedisBus::connect(&s.redis, &s.recovery, m).await })
+                .spawn(async move {
+                    let routing = match s.bus.routing {
+                        Routing::Broadcast => BusRouting::Broadcast,
+                        Routing::Routed => BusRouting::Routed {
+                            node: s.node.id.clone(),
+                        },
+                    };
+                    RedisBus::connect_with(&s.redis, &s.recovery, routing, m).await
+                })
                 .await
                 .context("the pipeline runtime stopped")?
                 .with_context(|| redis_context(&settings.redis))?;
+            // Claim keys under the bus's key base: on a Redis Cluster `{<prefix>}`, the one
+            // slot a batch's claim script must keep all its keys in.
             claims = receipts::Claims::Redis(receipts::RedisClaims::new(
                 bus.client(),
-                &settings.redis.prefix,
+                bus.key_base(),
                 window,
             ));
-            redis_client = Some(bus.client());
+            redis_client = Some((bus.client(), bus.key_base().to_owned()));
             Arc::new(bus)
         };
         let auth = Arc::new(Authenticator::new(&settings.auth).map_err(anyhow::Error::msg)?);
@@ -336,18 +346,18 @@ fn side_sink(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Option<ka
     Ok(Some(sink))
 }
 
-/// Presence on the Redis bus's client (or in-process), with events when
-/// `kafka.presence_topic` is set.
+/// Presence on the Redis bus's client and under its key base (or in-process), with events
+/// when `kafka.presence_topic` is set.
 fn build_presence(
     settings: &Settings,
-    redis_client: Option<fred::clients::Client>,
+    redis_client: Option<(fred::clients::Client, String)>,
     sink: Option<&kafka::Sink>,
     metrics: &Arc<Metrics>,
 ) -> Presence {
     let backend = match redis_client {
-        Some(client) => presence::Backend::Redis {
+        Some((client, key_base)) => presence::Backend::Redis {
             client,
-            prefix: settings.redis.prefix.clone(),
+            prefix: key_base,
         },
         None => presence::Backend::Local,
     };
@@ -436,11 +446,43 @@ impl Tasks {
         );
     }
 
-    /// Presence's writer (Redis: batched writes, heartbeats, sweeps of dead nodes).
+    /// Presence's writer (Redis: batched writes, heartbeats, sweeps of dead nodes); in
+    /// routed mode also the watch that tells this node's connections they may have lost
+    /// messages when presence had taken the node for dead.
     fn spawn_presence(&self, parts: &Parts) {
         let (presence, stop) = (parts.presence.clone(), self.bus.clone());
         let writing = async move { presence.run(stop).await.map_err(anyhow::Error::from) };
         spawn(&self.tracker, &self.watch, "presence", writing, None);
+        if parts.bus.is_routed() {
+            let mut lost = parts.presence.entries_lost();
+            let (registry, metrics) = (parts.registry.clone(), parts.metrics.clone());
+            let stop = self.bus.clone();
+            let watching = async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        changed = lost.changed() => {
+                            if changed.is_err() {
+                                stop.cancelled().await; // presence is gone: nothing to watch
+                                return Ok(());
+                            }
+                        }
+                    }
+                    let told = crate::router::tell_all_lost(&registry, &metrics);
+                    tracing::warn!(
+                        connections = told,
+                        "presence had taken this node for dead: messages for its users may have reached no node; its connections were told messages_lost"
+                    );
+                }
+            };
+            spawn(
+                &self.tracker,
+                &self.watch,
+                "presence loss watch",
+                watching,
+                None,
+            );
+        }
     }
 
     /// The readiness probes of the database and Kafka (and the revocation re-reads).

@@ -141,6 +141,7 @@ impl MemoryHistory {
                 head: self.seq,
                 epoch_start: 1,
                 streams: Vec::new(),
+                positions: None,
             };
         };
         let read = |stream: Option<&MemStream>| match stream {
@@ -177,6 +178,7 @@ impl MemoryHistory {
             // One process, one line of history: it starts with the process.
             epoch_start: 1,
             streams,
+            positions: None,
         }
     }
 
@@ -268,6 +270,8 @@ pub async fn replay(
 pub struct Recovered {
     /// The bus's last sequence number when recovery read it: the node is whole up to it.
     pub head: u64,
+    /// Routed mode: the channel counters read with `head`.
+    pub positions: Option<super::Positions>,
     /// The missed messages for these users (and broadcasts), in sequence order.
     pub messages: Vec<BusMessage>,
     /// The bus lost its state (Redis restarted empty, or a new epoch began: a failover, a
@@ -321,6 +325,7 @@ pub async fn recover(
         read = bus.read_history(After::Seq(0), &keys).await?;
     }
     out.head = read.head;
+    out.positions = read.positions;
     let mut payloads = BTreeMap::new();
     let mut note = |read: &HistoryRead, start: usize, skip: usize, out: &mut Recovered| {
         merge(&read.streams, after, out.head, &mut payloads);

@@ -12,6 +12,14 @@
 //! message to many users costs its payload plus a small entry per user. Preference changes go on
 //! `<prefix>:control` with plain [`Bus::publish`]. Every node subscribes to both.
 //!
+//! Routed mode (`bus.routing = "routed"`, the Redis bus only): a message for users goes,
+//! instead of `<prefix>:bus`, to `<prefix>:node:<node id>` of each node that presence says
+//! holds a connection of one of them; every node also subscribes to its own node channel.
+//! The message keeps its cluster-wide sequence number (history and resume are unchanged),
+//! and each published frame also carries the number of its channel's own counter
+//! ([`payload_channel_seq`]): a node receives only some of the cluster's numbers, so it
+//! detects a gap per channel instead ([`Positions`]).
+//!
 //! Invariants:
 //! * Sequence numbers increase by one per published message: a subscriber that sees a jump
 //!   missed messages, and reads them back with [`Bus::read_history`].
@@ -43,6 +51,8 @@ pub enum Channel {
     Bus,
     /// Cluster coordination: preference changes.
     Control,
+    /// Routed mode: messages for the users connected to this node ([`BusMessage`]s).
+    Node,
 }
 
 impl Channel {
@@ -51,6 +61,7 @@ impl Channel {
         match self {
             Channel::Bus => "bus",
             Channel::Control => "control",
+            Channel::Node => "node",
         }
     }
 }
@@ -152,6 +163,16 @@ pub struct StreamRead {
     pub entries: Vec<Bytes>,
 }
 
+/// Routed mode: how many frames each channel a node reads messages from had carried when a
+/// history read ran (each channel's own counter, [`payload_channel_seq`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Positions {
+    /// `<prefix>:bus`: broadcasts, groups, `to.conn`.
+    pub bus: u64,
+    /// This node's `<prefix>:node:<node id>`.
+    pub node: u64,
+}
+
 /// The result of [`Bus::read_history`].
 #[derive(Debug, Clone, Default)]
 pub struct HistoryRead {
@@ -168,6 +189,9 @@ pub struct HistoryRead {
     pub epoch_start: u64,
     /// One per requested stream, in the order asked.
     pub streams: Vec<StreamRead>,
+    /// Routed mode: the channel counters, read in the same step as `head` (every message up
+    /// to `head` for this node is within them); `None` in broadcast mode.
+    pub positions: Option<Positions>,
 }
 
 /// A pub/sub bus shared by every node of a cluster, with its message history.
@@ -207,6 +231,13 @@ pub trait Bus: Send + Sync + 'static {
 
     /// True while publishing can succeed (for `/readyz`).
     fn is_connected(&self) -> bool;
+
+    /// True in routed mode (`bus.routing = "routed"`): messages for users arrive on
+    /// [`Channel::Node`], each frame carries its channel's own number, and history reads
+    /// report [`Positions`].
+    fn is_routed(&self) -> bool {
+        false
+    }
 }
 
 /// Routing facts of a message, written before its frame on the bus.
@@ -331,10 +362,26 @@ pub fn sequenced(seq: u64, body: &[u8]) -> Bytes {
     out.freeze()
 }
 
-/// The sequence number at the start of a payload, without decoding the rest.
+/// The sequence number at the start of a payload, without decoding the rest. The first
+/// line is `<seq>`, or in routed mode `<seq> <channel seq>` on the channels (the history
+/// keeps `<seq>` alone).
 pub fn payload_seq(payload: &[u8]) -> Option<u64> {
     let end = payload.iter().position(|b| *b == b'\n')?;
-    std::str::from_utf8(&payload[..end]).ok()?.parse().ok()
+    let line = &payload[..end];
+    let seq = match line.iter().position(|b| *b == b' ') {
+        Some(space) => &line[..space],
+        None => line,
+    };
+    std::str::from_utf8(seq).ok()?.parse().ok()
+}
+
+/// Routed mode: the number a frame has on its channel (the second number of its first
+/// line), `None` when it has none (broadcast mode, history entries).
+pub fn payload_channel_seq(payload: &[u8]) -> Option<u64> {
+    let end = payload.iter().position(|b| *b == b'\n')?;
+    let line = &payload[..end];
+    let space = line.iter().position(|b| *b == b' ')?;
+    std::str::from_utf8(&line[space + 1..]).ok()?.parse().ok()
 }
 
 impl BusMessage {
@@ -387,6 +434,24 @@ mod tests {
             back.frame.as_bytes().as_ptr(),
             wire[wire.len() - msg.frame.len()..].as_ptr()
         );
+    }
+
+    #[test]
+    fn routed_frames_carry_their_channel_number_after_the_sequence_number() {
+        let plain = BusMessage::decode(Bytes::from_static(
+            b"41\n{\"id\":\"1\",\"type\":\"x\",\"to\":{\"all\":true},\"ts\":1}\n{}",
+        ))
+        .unwrap();
+        assert_eq!(plain.seq, 41);
+        let routed = Bytes::from_static(
+            b"41 7\n{\"id\":\"1\",\"type\":\"x\",\"to\":{\"all\":true},\"ts\":1}\n{}",
+        );
+        assert_eq!(payload_seq(&routed), Some(41));
+        assert_eq!(payload_channel_seq(&routed), Some(7));
+        let msg = BusMessage::decode(routed).unwrap();
+        assert_eq!((msg.seq, msg.frame.as_str()), (41, "{}"));
+        assert_eq!(payload_channel_seq(b"41\n{}\n{}"), None);
+        assert_eq!(payload_channel_seq(b"41 x\n{}\n{}"), None);
     }
 
     #[test]

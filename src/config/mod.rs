@@ -62,6 +62,7 @@ pub struct Settings {
     pub admin: AdminConfig,
     pub kafka: KafkaConfig,
     pub redis: RedisConfig,
+    pub bus: BusConfig,
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
     pub heartbeat: HeartbeatConfig,
@@ -239,6 +240,21 @@ impl Settings {
         }
         if self.redis.prefix.is_empty() || self.redis.prefix.contains(char::is_whitespace) {
             return Err(invalid("redis.prefix", "must be a non-empty word"));
+        }
+        let cluster = RedisScheme::of(&self.redis.url).is_ok_and(RedisScheme::is_cluster);
+        if cluster && self.redis.prefix.contains(['{', '}']) {
+            // On a Redis Cluster the bus's keys are `{<prefix>}:…`: a brace in the prefix
+            // would move the hash tag and split the keys one script touches over slots.
+            return Err(invalid(
+                "redis.prefix",
+                "must not contain `{` or `}` with a Redis Cluster (fanout adds the hash tag itself)",
+            ));
+        }
+        if self.bus.routing == Routing::Routed && self.redis.url.is_empty() {
+            return Err(invalid(
+                "bus.routing",
+                "\"routed\" needs a Redis bus (redis.url): the embedded in-process bus has one node, nothing to route",
+            ));
         }
         tls::check_kafka(&self.kafka, self.kafka.brokers.is_empty())?;
         tls::check_redis(&self.redis)?;

@@ -261,11 +261,15 @@ impl Default for KafkaConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://[user:pass@]host:port[/db]`, `rediss://…` for TLS, or Sentinel as
+    /// `redis://[user:pass@]host:port[/db]`, `rediss://…` for TLS, Sentinel as
     /// `redis-sentinel://[user:pass@]host:port[,host:port…]/<service name>` (`rediss-sentinel`
-    /// for TLS). Empty: the embedded default's in-process bus (one node).
+    /// for TLS), or a Redis Cluster as `redis-cluster://[user:pass@]host:port[,host:port…]`
+    /// (`rediss-cluster` for TLS; one reachable node is enough, the others are discovered).
+    /// Empty: the embedded default's in-process bus (one node).
     pub url: String,
-    /// Prefix of every channel and key, so several clusters can share one Redis.
+    /// Prefix of every channel and key, so several clusters can share one Redis. On a
+    /// Redis Cluster the bus and presence keys are `{<prefix>}:…` (one hash tag: they live
+    /// on one shard), so there the prefix must not contain `{` or `}`.
     pub prefix: String,
     /// With `rediss`: PEM file of the CA(s) that signed the server certificates. Empty: the
     /// system's trust store.
@@ -286,6 +290,29 @@ impl Default for RedisConfig {
             tls_key_file: String::new(),
         }
     }
+}
+
+/// `[bus]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusConfig {
+    /// `broadcast` (default): every node receives every bus message and picks its own
+    /// connections. `routed` (large clusters, a Redis bus only): a message for users
+    /// (`to.user`, `to.users`) reaches only the nodes holding a connection of one of them,
+    /// as presence knows them; broadcasts, groups and `to.conn` still reach every node.
+    /// Every node of a cluster must use the same value.
+    pub routing: Routing,
+}
+
+/// `bus.routing`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Routing {
+    /// Every node receives every bus message.
+    #[default]
+    Broadcast,
+    /// Messages for users go only to the nodes holding one of their connections.
+    Routed,
 }
 
 /// `[database]`

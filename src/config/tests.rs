@@ -264,7 +264,36 @@ fn redis_and_postgres_tls_settings_are_accepted() {
         fixture("client.key")
     ))
     .unwrap();
-    refused_naming(cluster("[redis]\nurl='redis-cluster://h:1'"), "redis.url");
+    refused_naming(cluster("[redis]\nurl='memcached://h:1'"), "redis.url");
+}
+
+#[test]
+fn redis_cluster_urls_are_accepted_and_prefixes_with_braces_refused() {
+    let s = cluster("[redis]\nurl='redis-cluster://u:p@10.0.0.1:7000,10.0.0.2:7001'").unwrap();
+    let scheme = RedisScheme::of(&s.redis.url).unwrap();
+    assert_eq!(scheme, RedisScheme::Cluster);
+    assert!(scheme.is_cluster() && !scheme.uses_tls());
+    let s = cluster(&format!(
+        "[redis]\nurl='rediss-cluster://h:7000'\ntls_ca_file='{}'",
+        fixture("ca.pem")
+    ))
+    .unwrap();
+    let scheme = RedisScheme::of(&s.redis.url).unwrap();
+    assert!(scheme.is_cluster() && scheme.uses_tls());
+    refused_naming(
+        cluster("[redis]\nurl='redis-cluster://h:7000'\ntls_ca_file='/x/ca.pem'"),
+        "redis.tls_ca_file",
+    );
+    for bad in ["{fanout}", "a{b", "a}b"] {
+        refused_naming(
+            cluster(&format!(
+                "[redis]\nurl='redis-cluster://h:7000'\nprefix='{bad}'"
+            )),
+            "redis.prefix",
+        );
+    }
+    // One server or Sentinel: no hash tag is added, an existing prefix keeps working.
+    cluster("[redis]\nurl='redis://h:6379'\nprefix='a{b}'").unwrap();
 }
 
 #[test]
@@ -313,4 +342,18 @@ fn the_presence_topic_is_not_one_of_the_input_topics() {
         "kafka.presence_topic",
     );
     refused_naming(kafka("presence_topic=' p'"), "kafka.presence_topic");
+}
+
+#[test]
+fn bus_routing_is_broadcast_by_default_and_routed_needs_redis() {
+    let s = cluster("").unwrap();
+    assert_eq!(s.bus.routing, Routing::Broadcast);
+    assert!(s.to_masked_toml().contains("routing = \"broadcast\""));
+    let s = cluster("[bus]\nrouting='routed'").unwrap();
+    assert_eq!(s.bus.routing, Routing::Routed);
+    assert!(s.to_masked_toml().contains("routing = \"routed\""));
+    refused_naming(cluster("[bus]\nrouting='sometimes'"), "routing");
+    // The embedded default's in-process bus is one node: nothing to route.
+    let err = refused_naming(from_toml("[bus]\nrouting='routed'"), "bus.routing");
+    assert!(err.contains("redis.url"), "{err}");
 }

@@ -166,6 +166,10 @@ pub enum RedisScheme {
     Sentinel,
     /// `rediss-sentinel://`: the same over TLS (sentinels and servers).
     SentinelTls,
+    /// `redis-cluster://`: a Redis Cluster, found through the nodes listed, plaintext.
+    Cluster,
+    /// `rediss-cluster://`: the same over TLS.
+    ClusterTls,
 }
 
 impl RedisScheme {
@@ -177,20 +181,23 @@ impl RedisScheme {
             "rediss" => Ok(Self::Tls),
             "redis-sentinel" => Ok(Self::Sentinel),
             "rediss-sentinel" => Ok(Self::SentinelTls),
-            "redis-cluster" | "rediss-cluster" => Err(invalid(
-                "redis.url",
-                "Redis Cluster is not supported by this version of fanout",
-            )),
+            "redis-cluster" => Ok(Self::Cluster),
+            "rediss-cluster" => Ok(Self::ClusterTls),
             _ => Err(invalid(
                 "redis.url",
-                "must start with redis://, rediss://, redis-sentinel:// or rediss-sentinel://",
+                "must start with redis://, rediss://, redis-sentinel://, rediss-sentinel://, redis-cluster:// or rediss-cluster://",
             )),
         }
     }
 
     /// True for the `rediss` schemes.
     pub fn uses_tls(self) -> bool {
-        matches!(self, Self::Tls | Self::SentinelTls)
+        matches!(self, Self::Tls | Self::SentinelTls | Self::ClusterTls)
+    }
+
+    /// True for the Redis Cluster schemes.
+    pub fn is_cluster(self) -> bool {
+        matches!(self, Self::Cluster | Self::ClusterTls)
     }
 }
 

@@ -32,7 +32,7 @@ use crate::http::json_error;
 use crate::kafka::Producer;
 use crate::metrics::{Ask, Metrics};
 use crate::prefs::Prefs;
-use crate::presence::{ConnInfo, Presence};
+use crate::presence::{ConnInfo, Presence, Presented};
 use crate::protocol::{self, ClientFrame, Close, Hello};
 use crate::registry::{ConnHandle, QueueRx, RegisterError, Registration, Registry};
 use session::{FrameHandler, Session};
@@ -41,6 +41,10 @@ use session::{FrameHandler, Session};
 /// allocates and zero-fills all of it for every connection; a larger frame (up to
 /// `server.max_frame_bytes`) grows it as needed, read 512 bytes at a time.
 const READ_BUFFER: usize = 512;
+
+/// Routed mode: how long a new connection waits for its presence entry to be in Redis
+/// before it reads its history and says `hello` (else it is closed with 1011).
+const PRESENCE_WRITE_WITHIN: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// tungstenite writes its buffered frames once they pass this many bytes (or at a flush):
 /// a session's batch of queued frames goes out in a few writes, not one per frame. A
@@ -247,36 +251,29 @@ impl Gateway {
         connect: Box<Connect>,
     ) -> impl std::future::Future<Output = ()> + Send {
         async move {
-            let Some((session, ws, _registration)) = self.open(on_upgrade, connect).await else {
+            let Some((session, ws, _registration, mut presented)) =
+                self.open(on_upgrade, connect).await
+            else {
                 return;
             };
-            let conn = &session.conn;
-            let mut presented = self.presence.present(
-                ConnInfo {
-                    user: conn.user.to_string(),
-                    conn: conn.id.to_string(),
-                    node: self.settings.node.id.clone(),
-                    platform: conn.platform,
-                    tab: conn.tab.as_deref().map(str::to_owned),
-                    connected_at: crate::clock::now_ms(),
-                },
-                conn.user.clone(),
-                conn.id.clone(),
-            );
             let end = session.run(ws).await;
             presented.code = end.code();
             tracing::debug!(conn = %presented.conn, user = %presented.user, ?end, "session ended");
         }
     }
 
-    /// Completes the upgrade, registers the connection, reads what a resuming client
-    /// missed and renders `hello`: everything the session needs, or `None` when the
-    /// connection was refused (close 1013) or went away.
+    /// Completes the upgrade, registers the connection, announces it to presence, reads
+    /// what a resuming client missed and renders `hello`: everything the session needs, or
+    /// `None` when the connection was refused (close 1013) or went away.
+    ///
+    /// In routed mode the presence entry is in Redis before the history is read: a
+    /// message published after that write reaches this node (and the connection,
+    /// registered before it), one published before is in the history read.
     async fn open(
         self: &Arc<Self>,
         on_upgrade: OnUpgrade,
         connect: Box<Connect>,
-    ) -> Option<(Session, Ws, Registration)> {
+    ) -> Option<(Session, Ws, Registration, Presented)> {
         let io = match on_upgrade.await {
             Ok(upgraded) => TokioIo::new(upgraded),
             Err(e) => {
@@ -327,10 +324,31 @@ impl Gateway {
         {
             conn.close(Close::TokenRevoked); // revoked after admission, before registering
         }
+        let presented = self.presence.present(
+            ConnInfo {
+                user: conn.user.to_string(),
+                conn: conn.id.to_string(),
+                node: self.settings.node.id.clone(),
+                platform: conn.platform,
+                tab: conn.tab.as_deref().map(str::to_owned),
+                connected_at: crate::clock::now_ms(),
+            },
+            conn.user.clone(),
+            conn.id.clone(),
+        );
+        if self.bus.is_routed()
+            && !self
+                .presence
+                .written(presented.mark, PRESENCE_WRITE_WITHIN)
+                .await
+        {
+            tracing::warn!(conn = %conn.id, user = %conn.user, "presence entry not written in time; closing 1011 (routed mode needs it to deliver)");
+            conn.close(Close::Unavailable);
+        }
         let session = self
             .session(conn, queue, identity.exp, since.as_deref())
             .await;
-        Some((session, ws, registration))
+        Some((session, ws, registration, presented))
     }
 
     /// Closes a connection the registry refused with 1013 (waiting at most a second for the

@@ -16,9 +16,16 @@
 //! in-process bus of the embedded default the node is the whole cluster: readers answer
 //! from the table.
 //!
+//! Every change is numbered ([`Presence::connected`] returns the number of its write); the
+//! writer publishes the highest number it knows to be in Redis, so a caller can wait for
+//! one write ([`Presence::written`]): routed mode (`bus.routing = "routed"`) reads presence
+//! to decide which nodes get a message, so a connection there waits for its entry before
+//! it reads its history and says `hello`.
+//!
 //! Invariants:
-//! * Nothing here runs per message, and nothing the gateway calls awaits: a Redis outage
-//!   costs presence accuracy, never a session's progress.
+//! * Nothing here runs per message, and nothing the gateway calls awaits (except, in routed
+//!   mode, [`Presence::written`], bounded by a timeout): a Redis outage costs presence
+//!   accuracy, never a session's progress.
 //! * After a write failed, a Redis reconnect, or when the node finds it was taken for dead,
 //!   it writes all its live connections again (and removes what Redis holds for it that is
 //!   no longer live): Redis converges to the table.
@@ -34,7 +41,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::envelope::Platform;
@@ -88,7 +95,8 @@ pub enum Backend {
     /// The embedded default's in-process bus: this node is the cluster.
     Local,
     /// Redis (the client of the Redis bus, [`crate::bus::redis::RedisBus::client`]), keys
-    /// under `<prefix>:presence:`.
+    /// under `<prefix>:presence:`, where `prefix` is the bus's
+    /// [`key_base`](crate::bus::redis::RedisBus::key_base) (`{<prefix>}` on a Redis Cluster).
     Redis {
         client: fred::clients::Client,
         prefix: String,
@@ -115,6 +123,8 @@ pub struct Presented {
     pub conn: Arc<str>,
     /// The close code reported.
     pub code: u16,
+    /// The number of its write ([`Presence::written`]).
+    pub mark: u64,
 }
 
 impl Drop for Presented {
@@ -135,6 +145,11 @@ struct Inner {
     table: Mutex<Table>,
     /// Wakes the writer task when something became dirty.
     wake: Notify,
+    /// Every change numbered up to this one is in Redis (see [`Table::marked`]).
+    written: watch::Sender<u64>,
+    /// How many times the writer found this node had been taken for dead (its entries
+    /// may have been swept meanwhile).
+    lost: watch::Sender<u64>,
     store: Option<redis::Store>,
     events: Option<events::Events>,
     metrics: Arc<Metrics>,
@@ -156,6 +171,9 @@ struct Table {
     resync: bool,
     /// Live connections, for the gauge.
     count: usize,
+    /// Changes marked so far: the number of the last one. Once the writer finds `dirty`
+    /// empty (and no resync due) after writing, every change up to it is in Redis.
+    marked: u64,
 }
 
 /// What to write for a connection.
@@ -166,7 +184,9 @@ enum Change {
 }
 
 impl Table {
-    fn mark(&mut self, conn: &str, change: Change) {
+    /// Marks `conn` to be written; the change's number.
+    fn mark(&mut self, conn: &str, change: Change) -> u64 {
+        self.marked += 1;
         if self.dirty.len() >= DIRTY_MAX && !self.dirty.contains_key(conn) {
             self.dirty.clear();
             self.resync = true;
@@ -174,6 +194,7 @@ impl Table {
         if !self.resync {
             self.dirty.insert(conn.to_owned(), change);
         }
+        self.marked
     }
 
     fn find(&self, user: &str, conn: &str) -> Option<&ConnInfo> {
@@ -220,6 +241,8 @@ impl Presence {
                 node,
                 table: Mutex::new(Table::default()),
                 wake: Notify::new(),
+                written: watch::Sender::new(0),
+                lost: watch::Sender::new(0),
                 store,
                 events,
                 metrics,
@@ -232,15 +255,17 @@ impl Presence {
         &self.inner.node
     }
 
-    /// A connection completed its handshake. Does not wait.
-    pub fn connected(&self, info: ConnInfo) {
+    /// A connection completed its handshake. Does not wait. Returns the number of its
+    /// write, for [`written`](Self::written) (0 without Redis: nothing to wait for).
+    pub fn connected(&self, info: ConnInfo) -> u64 {
         let inner = &self.inner;
         if let Some(events) = &inner.events {
             events.connect(&info, info.connected_at, &inner.metrics);
         }
         let mut table = inner.table.lock();
+        let mut mark = 0;
         if inner.store.is_some() {
-            table.mark(
+            mark = table.mark(
                 &info.conn,
                 Change::Put {
                     user: info.user.clone(),
@@ -257,18 +282,36 @@ impl Presence {
         inner.metrics.presence_connections.set(table.count as i64);
         drop(table);
         inner.wake.notify_one();
+        mark
+    }
+
+    /// Waits until the write numbered `mark` ([`connected`](Self::connected)) is in Redis,
+    /// at most `within`; false if it is not by then. True at once without Redis.
+    pub async fn written(&self, mark: u64, within: Duration) -> bool {
+        let mut written = self.inner.written.subscribe();
+        let wait = async move { written.wait_for(|w| *w >= mark).await.is_ok() };
+        tokio::time::timeout(within, wait).await.unwrap_or(false)
+    }
+
+    /// Changes each time the writer finds that this node had been taken for dead by the
+    /// cluster (cut off from Redis, or stalled, for longer than the dead bound): its entries
+    /// may have been swept, and until it wrote them again nobody could find its
+    /// connections (in routed mode, messages for its users reached no node).
+    pub fn entries_lost(&self) -> watch::Receiver<u64> {
+        self.inner.lost.subscribe()
     }
 
     /// [`connected`](Self::connected), and a guard that reports the connection
     /// [`disconnected`](Self::disconnected) when dropped, with the code set in
     /// [`Presented::code`] (1006 unless set: a session that panicked was lost abnormally).
     pub fn present(&self, info: ConnInfo, user: Arc<str>, conn: Arc<str>) -> Presented {
-        self.connected(info);
+        let mark = self.connected(info);
         Presented {
             presence: self.clone(),
             user,
             conn,
             code: redis::CODE_GONE,
+            mark,
         }
     }
 

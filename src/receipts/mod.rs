@@ -16,8 +16,8 @@
 //! * asks presence, in one call, which users of the published messages have a matching
 //!   connection anywhere ([`Directory`]); those without one are `offline` candidates;
 //! * claims every negative candidate (`offline`, `filtered`, `expired`) in one round trip
-//!   ([`Claims`]: Redis `SET <prefix>:receipt:<id>:<user> 1 NX EX <recovery.window>`,
-//!   pipelined; in memory on the in-process bus): only the first claim of an (id, user) in
+//!   ([`Claims`]: Redis `SET <key base>:receipt:<id>:<user> 1 NX EX <recovery.window>`,
+//!   one script call; in memory on the in-process bus): only the first claim of an (id, user) in
 //!   the cluster is produced, so the backend gets at most one negative outcome per message
 //!   and user, whichever node or ingest saw it first;
 //! * renders each record and hands it to a [`Sink`] (librdkafka's queue; full → dropped and
@@ -400,13 +400,14 @@ pub enum Claims {
     Local(LocalClaims),
 }
 
-/// Claims in Redis: `SET <prefix>:receipt:<id>:<user> 1 NX EX <window>` for every key of a
-/// batch, in one script call (one command for the client to encode and route, however many
+/// Claims in Redis: `SET <key base>:receipt:<id>:<user> 1 NX EX <window>` for every key of
+/// a batch, in one script call (one command for the client to encode and route, however many
 /// claims: a pipeline of one `SET` each cost the receipts task more than all its other
-/// work).
+/// work). The key base is the bus's: `<prefix>` on one Redis, `{<prefix>}` on a Redis
+/// Cluster, where a script's keys must all be in one slot.
 pub struct RedisClaims {
     client: fred::clients::Client,
-    /// `<prefix>:receipt:`
+    /// `<key base>:receipt:`
     base: String,
     window_secs: String,
     script: fred::types::scripts::Script,
@@ -422,10 +423,11 @@ return out
 "#;
 
 impl RedisClaims {
-    pub fn new(client: fred::clients::Client, prefix: &str, window: Duration) -> Self {
+    /// Claims under `key_base` (the bus's [`crate::bus::redis::RedisBus::key_base`]).
+    pub fn new(client: fred::clients::Client, key_base: &str, window: Duration) -> Self {
         Self {
             client,
-            base: format!("{prefix}:receipt:"),
+            base: format!("{key_base}:receipt:"),
             window_secs: window.as_secs().max(1).to_string(),
             script: fred::types::scripts::Script::from_lua(CLAIM_LUA),
         }

@@ -15,6 +15,15 @@
 //! moved on starts a recovery (see [`recovery`]): events wait in order in a buffer while
 //! the missed messages are read from the history, routed, and only then is the buffer
 //! drained. Sequence numbers make both sides of that overlap exact.
+//!
+//! Routed mode ([`Bus::is_routed`]): the node receives only the messages for its users (on
+//! its node channel) and those for everyone (on the bus channel), so the cluster's numbers
+//! jump between them by design. Each frame also carries its channel's own number: a jump
+//! there (or a step back) is the gap, and `last_seq` is the highest cluster number seen.
+//! The two channels arrive on one connection in publish order, so when both channels are
+//! whole, every message for this node up to `last_seq` has been seen; a recovery then reads
+//! from `last_seq` exactly as in broadcast mode, and takes both channels' numbers from the
+//! read that gave it the bus's head. The idle check compares those numbers, not the head.
 
 mod recovery;
 #[cfg(test)]
@@ -29,7 +38,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{After, Bus, BusEvent, BusMessage, Channel};
+use crate::bus::{payload_channel_seq, After, Bus, BusEvent, BusMessage, Channel};
 use crate::clock::{now_ms, now_us};
 use crate::kick::{self, Kick, Kicks};
 use crate::metrics::{Dropped, Gap, Metrics};
@@ -99,6 +108,9 @@ pub struct Router {
     epoch: Option<u64>,
     /// Messages up to this one were routed by a recovery: arriving live, they are duplicates.
     recovered_through: u64,
+    /// Routed mode: the last number seen on the bus channel and on the node channel
+    /// (`None` before the first, in broadcast mode always).
+    channel_seq: ChannelSeqs,
     /// When the last bus event arrived.
     last_event: Instant,
     /// When the router last knew it had every message up to `last_seq`.
@@ -108,6 +120,10 @@ pub struct Router {
     receipts: Receipts,
     kicks: Option<Arc<Kicks>>,
 }
+
+/// Routed mode's per-channel positions: `None` in broadcast mode; else the last number
+/// seen on [`Channel::Bus`] and on [`Channel::Node`], each `None` until known.
+type ChannelSeqs = Option<[Option<u64>; 2]>;
 
 /// The field every control message has.
 #[derive(serde::Deserialize)]
@@ -124,6 +140,7 @@ impl Router {
         prefs: Option<Arc<Prefs>>,
         window: Duration,
     ) -> Self {
+        let routed = bus.is_routed();
         Self {
             registry,
             metrics,
@@ -135,6 +152,7 @@ impl Router {
             last_seq: None,
             epoch: None,
             recovered_through: 0,
+            channel_seq: routed.then_some([None, None]),
             last_event: Instant::now(),
             whole_at: Instant::now(),
             buffer: VecDeque::new(),
@@ -165,6 +183,12 @@ impl Router {
         // (Unreadable now: the first recovery reads it instead.)
         if let Ok(read) = self.bus.read_history(After::Seq(0), &[]).await {
             self.epoch = Some(read.epoch_start);
+            // Routed mode: a channel's first frame is checked against its counter too.
+            if let (Some(seqs), Some(at)) = (&mut self.channel_seq, read.positions) {
+                *seqs = [Some(at.bus), Some(at.node)];
+                self.last_seq = Some(read.head);
+                self.recovered_through = read.head;
+            }
         }
         let mut recovery: Option<Recovery> = None;
         let mut idle = tokio::time::interval(IDLE_CHECK);
@@ -222,9 +246,12 @@ impl Router {
     fn handle(&mut self, event: BusEvent) -> Option<Recovery> {
         match event {
             BusEvent::Message {
-                channel: Channel::Bus,
+                channel: channel @ (Channel::Bus | Channel::Node),
                 payload,
             } => match BusMessage::decode(payload.clone()) {
+                Ok(msg) if self.channel_seq.is_some() => {
+                    self.on_routed_message(channel, msg, payload)
+                }
                 Ok(msg) => self.on_message(msg, payload),
                 Err(e) => {
                     self.metrics.bus_bad_payloads.inc();
@@ -299,6 +326,71 @@ impl Router {
         Some(self.start_recovery(true))
     }
 
+    /// Routed mode: routes a message that follows the last one of its channel; a jump or a
+    /// step back in the channel's number starts a recovery (the message waits for it).
+    fn on_routed_message(
+        &mut self,
+        channel: Channel,
+        msg: BusMessage,
+        payload: Bytes,
+    ) -> Option<Recovery> {
+        fail::fail_point!("router-message");
+        if msg.header.at_us != 0 {
+            let on_bus_us = now_us().saturating_sub(msg.header.at_us);
+            self.metrics.stage_bus.observe(on_bus_us as f64 / 1e6);
+        }
+        let Some(number) = payload_channel_seq(&payload) else {
+            // A frame without its channel's number: a node in broadcast mode publishes here.
+            self.metrics.bus_bad_payloads.inc();
+            tracing::warn!(
+                seq = msg.seq,
+                "bus frame without a channel number in routed mode (is every node on bus.routing = \"routed\"?)"
+            );
+            return None;
+        };
+        if self.last_seq.is_some() && msg.seq <= self.recovered_through {
+            // Already routed from the history.
+            self.metrics
+                .dropped
+                .with_label_values(&[Dropped::Duplicate.label()])
+                .inc();
+            return None;
+        }
+        let i = usize::from(channel == Channel::Node);
+        let seqs = self.channel_seq.as_mut().expect("routed mode");
+        match seqs[i] {
+            Some(last) if number != last + 1 => {
+                let reason = if number > last {
+                    Gap::Skipped
+                } else {
+                    Gap::Reset
+                };
+                tracing::warn!(
+                    channel = channel.as_str(),
+                    last,
+                    number,
+                    seq = msg.seq,
+                    reason = reason.label(),
+                    "bus channel sequence broken: recovering"
+                );
+                self.metrics
+                    .bus_gaps
+                    .with_label_values(&[reason.label()])
+                    .inc();
+                self.buffer
+                    .push_front(BusEvent::Message { channel, payload });
+                return Some(self.start_recovery(true));
+            }
+            _ => seqs[i] = Some(number),
+        }
+        if self.last_seq.is_some() {
+            self.whole_at = Instant::now();
+        }
+        self.last_seq = Some(self.last_seq.map_or(msg.seq, |last| last.max(msg.seq)));
+        self.route(&msg);
+        None
+    }
+
     /// Applies one control message, by its `kind`. An unknown kind (from a newer node
     /// during a rolling upgrade) is ignored and counted as undecodable.
     fn on_control(&mut self, payload: &[u8]) {
@@ -338,6 +430,7 @@ impl Router {
             self.registry.clone(),
             self.last_seq,
             self.epoch,
+            self.channel_seq,
             self.whole_at,
         )
     }
@@ -453,6 +546,22 @@ impl Router {
             self.metrics.prefs_change_latency.observe(latency);
         }
     }
+}
+
+/// Tells every connection of this node it may have lost messages (`messages_lost`), as a
+/// recovery does when the history cannot fill a gap; how many were told. For routed mode,
+/// after presence had taken the node for dead: messages for its users then reached no node,
+/// and no channel number shows it.
+pub fn tell_all_lost(registry: &Registry, metrics: &Metrics) -> usize {
+    let frame = recovery::lost_frame(metrics);
+    registry.for_each(|conn| {
+        let _ = conn.push(frame.clone());
+    });
+    metrics
+        .gap_recoveries
+        .with_label_values(&[crate::metrics::GapRecovery::Lost.label()])
+        .inc();
+    registry.connection_count()
 }
 
 /// Follows, user by user, what one message does to the connections it targets here: the

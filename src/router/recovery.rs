@@ -2,6 +2,8 @@
 //! events back, and [`Router::finish`], which applies what it found.
 //!
 //! It asks the bus for its head first (one cheap read): when nothing was missed it is done.
+//! (In routed mode "nothing missed" means both channels' counters are where the router
+//! is; the head moves on with messages for other nodes.)
 //! Otherwise it reads, for the users (and groups) connected here, every message after the
 //! router's `last_seq` from the history, and re-reads their preferences (a preference announcement
 //! may have been lost with the messages). Redis being down is not an outcome: the task
@@ -14,9 +16,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::Router;
+use super::{ChannelSeqs, Router};
 use crate::bus::history::{self, Recovered};
-use crate::bus::{After, Bus, BusError};
+use crate::bus::{After, Bus, BusError, Positions};
 use crate::metrics::{GapRecovery, Metrics};
 use crate::prefs::Prefs;
 use crate::protocol;
@@ -34,6 +36,8 @@ pub(super) struct Outcome {
     pub missed: bool,
     /// The bus's epoch when read (a change after that read shows in the next recovery).
     pub epoch_start: u64,
+    /// Routed mode: the channel counters read with `head`.
+    pub positions: Option<Positions>,
     /// When the router was last known to be whole, before this gap.
     pub whole_at: Instant,
 }
@@ -58,12 +62,18 @@ impl Recovery {
         registry: Arc<Registry>,
         after: Option<u64>,
         epoch: Option<u64>,
+        channels: ChannelSeqs,
         whole_at: Instant,
     ) -> Self {
         let task = tokio::spawn(async move {
             let mut failures = 0u32;
             loop {
-                match attempt(&*bus, prefs.as_deref(), &registry, after, epoch, whole_at).await {
+                let position = Position {
+                    after,
+                    epoch,
+                    channels,
+                };
+                match attempt(&*bus, prefs.as_deref(), &registry, position, whole_at).await {
                     Ok(outcome) => return outcome,
                     Err(e) => {
                         if failures == 0 {
@@ -87,15 +97,30 @@ impl Recovery {
     }
 }
 
-/// One try from the router's position `after` in the bus epoch `epoch`.
+/// Where the router stands when a recovery starts.
+#[derive(Clone, Copy)]
+struct Position {
+    /// Its `last_seq`.
+    after: Option<u64>,
+    /// The bus epoch it last read.
+    epoch: Option<u64>,
+    /// Routed mode: its channels' last numbers.
+    channels: ChannelSeqs,
+}
+
+/// One try from the router's position.
 async fn attempt(
     bus: &dyn Bus,
     prefs: Option<&Prefs>,
     registry: &Registry,
-    after: Option<u64>,
-    epoch: Option<u64>,
+    position: Position,
     whole_at: Instant,
 ) -> Result<Outcome, BusError> {
+    let Position {
+        after,
+        epoch,
+        channels,
+    } = position;
     let bus_now = bus.read_history(After::Seq(0), &[]).await?;
     let (head, epoch_start) = (bus_now.head, bus_now.epoch_start);
     let Some(after) = after else {
@@ -105,11 +130,17 @@ async fn attempt(
             prefs: Vec::new(),
             missed: false,
             epoch_start,
+            positions: bus_now.positions,
             whole_at,
         });
     };
     let new_epoch = epoch.is_some_and(|e| e != epoch_start);
-    let missed = head != after || new_epoch;
+    let behind = match (channels, bus_now.positions) {
+        // Routed: whole while both channels' counters are where the router is.
+        (Some(seen), Some(now)) => seen != [Some(now.bus), Some(now.node)] || head < after,
+        _ => head != after,
+    };
+    let missed = behind || new_epoch;
     // The users connected now: whoever connects later resumes by itself.
     let users = if missed || prefs.is_some() {
         registry.users()
@@ -125,6 +156,7 @@ async fn attempt(
     let found = if !missed || users.is_empty() {
         Recovered {
             head,
+            positions: bus_now.positions,
             reset: head < after || new_epoch,
             ..Recovered::default()
         }
@@ -143,6 +175,7 @@ async fn attempt(
     };
     Ok(Outcome {
         head: found.head,
+        positions: found.positions,
         epoch_start,
         missed: missed || found.reset,
         recovered: Some(found),
@@ -160,6 +193,9 @@ impl Router {
             self.registry.refresh_prefs(user, *bits, *version, &frame);
         }
         self.epoch = Some(outcome.epoch_start);
+        if let (Some(seqs), Some(at)) = (&mut self.channel_seq, outcome.positions) {
+            *seqs = [Some(at.bus), Some(at.node)];
+        }
         let Some(found) = outcome.recovered else {
             // Nothing was known yet: start counting from the bus's head.
             self.last_seq = Some(outcome.head);
@@ -234,7 +270,7 @@ impl Router {
 }
 
 /// The notice for a connection that missed messages no history can give back.
-fn lost_frame(metrics: &Metrics) -> Utf8Bytes {
+pub(super) fn lost_frame(metrics: &Metrics) -> Utf8Bytes {
     protocol::error_frame(
         &metrics.client_errors,
         "messages_lost",

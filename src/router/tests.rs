@@ -531,3 +531,26 @@ fn receipts_leave_out_connections_whose_queue_is_full() {
         "not queued: neither delivered nor a negative outcome from this node"
     );
 }
+
+#[tokio::test]
+async fn telling_all_lost_reaches_every_connection_once_and_counts() {
+    let (router, registry) = setup();
+    let (_a, _c, mut alice) = registry
+        .register("alice", None, None, router.types.defaults(), 0)
+        .unwrap();
+    let (_b, _d, mut bob) = registry
+        .register("bob", Some(Platform::Ios), None, router.types.defaults(), 0)
+        .unwrap();
+    assert_eq!(tell_all_lost(&registry, &router.metrics), 2);
+    for rx in [&mut alice, &mut bob] {
+        let frames = frames_within(rx, 1).await;
+        assert!(frames[0].contains("messages_lost"), "{frames:?}");
+        assert!(rx.try_recv().is_err(), "once");
+    }
+    let lost = router
+        .metrics
+        .gap_recoveries
+        .with_label_values(&[crate::metrics::GapRecovery::Lost.label()])
+        .get();
+    assert_eq!(lost, 1);
+}

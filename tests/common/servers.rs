@@ -1,5 +1,6 @@
 //! The servers the server-backed tests need, one place for each address: Kafka
-//! (`FANOUT_TEST_KAFKA`), Redis (`FANOUT_TEST_REDIS`, default the local one) and PostgreSQL
+//! (`FANOUT_TEST_KAFKA`), Redis (`FANOUT_TEST_REDIS`, default the local one), a Redis
+//! Cluster (`FANOUT_TEST_REDIS_CLUSTER`, started by `./scripts/test`) and PostgreSQL
 //! (`FANOUT_TEST_DATABASE_URL`, default the local one). Each is checked with a TCP connect
 //! before first use, so a run without them (`cargo test` on a fresh clone) fails each such
 //! test within seconds with one line saying how to get them, instead of waiting on
@@ -33,6 +34,47 @@ pub fn redis_url() -> String {
         "FANOUT_TEST_REDIS=redis://host:port",
     );
     url
+}
+
+/// The Redis Cluster's URL, `redis-cluster://host:port,host:port…` (DESIGN §7).
+pub fn redis_cluster_url() -> String {
+    let variable = "FANOUT_TEST_REDIS_CLUSTER=redis-cluster://host:port,host:port…";
+    let url = std::env::var("FANOUT_TEST_REDIS_CLUSTER")
+        .unwrap_or_else(|_| missing("a Redis Cluster", None, variable));
+    let first = url
+        .split_once("://")
+        .map_or(url.as_str(), |(_, rest)| rest)
+        .split(',')
+        .next()
+        .unwrap_or_default();
+    check(
+        "a Redis Cluster",
+        &host_port(&format!("redis://{first}"), 6379),
+        variable,
+    );
+    url
+}
+
+/// The Redis URL the end-to-end nodes use: the Redis Cluster's when
+/// `FANOUT_TEST_REDIS_MODE=cluster` (how `./scripts/test` runs the delivery, resume and
+/// failure scenarios a second time), else [`redis_url`].
+pub fn nodes_redis_url() -> String {
+    match std::env::var("FANOUT_TEST_REDIS_MODE").as_deref() {
+        Ok("cluster") => redis_cluster_url(),
+        Ok("") | Ok("single") | Err(_) => redis_url(),
+        Ok(other) => panic!("FANOUT_TEST_REDIS_MODE={other}: expected `cluster` or `single`"),
+    }
+}
+
+/// `bus.routing` of the nodes the e2e tests start and of the buses tests/routing.rs
+/// builds: `FANOUT_TEST_BUS_ROUTING=routed` (how `./scripts/test` runs the delivery, resume
+/// and failure scenarios and the property test a second time), else `broadcast`.
+pub fn bus_routing() -> &'static str {
+    match std::env::var("FANOUT_TEST_BUS_ROUTING").as_deref() {
+        Ok("routed") => "routed",
+        Ok("") | Ok("broadcast") | Err(_) => "broadcast",
+        Ok(other) => panic!("FANOUT_TEST_BUS_ROUTING={other}: expected `routed` or `broadcast`"),
+    }
 }
 
 /// The PostgreSQL URL tests create their databases with.

@@ -268,7 +268,7 @@ impl PrivateRedis {
 }
 
 /// Streams `total` numbered messages for `user` in the background.
-fn stream_for(
+pub(crate) fn stream_for(
     cluster: &TestCluster,
     user: &'static str,
     total: u64,
@@ -285,7 +285,7 @@ fn stream_for(
 }
 
 /// Reads until `total` messages arrived; checks they are 0..total, in order, once each.
-async fn expect_exactly_in_order(client: &mut Client, total: u64, wait: Duration) {
+pub(crate) async fn expect_exactly_in_order(client: &mut Client, total: u64, wait: Duration) {
     let mut got = Vec::new();
     while got.len() < total as usize {
         let m = client.expect_msg(wait).await;

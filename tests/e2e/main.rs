@@ -3,6 +3,7 @@
 
 mod bounds;
 mod clients;
+mod cluster;
 mod delivery;
 mod drain;
 mod edges;
@@ -16,6 +17,7 @@ mod preferences;
 mod presence;
 mod receipts;
 mod resume;
+mod routed;
 mod sentinel;
 mod support;
 mod tls;

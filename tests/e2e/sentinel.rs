@@ -32,15 +32,15 @@ const SERVICE: &str = "fanout-bus";
 const USER: &str = "fanout";
 const PASSWORD: &str = "fanout-secret";
 /// Rounds produced; each round is one message per user.
-const ROUNDS: u64 = 260;
+pub(crate) const ROUNDS: u64 = 260;
 /// Pause between rounds (plus the time the four produce calls take).
-const ROUND_PAUSE: Duration = Duration::from_millis(20);
+pub(crate) const ROUND_PAUSE: Duration = Duration::from_millis(20);
 /// The primary dies after this many rounds.
-const KILL_AT: u64 = 50;
+pub(crate) const KILL_AT: u64 = 50;
 /// A live connection that receives nothing for this long has stopped receiving.
 const STALLED: Duration = Duration::from_secs(20);
 /// Read on after the last message, to catch duplicates.
-const QUIET: Duration = Duration::from_millis(2000);
+pub(crate) const QUIET: Duration = Duration::from_millis(2000);
 
 /// The test PKI (`scripts/servers/tls-ca`); fails, never skips, without it.
 fn pki_dir() -> PathBuf {
@@ -401,18 +401,18 @@ fn sentinel_conf(pki: &Path, port: u16, primary: u16) -> String {
     conf
 }
 
-fn numbered(user: &str, n: u64) -> Value {
+pub(crate) fn numbered(user: &str, n: u64) -> Value {
     json!({ "type": "robot.reply", "to": { "user": user }, "data": { "n": n } })
 }
 
-fn n_and_id(msg: &Value) -> (u64, String) {
+pub(crate) fn n_and_id(msg: &Value) -> (u64, String) {
     let n = msg["data"]["n"].as_u64().expect("data.n");
     (n, msg["id"].as_str().expect("id").to_owned())
 }
 
 /// What a live connection received, in order.
 #[derive(Debug)]
-enum Seen {
+pub(crate) enum Seen {
     Msg(u64),
     /// `{"t":"error","code":"messages_lost"}`.
     Lost,
@@ -422,7 +422,7 @@ enum Seen {
 
 /// Reads a live connection until it has the last message and a quiet moment after it,
 /// or until it stalls (nothing for [`STALLED`]) or closes.
-async fn watch(mut client: Client) -> Vec<Seen> {
+pub(crate) async fn watch(mut client: Client) -> Vec<Seen> {
     let mut seen = Vec::new();
     let mut done_at: Option<tokio::time::Instant> = None;
     loop {
@@ -450,7 +450,7 @@ async fn watch(mut client: Client) -> Vec<Seen> {
 
 /// A live connection's record held against DESIGN §6. `after_kill`: every message numbered
 /// from it on was produced after the primary died, so it was never on the dead primary.
-fn check_live(who: &str, seen: &[Seen], after_kill: u64) -> Result<String, String> {
+pub(crate) fn check_live(who: &str, seen: &[Seen], after_kill: u64) -> Result<String, String> {
     let ns: Vec<u64> = seen
         .iter()
         .filter_map(|s| match s {
@@ -529,7 +529,7 @@ fn history_seqs(xrange: &str) -> Vec<(u64, u64)> {
 }
 
 /// `[3, 4, 5, 9]` as `3..=5, 9`.
-fn ranges(ns: &[u64]) -> String {
+pub(crate) fn ranges(ns: &[u64]) -> String {
     if ns.is_empty() {
         return "none".into();
     }

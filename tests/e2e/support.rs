@@ -1,6 +1,9 @@
 //! A small builder language for end-to-end tests: real `fanout` processes against a real
 //! Apache Kafka (`FANOUT_TEST_KAFKA`, started by `./scripts/test`), a real Redis
-//! (`FANOUT_TEST_REDIS`) and a real PostgreSQL (`FANOUT_TEST_DATABASE_URL`).
+//! (`FANOUT_TEST_REDIS`) and a real PostgreSQL (`FANOUT_TEST_DATABASE_URL`). With
+//! `FANOUT_TEST_REDIS_MODE=cluster` the nodes of a [`TestCluster`] use the Redis Cluster at
+//! `FANOUT_TEST_REDIS_CLUSTER` instead (tests that start their own Redis keep it). With
+//! `FANOUT_TEST_BUS_ROUTING=routed` they run with `bus.routing = "routed"`.
 //!
 //! Each test gets its own topics, consumer group and Redis prefix, so tests run in parallel
 //! on one broker and one Redis without seeing each other.
@@ -35,7 +38,7 @@ pub const PARTITIONS: i32 = 4;
 #[path = "../common/servers.rs"]
 mod servers;
 /// The servers: each fails the test in seconds, with one line, when it is not there.
-pub use servers::{database_url, kafka_addr, redis_url};
+pub use servers::{bus_routing, database_url, kafka_addr, nodes_redis_url, redis_url};
 
 /// `url` with its database name replaced by `name`.
 fn with_database(url: &str, name: &str) -> String {
@@ -304,6 +307,7 @@ pub fn committed_offsets(brokers: &str, group: &str, topic: &str) -> Vec<Option<
 pub struct Options {
     /// Bootstrap address of the broker (default: `FANOUT_TEST_KAFKA`).
     pub kafka: String,
+    /// `redis.url` of every node (default: [`nodes_redis_url`]).
     pub redis_url: String,
     /// The database every node shares (default: a fresh one per cluster).
     pub database_url: Option<String>,
@@ -316,7 +320,7 @@ impl Default for Options {
         Self {
             kafka: kafka_addr(),
             database_url: None,
-            redis_url: redis_url(),
+            redis_url: nodes_redis_url(),
             env: Vec::new(),
         }
     }
@@ -582,6 +586,7 @@ impl TestCluster {
             .env("FANOUT__REDIS__URL", &self.options.redis_url)
             .env("FANOUT__DATABASE__URL", &self.database_url)
             .env("FANOUT__REDIS__PREFIX", &self.prefix)
+            .env("FANOUT__BUS__ROUTING", bus_routing())
             .env("FANOUT__AUTH__JWT_SECRET", SECRET)
             .env("FANOUT__AUTH__ADMIN_TOKEN", ADMIN_TOKEN)
             .stdout(Stdio::null())

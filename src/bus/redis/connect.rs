@@ -1,7 +1,9 @@
 //! `redis.url` and the `redis.tls_*` files → a fred [`Config`] (DESIGN §7).
 //!
 //! `redis://` and `rediss://` name one server; `redis-sentinel://` and `rediss-sentinel://`
-//! name sentinels and, as the path, the service whose primary they report. The user and
+//! name sentinels and, as the path, the service whose primary they report;
+//! `redis-cluster://` and `rediss-cluster://` name nodes of a Redis Cluster (any one that
+//! answers is enough: the others are discovered with `CLUSTER SLOTS`). The user and
 //! password of the URL authenticate to the servers and to the sentinels alike.
 //!
 //! With TLS every server (and sentinel) must present a certificate that verifies against
@@ -10,7 +12,9 @@
 //! connection that fails. `config` has already checked the URL and the files.
 
 use fred::prelude::*;
-use fred::types::config::{Server, ServerConfig, TlsConnector};
+use fred::types::config::{
+    ClusterDiscoveryPolicy, Server, ServerConfig, TlsConfig, TlsConnector, TlsHostMapping,
+};
 use openssl::pkey::PKey;
 use openssl::x509::X509;
 
@@ -26,22 +30,74 @@ pub fn client_config(cfg: &RedisConfig) -> Result<Config, BusError> {
     let mut config = match scheme {
         RedisScheme::Plain | RedisScheme::Tls => Config::from_url(&cfg.url)?,
         RedisScheme::Sentinel | RedisScheme::SentinelTls => sentinel_config(&cfg.url)?,
+        RedisScheme::Cluster | RedisScheme::ClusterTls => cluster_config(&cfg.url)?,
     };
     config.tls = match scheme.uses_tls() {
+        // A cluster's nodes are reached at the addresses `CLUSTER SLOTS` reports (IPs):
+        // their certificates are checked for the host the URL named.
+        true if scheme.is_cluster() => Some(TlsConfig {
+            connector: tls_connector(cfg)?,
+            hostnames: TlsHostMapping::DefaultHost,
+        }),
         true => Some(tls_connector(cfg)?.into()),
         false => None,
     };
     Ok(config)
 }
 
+/// `redis-cluster://[user:pass@]host:port[,host:port…]`: every host with its port, nothing
+/// after them (no database: a cluster has only database 0).
+fn cluster_config(url: &str) -> Result<Config, BusError> {
+    let bad = |why: &str| BusError::Config(format!("redis.url: {why}"));
+    let (credentials, hosts) = split_credentials(url);
+    let hosts = hosts.strip_suffix('/').unwrap_or(hosts);
+    if hosts.contains(['/', '?']) {
+        return Err(bad(
+            "a Redis Cluster URL lists host:port,host:port… and nothing else (no /database, no ?options)",
+        ));
+    }
+    let hosts = hosts
+        .split(',')
+        .map(|host| {
+            parse_host(host, None).ok_or_else(|| bad(&format!("`{host}` is not host:port")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let auth = credentials_config(credentials)?;
+    Ok(Config {
+        // Also tries the nodes of the last known slot map, so a URL naming a node that
+        // died still finds the cluster.
+        server: ServerConfig::Clustered {
+            hosts,
+            policy: ClusterDiscoveryPolicy::UseCache,
+        },
+        username: auth.username,
+        password: auth.password,
+        ..Config::default()
+    })
+}
+
+/// `scheme://[credentials@]rest` → (credentials, rest).
+fn split_credentials(url: &str) -> (Option<&str>, &str) {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    match rest.rsplit_once('@') {
+        Some((credentials, rest)) => (Some(credentials), rest),
+        None => (None, rest),
+    }
+}
+
+/// The user and password of `user:pass`, decoded as in any `redis://` URL.
+fn credentials_config(credentials: Option<&str>) -> Result<Config, BusError> {
+    let auth_url = match credentials {
+        Some(c) => format!("redis://{c}@localhost"),
+        None => "redis://localhost".to_owned(),
+    };
+    Ok(Config::from_url(&auth_url)?)
+}
+
 /// `redis-sentinel://[user:pass@]host[:port][,host[:port]…]/<service name>`.
 fn sentinel_config(url: &str) -> Result<Config, BusError> {
     let bad = |why: &str| BusError::Config(format!("redis.url: {why}"));
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let (credentials, rest) = match rest.rsplit_once('@') {
-        Some((credentials, rest)) => (Some(credentials), rest),
-        None => (None, rest),
-    };
+    let (credentials, rest) = split_credentials(url);
     let (hosts, service) = rest
         .split_once('/')
         .ok_or_else(|| bad("a Sentinel URL ends with /<service name>"))?;
@@ -51,14 +107,12 @@ fn sentinel_config(url: &str) -> Result<Config, BusError> {
     }
     let hosts = hosts
         .split(',')
-        .map(|host| parse_host(host).ok_or_else(|| bad(&format!("`{host}` is not host[:port]"))))
+        .map(|host| {
+            parse_host(host, Some(SENTINEL_PORT))
+                .ok_or_else(|| bad(&format!("`{host}` is not host[:port]")))
+        })
         .collect::<Result<Vec<_>, _>>()?;
-    // The credentials are decoded as in any redis:// URL.
-    let auth_url = match credentials {
-        Some(c) => format!("redis://{c}@localhost"),
-        None => "redis://localhost".to_owned(),
-    };
-    let auth = Config::from_url(&auth_url)?;
+    let auth = credentials_config(credentials)?;
     Ok(Config {
         server: ServerConfig::Sentinel {
             hosts,
@@ -70,7 +124,8 @@ fn sentinel_config(url: &str) -> Result<Config, BusError> {
     })
 }
 
-fn parse_host(host: &str) -> Option<Server> {
+/// `host:port`, `[v6]:port`, or (with a `default_port`) a host alone.
+fn parse_host(host: &str, default_port: Option<u16>) -> Option<Server> {
     if host.is_empty() {
         return None;
     }
@@ -78,7 +133,7 @@ fn parse_host(host: &str) -> Option<Server> {
         Some((name, port)) if !name.ends_with(']') || name.starts_with('[') => {
             (name, port.parse().ok()?)
         }
-        _ => (host, SENTINEL_PORT),
+        _ => (host, default_port?),
     };
     let name = name.trim_start_matches('[').trim_end_matches(']');
     (!name.is_empty()).then(|| Server::new(name, port))
@@ -154,6 +209,69 @@ mod tests {
         assert_eq!(password.as_deref(), Some("p@ss"), "percent-decoded");
         let (_, _, user, password) = sentinel("redis-sentinel://h:1/m");
         assert_eq!((user, password), (None, None));
+    }
+
+    /// Hosts, user and password of a cluster URL.
+    fn cluster(url: &str) -> (Vec<(String, u16)>, Option<String>, Option<String>) {
+        let config = cluster_config(url).unwrap();
+        let ServerConfig::Clustered { hosts, policy } = config.server else {
+            panic!("not a cluster config");
+        };
+        assert_eq!(policy, ClusterDiscoveryPolicy::UseCache);
+        let hosts = hosts
+            .into_iter()
+            .map(|s| (s.host.to_string(), s.port))
+            .collect();
+        (hosts, config.username, config.password)
+    }
+
+    #[test]
+    fn cluster_urls_name_every_node_and_the_credentials() {
+        let (hosts, user, password) =
+            cluster("redis-cluster://app:p%40ss@10.0.0.1:7000,node-b:7001,[::1]:7002");
+        assert_eq!(
+            hosts,
+            [
+                ("10.0.0.1".to_owned(), 7000),
+                ("node-b".to_owned(), 7001),
+                ("::1".to_owned(), 7002)
+            ]
+        );
+        assert_eq!(user.as_deref(), Some("app"));
+        assert_eq!(password.as_deref(), Some("p@ss"), "percent-decoded");
+        let (hosts, user, password) = cluster("rediss-cluster://h:1/");
+        assert_eq!(hosts, [("h".to_owned(), 1)]);
+        assert_eq!((user, password), (None, None));
+        let (_, user, password) = cluster("redis-cluster://:secret@h:1");
+        assert_eq!((user, password.as_deref()), (None, Some("secret")));
+    }
+
+    #[test]
+    fn cluster_urls_without_ports_or_with_a_database_are_refused() {
+        for url in [
+            "redis-cluster://h",
+            "redis-cluster://h:1,h2",
+            "redis-cluster://h:1,,h:2",
+            "redis-cluster://h:x",
+            "redis-cluster://h:1/0",
+            "redis-cluster://h:1?node=h:2",
+            "redis-cluster://",
+        ] {
+            let err = cluster_config(url).unwrap_err().to_string();
+            assert!(err.contains("redis.url"), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn cluster_tls_checks_certificates_for_the_host_named() {
+        let cfg = RedisConfig {
+            url: "rediss-cluster://h:7000".into(),
+            ..RedisConfig::default()
+        };
+        let config = client_config(&cfg).unwrap();
+        assert!(config.server.is_clustered());
+        let tls = config.tls.expect("TLS on");
+        assert_eq!(tls.hostnames, TlsHostMapping::DefaultHost);
     }
 
     #[test]

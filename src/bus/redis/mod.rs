@@ -1,8 +1,9 @@
 //! The Redis bus: scripts on one client, `SUBSCRIBE` on a dedicated subscriber client.
 //!
-//! Keys (all under `<prefix>:`): `seq` the cluster's message counter; `m:<id>` the
-//! sequence number of a published id; `b:<seq>` a message's payload exactly as published,
-//! once however many streams it belongs to; `u:<user>`, `g:<group>` and `all` the history
+//! Keys (all under the key base: `<prefix>:`, or `{<prefix>}:` on a Redis Cluster): `seq`
+//! the cluster's message counter; `m:<id>` the sequence number of a published id;
+//! `b:<seq>` a message's payload exactly as published, once however many streams it
+//! belongs to; `u:<user>`, `g:<group>` and `all` the history
 //! streams: lists of sequence numbers, oldest first, each pointing at a `b:<seq>`;
 //! `c:<stream>` (`c:u:<user>`, `c:g:<group>`, `c:all`) a stream's `collapse` keys, a hash
 //! key → the number of its entry: a message with a `collapse` key removes that entry
@@ -40,10 +41,38 @@
 //! continued exactly: resumes across it are not recovered, and nodes tell their
 //! connections they may have lost messages ([`HistoryRead::epoch_start`]).
 //!
+//! Redis Cluster: every key and channel of the bus (and of presence, which takes the same key
+//! base from [`RedisBus::key_base`]) carries the hash tag `{<prefix>}`, so one script call
+//! can touch every stream of a batch, `b:<seq>` keys it builds itself, and the channels it
+//! publishes to: the whole bus lives on the shard that serves that slot. Pub/sub is sharded
+//! (`SPUBLISH` / `SSUBSCRIBE`): a message goes to that shard's nodes only, not over the
+//! cluster bus to every node, and bus and control messages, two channels of one slot, reach
+//! a subscriber in the order they were published, on one connection. The epoch rule covers a
+//! failover of that shard like one under Sentinel. One server or Sentinel keeps the untagged
+//! `<prefix>:` and classic `PUBLISH` / `SUBSCRIBE`, so an existing deployment keeps its keys.
+//!
+//! Routed mode (`bus.routing = "routed"`, [`BusRouting::Routed`]): the publish script reads,
+//! for a message to users, each user's presence hash (`<prefix>:presence:u:<user>`, written
+//! by [`crate::presence`] under the same key base) and publishes the message once on
+//! `node:<node id>` of each node found there, after `INCR nseq:<node id>` (which expires a
+//! day after its last message); other messages go on `bus` after `INCR bseq`. Each frame's
+//! first line is `<seq> <channel counter>`; the history keeps `<seq>` alone. A message
+//! written over several calls goes on `bus` (to this many users, most nodes hold one).
+//! History reads also return both counters of the reading node, read with the head
+//! ([`super::Positions`]). Every key is still under the key base: one slot on a cluster.
+//!
 //! fred hands pub/sub messages to a broadcast channel; a receiver that falls behind loses
 //! messages, so the channel is large, drained by one dedicated task, and lag is counted and
 //! reported as a [`BusEvent::Gap`]. After a lost connection fred reconnects with backoff and
 //! `manage_subscriptions` resubscribes; that, too, is reported as a gap.
+//!
+//! On a Redis Cluster a server may also end a shard subscription on a live connection: a
+//! manual failover or a slot migration moves the slot, and the old owner pushes
+//! `sunsubscribe`, which fred drops without a word (no reconnect, no event). So the
+//! subscriber repeats its `SSUBSCRIBE` every [`RESUBSCRIBE_EVERY`]: a no-op where the
+//! subscription holds; after a move, fred follows the redirection to the slot's owner.
+//! What was published meanwhile shows as a jump in the sequence numbers and is recovered
+//! from the history like any gap.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,16 +86,19 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    After, Bus, BusError, BusEvent, BusHandler, Channel, HistoryRead, Outgoing, Published,
-    StreamKey, StreamRead,
+    After, Bus, BusError, BusEvent, BusHandler, Channel, HistoryRead, Outgoing, Positions,
+    Published, StreamKey, StreamRead,
 };
 use crate::config::{RecoveryConfig, RedisConfig};
+use crate::envelope::Target;
 use crate::metrics::{Gap, Metrics};
 
 mod connect;
 mod scripts;
 
-use scripts::{CHUNK_SCRIPT, EPOCH_LUA, PUBLISH_LUA, PUBLISH_SCRIPT, READ_SCRIPT};
+use scripts::{
+    BROADCAST_LUA, CHUNK_SCRIPT, EPOCH_LUA, PUBLISH_LUA, PUBLISH_SCRIPT, READ_SCRIPT, ROUTED_LUA,
+};
 
 /// Most history streams one publish script call appends to, so that one call stays short
 /// (~8 ms at 1,024 users new to the history, on the 2-core test machine): a batch is split
@@ -84,11 +116,33 @@ const BUSY_WAIT: Duration = Duration::from_millis(2 * LEASE_MS);
 /// Capacity of fred's pub/sub broadcast channel (messages buffered before lag).
 const BROADCAST_CAPACITY: usize = 1 << 16;
 
+/// On a Redis Cluster, how often the subscriber repeats its `SSUBSCRIBE` (see the module
+/// comment).
+const RESUBSCRIBE_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a node channel's counter outlives its last message: a node id that stopped
+/// being used leaves a small key behind only this long. (A live node whose counter expired
+/// sees its next frame numbered 1: a step back, recovered like any gap.)
+const NODE_COUNTER_TTL_SECS: u64 = 86_400;
+
+/// Where a Redis bus sends messages for users (`bus.routing`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusRouting {
+    /// Every message on `<prefix>:bus`, to every node.
+    Broadcast,
+    /// Messages for users only to the nodes holding their connections; `node` is this
+    /// node's `node.id`, whose channel it subscribes to.
+    Routed { node: String },
+}
+
 /// A [`Bus`] over Redis pub/sub.
 pub struct RedisBus {
     publisher: Client,
     subscriber: SubscriberClient,
-    prefix: String,
+    /// `{<prefix>}` on a Redis Cluster, else `<prefix>`: what every key starts with.
+    base: String,
+    /// On a Redis Cluster: sharded pub/sub.
+    cluster: bool,
     /// `<prefix>:seq`, `<prefix>:epoch` and `<prefix>:all`, named once.
     seq_key: String,
     epoch_key: String,
@@ -101,6 +155,8 @@ pub struct RedisBus {
     lease_key: String,
     bus_channel: String,
     control_channel: String,
+    /// Routed mode: this node's channel, `<prefix>:node:<node.id>`.
+    node_channel: Option<String>,
     publish_script: Script,
     chunk_script: Script,
     read_script: Script,
@@ -110,20 +166,36 @@ pub struct RedisBus {
 }
 
 impl RedisBus {
-    /// Connects both clients to the Redis `cfg` names (one server, or the primary its
-    /// sentinels report, over TLS for `rediss`); fails if Redis cannot be reached now.
+    /// Connects both clients to the Redis `cfg` names (one server, the primary its
+    /// sentinels report, or a Redis Cluster; over TLS for `rediss`); fails if Redis cannot be
+    /// reached now.
     pub async fn connect(
         cfg: &RedisConfig,
         recovery: &RecoveryConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, BusError> {
-        let prefix = cfg.prefix.as_str();
+        Self::connect_with(cfg, recovery, BusRouting::Broadcast, metrics).await
+    }
+
+    /// [`connect`](Self::connect), routing as `routing` says.
+    pub async fn connect_with(
+        cfg: &RedisConfig,
+        recovery: &RecoveryConfig,
+        routing: BusRouting,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, BusError> {
         let config = connect::client_config(cfg)?;
+        let cluster = config.server.is_clustered();
+        let base = key_base(&cfg.prefix, cluster);
+        let prefix = base.as_str();
         let mut builder = Builder::from_config(config);
         builder
             .with_connection_config(|c| {
                 c.connection_timeout = Duration::from_secs(3);
-                c.max_command_attempts = 1;
+                // A failed publish is retried by ingest, not by fred. But fred counts
+                // following a redirection as a second write: on a cluster, where a failover or
+                // a slot move answers the next command with MOVED, one attempt would fail it.
+                c.max_command_attempts = if cluster { 2 } else { 1 };
             })
             .with_performance_config(|p| {
                 p.default_command_timeout = Duration::from_secs(3);
@@ -136,16 +208,25 @@ impl RedisBus {
         let subscriber = builder.build_subscriber_client()?;
         publisher.init().await?;
         subscriber.init().await?;
-        let publish_script = Script::from_lua(format!("{EPOCH_LUA}{PUBLISH_LUA}{PUBLISH_SCRIPT}"));
-        let chunk_script = Script::from_lua(format!("{EPOCH_LUA}{PUBLISH_LUA}{CHUNK_SCRIPT}"));
-        let read_script = Script::from_lua(format!("{EPOCH_LUA}{READ_SCRIPT}"));
+        // The scripts publish with `PUB`: a shard channel of their own slot on a cluster.
+        let send = match &routing {
+            BusRouting::Broadcast => BROADCAST_LUA.to_owned(),
+            BusRouting::Routed { node } => format!("{}{ROUTED_LUA}", routed_names(prefix, node)),
+        };
+        let publish = format!(
+            "local PUB = '{}'\n{send}{EPOCH_LUA}{PUBLISH_LUA}",
+            if cluster { "SPUBLISH" } else { "PUBLISH" }
+        );
+        let publish_script = Script::from_lua(format!("{publish}{PUBLISH_SCRIPT}"));
+        let chunk_script = Script::from_lua(format!("{publish}{CHUNK_SCRIPT}"));
+        let read_script = Script::from_lua(format!("{send}{EPOCH_LUA}{READ_SCRIPT}"));
         publish_script.load(&publisher).await?;
         chunk_script.load(&publisher).await?;
         read_script.load(&publisher).await?;
         Ok(Self {
             publisher,
             subscriber,
-            prefix: prefix.to_owned(),
+            cluster,
             seq_key: format!("{prefix}:seq"),
             epoch_key: format!("{prefix}:epoch"),
             all_key: format!("{prefix}:all"),
@@ -154,13 +235,25 @@ impl RedisBus {
             lease_key: format!("{prefix}:lease"),
             bus_channel: format!("{prefix}:bus"),
             control_channel: format!("{prefix}:control"),
+            node_channel: match &routing {
+                BusRouting::Broadcast => None,
+                BusRouting::Routed { node } => Some(format!("{prefix}:node:{node}")),
+            },
             publish_script,
             chunk_script,
             read_script,
             max_messages: recovery.max_messages.to_string(),
             window_secs: recovery.window.as_secs().max(1).to_string(),
             metrics,
+            base,
         })
+    }
+
+    /// What every key of the bus starts with (before its `:`): `{<prefix>}` on a Redis
+    /// Cluster (one hash tag, one slot), else `<prefix>`. Presence keeps its keys under it
+    /// too, so that they share the bus's shard.
+    pub fn key_base(&self) -> &str {
+        &self.base
     }
 
     /// The command client (not the subscriber), for other parts of the node that keep
@@ -172,8 +265,8 @@ impl RedisBus {
     fn stream_key(&self, key: &StreamKey<'_>) -> String {
         match key {
             StreamKey::All => self.all_key.clone(),
-            StreamKey::User(user) => format!("{}:u:{user}", self.prefix),
-            StreamKey::Group(group) => format!("{}:g:{group}", self.prefix),
+            StreamKey::User(user) => format!("{}:u:{user}", self.base),
+            StreamKey::Group(group) => format!("{}:g:{group}", self.base),
         }
     }
 
@@ -181,9 +274,9 @@ impl RedisBus {
     /// key → the sequence number of its entry.
     fn collapse_key(&self, key: &StreamKey<'_>) -> String {
         match key {
-            StreamKey::All => format!("{}:c:all", self.prefix),
-            StreamKey::User(user) => format!("{}:c:u:{user}", self.prefix),
-            StreamKey::Group(group) => format!("{}:c:g:{group}", self.prefix),
+            StreamKey::All => format!("{}:c:all", self.base),
+            StreamKey::User(user) => format!("{}:c:u:{user}", self.base),
+            StreamKey::Group(group) => format!("{}:c:g:{group}", self.base),
         }
     }
 
@@ -206,7 +299,7 @@ impl RedisBus {
 
     /// `<prefix>:m:<id>`: the sequence number an id was published with.
     fn seen_key(&self, id: &str) -> String {
-        format!("{}:m:{id}", self.prefix)
+        format!("{}:m:{id}", self.base)
     }
 
     fn script_keys<'a>(
@@ -352,6 +445,10 @@ impl RedisBus {
             args.push(Value::Integer(streams.len() as i64));
             args.push(Value::Bytes(msg.body().clone()));
             args.push(msg.header.collapse.as_deref().unwrap_or("").into());
+            if self.node_channel.is_some() {
+                let to_users = matches!(msg.header.to, Target::User { .. } | Target::Users(_));
+                args.push(if to_users { "u" } else { "" }.into());
+            }
         }
         let items = self.publish_eval(&self.publish_script, keys, args).await?;
         if items.len() != 2 * msgs.len() {
@@ -374,11 +471,55 @@ impl RedisBus {
         Ok(published)
     }
 
+    /// The channel's name; [`Channel::Node`] is this node's own (the bus channel in
+    /// broadcast mode, which has no node channels).
     fn channel_name(&self, channel: Channel) -> &str {
         match channel {
             Channel::Bus => &self.bus_channel,
             Channel::Control => &self.control_channel,
+            Channel::Node => self.node_channel.as_deref().unwrap_or(&self.bus_channel),
         }
+    }
+}
+
+/// The names [`ROUTED_LUA`] uses, as Lua definitions, for the key base `base` and this
+/// node's id.
+fn routed_names(base: &str, node: &str) -> String {
+    let users = format!("{base}:u:");
+    format!(
+        "local R_BSEQ = {}\nlocal R_NSEQ = {}\nlocal R_OWN = {}\nlocal R_NODE = {}\n\
+         local R_PRESENCE = {}\nlocal R_USERS_LEN = {}\nlocal R_NSEQ_TTL = {}\n",
+        lua_string(&format!("{base}:bseq")),
+        lua_string(&format!("{base}:nseq:")),
+        lua_string(&format!("{base}:nseq:{node}")),
+        lua_string(&format!("{base}:node:")),
+        lua_string(&format!("{base}:presence:u:")),
+        users.len(),
+        NODE_COUNTER_TTL_SECS,
+    )
+}
+
+/// `s` as a Lua string literal (every byte that is not plain printable ASCII escaped).
+fn lua_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for b in s.bytes() {
+        if (b.is_ascii_graphic() && b != b'\\' && b != b'\'') || b == b' ' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("\\{b:03}"));
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// `{<prefix>}` on a Redis Cluster (the hash tag of every bus key), else `<prefix>`.
+pub fn key_base(prefix: &str, cluster: bool) -> String {
+    if cluster {
+        format!("{{{prefix}}}")
+    } else {
+        prefix.to_owned()
     }
 }
 
@@ -388,24 +529,41 @@ fn int(value: &Value) -> Result<i64, BusError> {
         .ok_or_else(|| BusError::Reply(format!("expected an integer, got {value:?}")))
 }
 
-/// Parses [`READ_SCRIPT`]'s reply.
-fn parse_read(reply: Value) -> Result<HistoryRead, BusError> {
+/// Parses [`READ_SCRIPT`]'s reply (with the channel counters after `after` when `routed`).
+fn parse_read(reply: Value, routed: bool) -> Result<HistoryRead, BusError> {
     let Value::Array(items) = reply else {
         return Err(BusError::Reply(format!("history read: {reply:?}")));
     };
     let head = items.first().map(int).transpose()?.unwrap_or(0).max(0) as u64;
     let epoch_start = items.get(1).map(int).transpose()?.unwrap_or(0).max(0) as u64;
     let after = items.get(2).map(int).transpose()?.unwrap_or(-1);
+    let positions = if routed {
+        match items.get(3) {
+            Some(Value::Array(pos)) if pos.len() == 2 => Some(Positions {
+                bus: int(&pos[0])?.max(0) as u64,
+                node: int(&pos[1])?.max(0) as u64,
+            }),
+            other => {
+                return Err(BusError::Reply(format!(
+                    "history read: no channel counters: {other:?}"
+                )))
+            }
+        }
+    } else {
+        None
+    };
     if after < 0 {
         return Ok(HistoryRead {
             after: None,
             head,
             epoch_start,
             streams: Vec::new(),
+            positions,
         });
     }
-    let mut streams = Vec::with_capacity(items.len().saturating_sub(3));
-    for item in items.into_iter().skip(3) {
+    let skip = if routed { 4 } else { 3 };
+    let mut streams = Vec::with_capacity(items.len().saturating_sub(skip));
+    for item in items.into_iter().skip(skip) {
         let Value::Array(parts) = item else {
             return Err(BusError::Reply(
                 "history read: stream is not an array".into(),
@@ -421,7 +579,23 @@ fn parse_read(reply: Value) -> Result<HistoryRead, BusError> {
         head,
         epoch_start,
         streams,
+        positions,
     })
+}
+
+/// Repeats `SSUBSCRIBE channels` every [`RESUBSCRIBE_EVERY`], for a subscription a server
+/// ended without fred noticing (see the module comment). Runs beside the receive loop: a
+/// slow or failing command never delays the messages.
+async fn keep_subscribed(subscriber: SubscriberClient, channels: Vec<String>) {
+    let mut tick = tokio::time::interval(RESUBSCRIBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(e) = subscriber.ssubscribe(channels.clone()).await {
+            tracing::debug!(error = %e, "repeated SSUBSCRIBE failed; trying again");
+        }
+    }
 }
 
 /// A pub/sub payload as bytes, without copying.
@@ -437,7 +611,11 @@ fn payload_bytes(value: Value) -> Option<Bytes> {
 impl Bus for RedisBus {
     async fn publish(&self, channel: Channel, payload: Bytes) -> Result<(), BusError> {
         let name = self.channel_name(channel).to_owned();
-        let result: Result<i64, _> = self.publisher.publish(name, payload).await;
+        let result: Result<i64, _> = if self.cluster {
+            self.publisher.spublish(name, payload).await
+        } else {
+            self.publisher.publish(name, payload).await
+        };
         match result {
             Ok(_) => {
                 self.metrics
@@ -499,7 +677,7 @@ impl Bus for RedisBus {
             .read_script
             .evalsha_with_reload(&self.publisher, keys, args)
             .await?;
-        parse_read(reply)
+        parse_read(reply, self.node_channel.is_some())
     }
 
     async fn subscribe(
@@ -510,9 +688,19 @@ impl Bus for RedisBus {
         let mut messages = self.subscriber.message_rx();
         let mut reconnects = self.subscriber.reconnect_rx();
         let resubscriber = self.subscriber.manage_subscriptions();
-        self.subscriber
-            .subscribe(vec![self.bus_channel.clone(), self.control_channel.clone()])
-            .await?;
+        let mut channels = vec![self.bus_channel.clone(), self.control_channel.clone()];
+        channels.extend(self.node_channel.clone());
+        let mut keeper = None;
+        if self.cluster {
+            // Channels of one slot: one command, one connection, one order.
+            self.subscriber.ssubscribe(channels.clone()).await?;
+            keeper = Some(tokio::spawn(keep_subscribed(
+                self.subscriber.clone(),
+                channels,
+            )));
+        } else {
+            self.subscriber.subscribe(channels).await?;
+        }
         let received_bus = self
             .metrics
             .bus_received
@@ -521,6 +709,11 @@ impl Bus for RedisBus {
             .metrics
             .bus_received
             .with_label_values(&[Channel::Control.as_str()]);
+        let received_node = self
+            .metrics
+            .bus_received
+            .with_label_values(&[Channel::Node.as_str()]);
+        let node_channel = self.node_channel.as_deref().unwrap_or_default();
         let result = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
@@ -532,6 +725,9 @@ impl Bus for RedisBus {
                         } else if *message.channel == *self.control_channel {
                             received_control.inc();
                             Channel::Control
+                        } else if !node_channel.is_empty() && *message.channel == *node_channel {
+                            received_node.inc();
+                            Channel::Node
                         } else {
                             continue;
                         };
@@ -558,11 +754,18 @@ impl Bus for RedisBus {
             }
         };
         resubscriber.abort();
+        if let Some(keeper) = keeper {
+            keeper.abort();
+        }
         let _ = self.subscriber.unsubscribe_all().await;
         result
     }
 
     fn is_connected(&self) -> bool {
         self.publisher.is_connected() && self.subscriber.is_connected()
+    }
+
+    fn is_routed(&self) -> bool {
+        self.node_channel.is_some()
     }
 }

@@ -1,5 +1,63 @@
 //! The Redis bus's Lua scripts (the layout and protocol they implement are described in
-//! the parent module's comment). Each call is one atomic step on the server.
+//! the parent module's comment). Each call is one atomic step on the server. The publish
+//! scripts publish with the command in the Lua local `PUB` (`PUBLISH`, or `SPUBLISH` on a
+//! Redis Cluster), which the bus defines before them, through `send`: [`BROADCAST_LUA`] or
+//! [`ROUTED_LUA`] (`bus.routing`), which also set `STEP`, the number of arguments per
+//! message of [`PUBLISH_SCRIPT`], and `positions`, the channel counters [`READ_SCRIPT`]
+//! reports.
+
+/// Broadcast mode: every message on the bus channel, as numbered. No positions.
+pub(super) const BROADCAST_LUA: &str = r#"
+local STEP = 3
+local function send(num, body, payload)
+  redis.call(PUB, ARGV[3], payload)
+end
+local function positions() return nil end
+"#;
+
+/// Routed mode, after the `R_…` names the bus defines (`R_BSEQ` the bus channel's counter,
+/// `R_NSEQ` the prefix of the node channels' counters and `R_OWN` this node's, `R_NODE` the
+/// node channels' prefix, `R_PRESENCE` presence's user hashes' prefix, `R_USERS_LEN` the
+/// length of the user streams' prefix, `R_NSEQ_TTL` seconds): `send(num, body, payload,
+/// route, from, to, per)` publishes a message with `route` `u` (its stream keys
+/// `KEYS[from..to]`, every `per`th, are user streams) once on the channel of each node
+/// holding a connection of one of those users, any other on the bus channel; each frame's
+/// first line is `<seq> <the channel's counter>`. A presence entry is a connection's JSON
+/// (`"node":"<id>"`; decoded in full only when the plain match fails).
+pub(super) const ROUTED_LUA: &str = r#"
+local STEP = 4
+local function send(num, body, payload, route, from, to, per)
+  if route ~= 'u' then
+    local n = redis.call('INCR', R_BSEQ)
+    redis.call(PUB, ARGV[3], num .. ' ' .. n .. '\n' .. body)
+    return
+  end
+  local seen, nodes = {}, {}
+  for i = from, to, per do
+    local user = string.sub(KEYS[i], R_USERS_LEN + 1)
+    for _, info in ipairs(redis.call('HVALS', R_PRESENCE .. user)) do
+      local node = string.match(info, '"node":"([^"\\]*)"')
+      if not node then
+        local ok, c = pcall(cjson.decode, info)
+        if ok and type(c) == 'table' and type(c.node) == 'string' then node = c.node end
+      end
+      if node and not seen[node] then
+        seen[node] = true
+        nodes[#nodes + 1] = node
+      end
+    end
+  end
+  for _, node in ipairs(nodes) do
+    local key = R_NSEQ .. node
+    local n = redis.call('INCR', key)
+    redis.call('EXPIRE', key, R_NSEQ_TTL)
+    redis.call(PUB, R_NODE .. node, num .. ' ' .. n .. '\n' .. body)
+  end
+end
+local function positions()
+  return {tonumber(redis.call('GET', R_BSEQ) or '0'), tonumber(redis.call('GET', R_OWN) or '0')}
+end
+"#;
 
 /// Lua shared by both scripts: the first sequence number of the current epoch (see the
 /// module comment), starting a new one when the server's replication id changed.
@@ -92,8 +150,8 @@ end
 /// Publishes a batch of messages in order. KEYS: seq, epoch, pending, lease, then per
 /// message its seen-id key and its stream keys (each followed by its collapse hash when the
 /// message has a `collapse` key); ARGV: max entries, window (s), bus channel, body key
-/// prefix (`<prefix>:b:`), then per message its number of streams, its body and its
-/// `collapse` key (`''`: none).
+/// prefix (`<prefix>:b:`), then per message its number of streams, its body, its
+/// `collapse` key (`''`: none) and, in routed mode, its route (`u`: to users).
 /// Returns `{seq, duplicate}` per message, flattened, or `{-1}` while another publisher's
 /// message is half written ([`CHUNK_SCRIPT`]): nothing was done, call again.
 pub const PUBLISH_SCRIPT: &str = r#"
@@ -102,7 +160,7 @@ if pending_check(KEYS[3], KEYS[4], ARGV[4], '') then return {-1} end
 local max = tonumber(ARGV[1])
 local out = {}
 local k = 5
-for m = 5, #ARGV, 3 do
+for m = 5, #ARGV, STEP do
   local streams = tonumber(ARGV[m])
   local collapse = ARGV[m + 2]
   local per = 1
@@ -113,7 +171,8 @@ for m = 5, #ARGV, 3 do
     out[#out + 1] = 1
   else
     local seq = redis.call('INCR', KEYS[1])
-    local payload = string.format('%d', seq) .. '\n' .. ARGV[m + 1]
+    local num = string.format('%d', seq)
+    local payload = num .. '\n' .. ARGV[m + 1]
     if streams > 0 then
       -- the payload once; each stream gets its number only
       redis.call('SET', ARGV[4] .. string.format('%d', seq), payload, 'EX', ARGV[2])
@@ -125,7 +184,7 @@ for m = 5, #ARGV, 3 do
         append(KEYS[i], seq, max, ARGV[2], nil, nil)
       end
     end
-    redis.call('PUBLISH', ARGV[3], payload)
+    send(num, ARGV[m + 1], payload, ARGV[m + 3], k + 1, k + per * streams, per)
     redis.call('SET', KEYS[k], seq, 'EX', ARGV[2])
     out[#out + 1] = seq
     out[#out + 1] = 0
@@ -141,8 +200,9 @@ return out
 /// `first` / `more` / `last`, body (`first`) or sequence number, lease (ms), `collapse`.
 ///
 /// `first` numbers the message (unless its id was published: `{seq, 1}`), stores its
-/// payload and records `<n> <id>` in `pending`; `last` publishes it on the bus, remembers
-/// its id and clears `pending`. Meanwhile reads take `n - 1` as the head (the message is
+/// payload and records `<n> <id>` in `pending`; `last` publishes it on the bus (in routed
+/// mode too: a message to this many users goes to every node), remembers its id and clears
+/// `pending`. Meanwhile reads take `n - 1` as the head (the message is
 /// not there yet for anyone), other publishers wait (`{-1}`), and each call renews a lease
 /// of [`LEASE_MS`]: a publisher that stops for longer has its message aborted by the next
 /// one (its record is published again). `{-2}`: this message was aborted, start again with
@@ -174,8 +234,9 @@ else
   for i = 6, #KEYS do append(KEYS[i], seq, max, ARGV[2], nil, nil) end
 end
 if ARGV[6] == 'last' then
-  local payload = redis.call('GET', ARGV[4] .. string.format('%d', seq))
-  redis.call('PUBLISH', ARGV[3], payload)
+  local num = string.format('%d', seq)
+  local payload = redis.call('GET', ARGV[4] .. num)
+  send(num, string.sub(payload, #num + 2), payload, '')
   redis.call('SET', KEYS[5], seq, 'EX', ARGV[2])
   redis.call('DEL', KEYS[3], KEYS[4])
 end
@@ -184,7 +245,8 @@ return {seq, 0}
 
 /// KEYS: seq, epoch, seen id, pending, streams…; ARGV: `id` or `seq`, after (for `seq`),
 /// max entries, body key prefix. Returns `{head, epoch start, after, {complete,
-/// payload…}…}`, or `{head, epoch start, -1}` for an unknown id. While a message is half
+/// payload…}…}`, or `{head, epoch start, -1}` for an unknown id; in routed mode
+/// `{bus counter, node counter}` follows `after` (or `-1`). While a message is half
 /// written ([`CHUNK_SCRIPT`]) the head is the number before it.
 pub const READ_SCRIPT: &str = r#"
 local epoch = epoch_start()
@@ -193,16 +255,17 @@ local pending = redis.call('GET', KEYS[4])
 if pending then
   head = math.min(head, tonumber(string.match(pending, '^(%d+)')) - 1)
 end
+local pos = positions()
 local after
 if ARGV[1] == 'id' then
   local s = redis.call('GET', KEYS[3])
-  if not s then return {head, epoch, -1} end
+  if not s then return {head, epoch, -1, pos} end
   after = tonumber(s)
 else
   after = tonumber(ARGV[2])
 end
 local max = tonumber(ARGV[3])
-local out = {head, epoch, after}
+local out = {head, epoch, after, pos}
 for i = 5, #KEYS do
   local read = {1}
   local list = redis.pcall('LRANGE', KEYS[i], 0, -1)

@@ -27,7 +27,8 @@
 //! 1006: that run's connections are gone).
 //!
 //! The scripts name user keys they build from the prefix, which a single server or a
-//! Sentinel-managed primary allows (the Redis bus runs on those).
+//! Sentinel-managed primary allows, and so does a Redis Cluster: there the prefix is the
+//! bus's key base `{<prefix>}`, one hash tag, so every presence key is in one slot.
 
 use std::collections::HashMap;
 use std::time::Duration;

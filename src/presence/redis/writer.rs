@@ -95,6 +95,7 @@ impl<'a> Writer<'a> {
             if let Err(e) = self.resync(true).await {
                 self.failed("rewriting presence", &e);
             }
+            self.inner.lost.send_modify(|n| *n += 1);
         }
         self.beating = true;
         for node in dead {
@@ -145,24 +146,38 @@ impl<'a> Writer<'a> {
                     Err(e) => return self.failed("rewriting presence", &e),
                 }
             }
-            let ops = self.take_dirty();
-            if ops.is_empty() {
-                return;
-            }
-            match self.store.write(&ops).await {
-                Ok(()) => self.recovered(),
-                Err(e) => {
-                    // Some of them may be written, some not: write everything next time.
-                    self.inner.table.lock().resync = true;
-                    return self.failed("writing presence", &e);
+            let (ops, done) = self.take_dirty();
+            if !ops.is_empty() {
+                match self.store.write(&ops).await {
+                    Ok(()) => self.recovered(),
+                    Err(e) => {
+                        // Some of them may be written, some not: write everything next time.
+                        self.inner.table.lock().resync = true;
+                        return self.failed("writing presence", &e);
+                    }
                 }
+            }
+            if let Some(marked) = done {
+                // Nothing left dirty, no resync due: every change up to `marked` is in Redis.
+                self.inner.written.send_if_modified(|w| {
+                    let newer = marked > *w;
+                    *w = (*w).max(marked);
+                    newer
+                });
+                return;
             }
         }
     }
 
-    /// Up to [`BATCH`] dirty connections, as writes.
-    fn take_dirty(&self) -> Vec<Op> {
+    /// Up to [`BATCH`] dirty connections, as writes; and when that leaves nothing dirty
+    /// (and no resync due), the number of the last change marked so far: once these
+    /// writes succeed, every change up to it is in Redis.
+    fn take_dirty(&self) -> (Vec<Op>, Option<u64>) {
         let mut table = self.inner.table.lock();
+        if table.resync {
+            // Due since the check above (`dirty` overflowed): the next flush does it.
+            return (Vec::new(), None);
+        }
         let conns: Vec<String> = table.dirty.keys().take(BATCH).cloned().collect();
         let mut ops = Vec::with_capacity(conns.len());
         for conn in conns {
@@ -177,7 +192,8 @@ impl<'a> Writer<'a> {
                 Change::Remove { user } => ops.push(Op::Remove { user, conn }),
             }
         }
-        ops
+        let done = table.dirty.is_empty().then_some(table.marked);
+        (ops, done)
     }
 
     /// Brings Redis in line with the table: removes what it holds for this node that is not
