@@ -25,6 +25,12 @@ rate=${BENCH_RATE:-2000}
 seconds=${BENCH_STEP:-10}
 linger=${BENCH_LINGER_MS:-10}
 per_node=${BENCH_PER_NODE:-}
+# Connecting is not what is measured, so it goes gently: BENCH_CONNECT_CONCURRENCY (100)
+# attempts in flight over all generators (loadgen --concurrency, divided among the nodes'
+# generators), each refused attempt retried up to 6 times (1, 2, … 6 s apart). With 200 per
+# generator and 2 retries, the prefs queries of 4 and 8 nodes (a pool of 8 PostgreSQL
+# connections each) timed out on the shared machine and 37 to 7300 of 8000 connects failed.
+connect_concurrency=${BENCH_CONNECT_CONCURRENCY:-100}
 sides=fanout
 unset FANOUT__BUS__ROUTING
 
@@ -88,7 +94,7 @@ for r in $(seq 1 "$runs"); do
       if [ -n "${routing_env[$mode]}" ]; then export "${routing_env[$mode]?}"; fi
       cluster_up fanout "$n" "$dir"
       unset FANOUT__BUS__ROUTING
-      clients_up "$n_users"
+      clients_up "$n_users" --concurrency $(( (connect_concurrency + n - 1) / n )) --connect-retries 6
       warm_up
       wait_owned
       step_targets=1
