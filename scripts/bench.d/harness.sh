@@ -9,7 +9,9 @@
 #   need_postgres           $db_admin is ready, or fail
 #   need_kafka              $kafka: FANOUT_TEST_KAFKA, else a private Apache Kafka
 #                           (scripts/servers/kafka; jars fetched with Maven the first time)
-#   new_topic NAME PARTS    creates a topic on the private broker (kafka-topics)
+#   new_topic NAME PARTS    creates a topic on the private broker (kafka-topics); on an
+#                           external one too when the scenario set create_topics=always
+#   private_redis [ARGS]    a redis-server of this run only; sets $private_redis_port
 #   need_peer               ../shared/peers/socketio with its node_modules
 #   rss_kib PID, cpu_ms PID VmRSS, and utime+stime in ms, from /proc
 #   wait_files TRIES FILE...  until every FILE is non-empty, TRIES × 0.1 s at most
@@ -85,11 +87,29 @@ need_kafka() {
   kafka=$(. "$work/kafka/env" && echo "$FANOUT_TEST_KAFKA") private_kafka=1
 }
 
-# new_topic NAME PARTITIONS: on the private broker (an external broker auto-creates).
+# new_topic NAME PARTITIONS: on the private broker. An external broker auto-creates topics
+# with its own num.partitions, unless the scenario set create_topics=always (it needs that
+# many partitions): then through the Kafka tools cached by scripts/servers/kafka.
+create_topics=private
 new_topic() {
-  [ "$private_kafka" = 1 ] || return 0
+  [ "$private_kafka" = 1 ] || [ "$create_topics" = always ] || return 0
   "$servers_d/kafka" run org.apache.kafka.tools.TopicCommand --bootstrap-server "$kafka" \
     --create --topic "$1" --partitions "$2" --replication-factor 1 >/dev/null
+}
+
+# private_redis [redis-server ARGS...]: a redis-server on a free port for this run only, no
+# persistence, so that nothing but the run moves its figures; stopped at exit. Sets
+# $private_redis_port; its log is $work/redis-<port>.log.
+private_redis() {
+  command -v redis-server >/dev/null || { echo "redis-server not found (apt-get install redis-server)" >&2; exit 1; }
+  private_redis_port=$(free_port)
+  local log=$work/redis-$private_redis_port.log
+  redis-server --port "$private_redis_port" --bind 127.0.0.1 --save '' --appendonly no "$@" >"$log" 2>&1 &
+  track $!
+  for _ in $(seq 1 50); do redis-cli -p "$private_redis_port" ping >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "the private redis-server did not start:" >&2
+  cat "$log" >&2
+  exit 1
 }
 
 peer_dir=$(cd ../shared/peers/socketio 2>/dev/null && pwd || true)

@@ -12,16 +12,11 @@ users=${1:-1000}
 record_bytes=${2:-102400}
 runs=${3:-3}
 need_kafka
-command -v redis-server >/dev/null || { echo "redis-server not found" >&2; exit 1; }
 [ -n "${BENCH_FANOUT_BIN:-}" ] || build
 
-port=$(free_port)
-redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
-  --slowlog-log-slower-than 0 --slowlog-max-len 1024 >"$work/redis.log" 2>&1 &
-track $!
+private_redis --slowlog-log-slower-than 0 --slowlog-max-len 1024
+port=$private_redis_port
 rcli() { redis-cli -p "$port" "$@"; }
-for _ in $(seq 1 50); do rcli ping >/dev/null 2>&1 && break; sleep 0.1; done
-rcli ping >/dev/null || { cat "$work/redis.log" >&2; exit 1; }
 
 topic=bench-history-$RANDOM$RANDOM
 prefix=$topic

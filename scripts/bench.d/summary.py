@@ -1,6 +1,7 @@
 """Console summary of a ladder scenario (s2, s3): per side, the highest sustained step of
 each run, medians over runs; then, per rate every side reached, the medians of that step
 (CPU per million deliveries, latency), to compare builds or settings at equal load.
+The scale scenario has its own table (scale.py).
 Usage: summary.py SCENARIO RESULTS.jsonl"""
 import json
 import statistics
@@ -8,6 +9,10 @@ import sys
 
 scenario, path = sys.argv[1], sys.argv[2]
 rows = [json.loads(line) for line in open(path)]
+if scenario == "scale":
+    from scale import summary  # scripts/bench.d/scale.py
+    summary(rows)
+    sys.exit(0)
 NAMES = {"fanout": "fanout", "peer": "socket.io peer", "fanout-on": "fanout, receipts + presence on",
          "base": "base build (BENCH_BASE_BIN)"}
 sides = list(dict.fromkeys(r["side"] for r in rows))
