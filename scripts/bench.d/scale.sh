@@ -50,7 +50,11 @@ for n in $node_counts; do [ "$n" -le "$max_nodes" ] || max_nodes=$n; done
 routing_setting() {
   local mode=$1 out
   case $mode in broadcast | routed) ;; *) echo "BENCH_ROUTING: unknown mode '$mode' (broadcast, routed)" >&2; exit 2 ;; esac
-  if out=$(cd "$work" && FANOUT__BUS__ROUTING=$mode FANOUT__REDIS__URL=$redis_url "$bin" check-config 2>&1) \
+  # check-config validates the whole configuration of a cluster node, so it gets one (the
+  # secret and database URL only have to be well-formed: nothing is contacted)
+  if out=$(cd "$work" && FANOUT__BUS__ROUTING=$mode FANOUT__REDIS__URL=$redis_url \
+             FANOUT__KAFKA__BROKERS="$kafka" FANOUT__DATABASE__URL=postgres://check@127.0.0.1/check \
+             FANOUT__AUTH__JWT_SECRET=check-config-only-0123456789abcdef "$bin" check-config 2>&1) \
      && grep -qx "routing = \"$mode\"" <<<"$out"; then
     echo "FANOUT__BUS__ROUTING=$mode"
   elif [ "$mode" = broadcast ] && grep -qF "unknown field \`bus\`" <<<"$out"; then
