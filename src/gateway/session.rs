@@ -157,6 +157,10 @@ impl Session {
                     Ok::<_, WsError>(())
                 })
                 .await;
+            } else if let End::ClientClosed(_) = end {
+                // The client's Close was answered by the WebSocket layer, but only queued:
+                // send it before dropping TCP, or the client sees an unclean end (1006).
+                let _ = tokio::time::timeout(CLOSE_HANDSHAKE, ws.flush()).await;
             }
             let label = end.close().map_or("client", Close::label);
             self.metrics

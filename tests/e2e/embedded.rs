@@ -29,3 +29,22 @@ async fn the_embedded_default_delivers_what_any_kafka_client_produces_to_it() {
         "preferences live in ./fanout.db"
     );
 }
+
+/// RFC 6455 §5.5.1: a server answers a client's Close with a Close of its own before it
+/// drops TCP. Without it every client-side close ended as 1006 (abnormal) in the client,
+/// `wasClean: false` in a browser.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_from_the_client_is_answered_with_a_close_frame() {
+    let node = EmbeddedNode::start(&[]).await;
+    let ada = Client::connect(&format!("ws://{}/ws?user=ada", node.public), None).await;
+    assert_eq!(
+        ada.close_for_answer(1000).await,
+        Closed::Code(1000, String::new())
+    );
+    let bob = Client::connect(&format!("ws://{}/ws?user=bob", node.public), None).await;
+    assert_eq!(
+        bob.close_for_answer(4321).await,
+        Closed::Code(4321, String::new()),
+        "an application code is echoed too"
+    );
+}

@@ -864,6 +864,21 @@ impl Client {
         read_until_close(&mut self.ws, timeout).await
     }
 
+    /// Closes from the client's side with `code` and returns how the server answered: its
+    /// Close frame (RFC 6455 §5.5.1: it must send one back), or `Eof` if it dropped TCP
+    /// without one.
+    pub async fn close_for_answer(mut self, code: u16) -> Closed {
+        let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: CloseCode::from(code),
+            reason: "".into(),
+        };
+        self.ws
+            .send(WsMessage::Close(Some(frame)))
+            .await
+            .expect("close frame sent");
+        read_until_close(&mut self.ws, Duration::from_secs(5)).await
+    }
+
     /// Closes from the client's side with `code`, and waits (at most 5 s) for the server's
     /// answer.
     pub async fn close(mut self, code: u16) {
