@@ -20,30 +20,31 @@
 //!   one script call; in memory on the in-process bus): only the first claim of an (id, user) in
 //!   the cluster is produced, so the backend gets at most one negative outcome per message
 //!   and user, whichever node or ingest saw it first;
-//! * renders each record and hands it to a [`Sink`] (librdkafka's queue; full → dropped and
+//! * renders each record and hands it to a [`Sink`](crate::kafka::Sink) (librdkafka's queue; full → dropped and
 //!   counted), never waiting for the broker.
 //!
 //! `delivered` is not claimed: one record per node that wrote the message to the user's
 //! sockets. The router gives the queue entries of a user's connections one shared
 //! [`Ticket`]; each session marks it once the frame is written (flushed to the socket);
 //! when the last entry is gone (written, or dropped with a closing connection) the ticket
-//! reports `delivered` with the number of sockets written, or nothing if none was.
 
-use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+mod claims;
+mod task;
+mod ticket;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-use serde::Serialize;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::bus::Header;
 use crate::clock::now_ms;
-use crate::envelope::{Platform, Target};
-use crate::kafka::Sink;
-use crate::metrics::{Metrics, Receipt, ReceiptDropped};
+use crate::envelope::Target;
+use crate::metrics::{Metrics, ReceiptDropped};
+
+pub use claims::{Claims, LocalClaims, RedisClaims};
+pub use task::{Directory, Out, Query, Task};
+pub use ticket::Ticket;
 
 /// Events waiting for the receipts task at most; beyond, they are dropped and counted.
 pub const CHANNEL: usize = 8192;
@@ -51,21 +52,12 @@ pub const CHANNEL: usize = 8192;
 /// is one event of many entries); beyond, reports are dropped and counted.
 pub const PENDING_MAX: usize = 1 << 18;
 /// Events the task takes in one batch (one presence call, one claim round trip).
-const BATCH: usize = 512;
-/// How long the task lets a batch gather after its first event: without it, a steady
-/// stream of messages makes batches of one or two events, each paying a presence call and
-/// a claim round trip (S3 with receipts on cost 28-66% more CPU per delivery than off;
-/// with 10 ms still 28% at 1,000 records/s, 8% with 50 ms). A receipt is a fact reported
-/// on the side: 50 ms later is no loss to a backend deciding on a mobile push.
-const LINGER: Duration = Duration::from_millis(50);
 /// Ids of one `ack` frame carried by one event: a frame with more is split, so an event
 /// holds at most this many ids of at most [`ACK_ID_MAX`] bytes (the channel holds at most
 /// [`CHANNEL`] events: a bounded amount of memory, whatever clients send).
 pub const ACK_IDS_PER_EVENT: usize = 64;
 /// Longest id an `ack` may carry (message ids are ~30 bytes); longer ones are ignored.
 pub const ACK_ID_MAX: usize = 128;
-/// Claims remembered at most by the in-memory claims of the in-process bus.
-const LOCAL_CLAIMS_MAX: usize = 1 << 20;
 
 /// What a message's events share: its id and type, allocated once per message (and only
 /// when there is something to report).
@@ -207,14 +199,9 @@ impl Receipts {
     /// frames; `None` when off.
     #[inline]
     pub fn ticket(&self, msg: &Arc<MsgRef>, user: &Arc<str>) -> Option<Arc<Ticket>> {
-        self.on.as_ref().map(|_| {
-            Arc::new(Ticket {
-                receipts: self.clone(),
-                msg: msg.clone(),
-                user: user.clone(),
-                written: AtomicU32::new(0),
-            })
-        })
+        self.on
+            .as_ref()
+            .map(|_| Arc::new(Ticket::new(self.clone(), msg.clone(), user.clone())))
     }
 
     /// The router's negative reports for `msg` on this node (see [`Routed`]); nothing if
@@ -263,41 +250,6 @@ impl Receipts {
                 conn: conn.clone(),
                 ids: std::mem::replace(&mut ids, rest),
                 at_ms,
-            });
-        }
-    }
-}
-
-/// One message on its way to one user's connections on this node, shared by their queue
-/// entries: each session [marks](Self::written) it when it has written the frame; when the
-/// last entry lets go (written, skipped, or dropped with a closing connection), it reports
-/// `delivered` with the number of sockets written — nothing if none was (every connection
-/// closed first: the outcome is then unknown here, as when every queue was full).
-#[derive(Debug)]
-pub struct Ticket {
-    receipts: Receipts,
-    msg: Arc<MsgRef>,
-    user: Arc<str>,
-    written: AtomicU32,
-}
-
-impl Ticket {
-    /// One more socket had the frame written (flushed).
-    #[inline]
-    pub fn written(&self) {
-        self.written.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        let conns = *self.written.get_mut();
-        if conns > 0 {
-            self.receipts.send(Event::Delivered {
-                msg: self.msg.clone(),
-                user: self.user.clone(),
-                conns,
-                at_ms: now_ms(),
             });
         }
     }
@@ -355,499 +307,6 @@ impl Inbox {
             }
         }
         out
-    }
-}
-
-/// One online question: is there a connection of `user` (on `platform`, with `tab`)
-/// anywhere in the cluster?
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Query<'a> {
-    pub user: &'a str,
-    pub platform: Option<Platform>,
-    pub tab: Option<&'a str>,
-}
-
-/// Answers online questions cluster-wide (presence).
-#[async_trait]
-pub trait Directory: Send + Sync + 'static {
-    /// One answer per query, in order.
-    async fn online(&self, queries: &[Query<'_>]) -> Result<Vec<bool>, String>;
-}
-
-/// Presence is the cluster's directory: "a matching connection on any live node".
-#[async_trait]
-impl Directory for crate::presence::Presence {
-    async fn online(&self, queries: &[Query<'_>]) -> Result<Vec<bool>, String> {
-        let queries: Vec<crate::presence::OnlineQuery<'_>> = queries
-            .iter()
-            .map(|q| crate::presence::OnlineQuery {
-                user: q.user,
-                platform: q.platform,
-                tab: q.tab,
-            })
-            .collect();
-        crate::presence::Presence::online(self, &queries)
-            .await
-            .map_err(|e| e.to_string())
-    }
-}
-
-/// Decides which node reports a negative outcome: the first to claim (id, user).
-pub enum Claims {
-    /// A cluster: [`RedisClaims`].
-    Redis(RedisClaims),
-    /// One process (the in-process bus): remembered here for `window`.
-    Local(LocalClaims),
-}
-
-/// Claims in Redis: `SET <key base>:receipt:<id>:<user> 1 NX EX <window>` for every key of
-/// a batch, in one script call (one command for the client to encode and route, however many
-/// claims: a pipeline of one `SET` each cost the receipts task more than all its other
-/// work). The key base is the bus's: `<prefix>` on one Redis, `{<prefix>}` on a Redis
-/// Cluster, where a script's keys must all be in one slot.
-pub struct RedisClaims {
-    client: fred::clients::Client,
-    /// `<key base>:receipt:`
-    base: String,
-    window_secs: String,
-    script: fred::types::scripts::Script,
-}
-
-/// KEYS: the claims; ARGV: the window in seconds. 1 for each claim this call won, else 0.
-const CLAIM_LUA: &str = r#"
-local out = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('SET', key, '1', 'NX', 'EX', ARGV[1]) then out[i] = 1 else out[i] = 0 end
-end
-return out
-"#;
-
-impl RedisClaims {
-    /// Claims under `key_base` (the bus's [`crate::bus::redis::RedisBus::key_base`]).
-    pub fn new(client: fred::clients::Client, key_base: &str, window: Duration) -> Self {
-        Self {
-            client,
-            base: format!("{key_base}:receipt:"),
-            window_secs: window.as_secs().max(1).to_string(),
-            script: fred::types::scripts::Script::from_lua(CLAIM_LUA),
-        }
-    }
-
-    /// The key of the claim on (`id`, `user`).
-    fn key(&self, id: &str, user: &str) -> String {
-        let mut key = String::with_capacity(self.base.len() + id.len() + 1 + user.len());
-        key.push_str(&self.base);
-        key.push_str(id);
-        key.push(':');
-        key.push_str(user);
-        key
-    }
-
-    async fn claim(&self, pending: &[Pending]) -> Result<Vec<bool>, String> {
-        use fred::prelude::*;
-        let keys: Vec<String> = pending
-            .iter()
-            .map(|p| self.key(&p.msg.id, &p.user))
-            .collect();
-        let reply: Value = self
-            .script
-            .evalsha_with_reload(&self.client, keys, vec![self.window_secs.clone()])
-            .await
-            .map_err(|e| e.to_string())?;
-        let Value::Array(won) = reply else {
-            return Err(format!("claims answered {reply:?}"));
-        };
-        if won.len() != pending.len() {
-            return Err(format!("{} replies to {} claims", won.len(), pending.len()));
-        }
-        Ok(won.iter().map(|v| v.as_i64() == Some(1)).collect())
-    }
-}
-
-/// Claims kept in memory for `window` (at most [`LOCAL_CLAIMS_MAX`]).
-pub struct LocalClaims {
-    set: HashSet<String>,
-    order: VecDeque<(Instant, String)>,
-    window: Duration,
-}
-
-impl LocalClaims {
-    pub fn new(window: Duration) -> Self {
-        Self {
-            set: HashSet::new(),
-            order: VecDeque::new(),
-            window,
-        }
-    }
-
-    fn claim(&mut self, id: &str, user: &str) -> bool {
-        let key = format!("{id}:{user}");
-        let now = Instant::now();
-        while let Some((at, _)) = self.order.front() {
-            if now.duration_since(*at) < self.window && self.order.len() < LOCAL_CLAIMS_MAX {
-                break;
-            }
-            let (_, old) = self.order.pop_front().expect("front exists");
-            self.set.remove(&old);
-        }
-        if self.set.contains(&key) {
-            return false;
-        }
-        self.set.insert(key.clone());
-        self.order.push_back((now, key));
-        true
-    }
-}
-
-impl Claims {
-    /// One answer per pending outcome: true if its claim was the first.
-    async fn claim(&mut self, pending: &[Pending]) -> Result<Vec<bool>, String> {
-        match self {
-            Claims::Local(local) => Ok(pending
-                .iter()
-                .map(|p| local.claim(&p.msg.id, &p.user))
-                .collect()),
-            Claims::Redis(redis) => redis.claim(pending).await,
-        }
-    }
-}
-
-/// One receipt record as produced (DESIGN §6).
-#[derive(Debug, Serialize)]
-struct Record<'a> {
-    id: &'a str,
-    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
-    msg_type: Option<&'a str>,
-    user: &'a str,
-    outcome: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    conns: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    conn: Option<&'a str>,
-    node: &'a str,
-    ts: i64,
-}
-
-/// A negative outcome waiting for its claim.
-struct Pending {
-    msg: Arc<MsgRef>,
-    user: Arc<str>,
-    outcome: Receipt,
-    at_ms: i64,
-}
-
-/// A record ready for the topic: key (user id) and JSON value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Out {
-    pub key: String,
-    pub value: String,
-}
-
-/// The receipts task of a node.
-pub struct Task {
-    pub inbox: Inbox,
-    pub sink: Sink,
-    pub topic: String,
-    pub node: String,
-    pub claims: Claims,
-    /// Presence; `None`: no `offline` receipts.
-    pub directory: Option<Arc<dyn Directory>>,
-    pub metrics: Arc<Metrics>,
-}
-
-impl Task {
-    /// Reports until `shutdown`, then reports what is still queued and returns (the
-    /// caller flushes the sink).
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Task {
-            mut inbox,
-            sink,
-            topic,
-            node,
-            claims,
-            directory,
-            metrics,
-        } = self;
-        let output = Output {
-            sink,
-            topic,
-            metrics: metrics.clone(),
-        };
-        let mut worker = Worker {
-            node,
-            claims,
-            directory,
-            metrics,
-        };
-        let mut batch = Vec::with_capacity(BATCH);
-        loop {
-            let received = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                n = inbox.recv_many(&mut batch, BATCH) => n,
-            };
-            if received == 0 {
-                return Ok(()); // every handle is gone
-            }
-            if batch.len() < BATCH {
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = tokio::time::sleep(LINGER) => {}
-                }
-                let room = BATCH - batch.len();
-                if !inbox.rx.is_empty() {
-                    inbox.recv_many(&mut batch, room).await;
-                }
-            }
-            output.produce(worker.process(std::mem::take(&mut batch)).await);
-        }
-        // What was reported before the shutdown, once (no waiting for more).
-        inbox.rx.close();
-        while inbox.recv_many(&mut batch, BATCH).await > 0 {
-            output.produce(worker.process(std::mem::take(&mut batch)).await);
-        }
-        Ok(())
-    }
-}
-
-/// Where rendered records go.
-struct Output {
-    sink: Sink,
-    topic: String,
-    metrics: Arc<Metrics>,
-}
-
-impl Output {
-    fn produce(&self, out: Vec<(Receipt, Out)>) {
-        for (outcome, record) in out {
-            match self
-                .sink
-                .produce(&self.topic, &record.key, record.value.as_bytes())
-            {
-                Ok(()) => self
-                    .metrics
-                    .receipts
-                    .with_label_values(&[outcome.label()])
-                    .inc(),
-                Err(e) => {
-                    let full =
-                        e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull);
-                    let reason = if full {
-                        ReceiptDropped::QueueFull
-                    } else {
-                        ReceiptDropped::ProduceFailed
-                    };
-                    tracing::debug!(error = %e, "receipt dropped");
-                    self.metrics
-                        .receipts_dropped
-                        .with_label_values(&[reason.label()])
-                        .inc();
-                }
-            }
-        }
-    }
-}
-
-/// What turns a batch of events into records (separate from the sink, for tests).
-struct Worker {
-    node: String,
-    claims: Claims,
-    directory: Option<Arc<dyn Directory>>,
-    metrics: Arc<Metrics>,
-}
-
-impl Worker {
-    fn dropped(&self, reason: ReceiptDropped, n: usize) {
-        if n > 0 {
-            self.metrics
-                .receipts_dropped
-                .with_label_values(&[reason.label()])
-                .inc_by(n as u64);
-        }
-    }
-
-    fn render(&self, record: &Record<'_>) -> String {
-        serde_json::to_string(record).expect("a receipt serializes")
-    }
-
-    /// The records of one batch of events, in order of kind: `delivered` and `acked` as
-    /// they came, then the negative outcomes that won their claims.
-    async fn process(&mut self, events: Vec<Event>) -> Vec<(Receipt, Out)> {
-        let mut out = Vec::with_capacity(events.len());
-        let mut pending = Vec::with_capacity(events.len());
-        let mut published = Vec::with_capacity(events.len());
-        for event in events {
-            match event {
-                Event::Delivered {
-                    msg,
-                    user,
-                    conns,
-                    at_ms,
-                } => {
-                    let value = self.render(&Record {
-                        id: &msg.id,
-                        msg_type: Some(&msg.msg_type),
-                        user: &user,
-                        outcome: Receipt::Delivered.label(),
-                        conns: Some(conns),
-                        conn: None,
-                        node: &self.node,
-                        ts: at_ms,
-                    });
-                    let key = user.to_string();
-                    out.push((Receipt::Delivered, Out { key, value }));
-                }
-                Event::Routed { msg, users, at_ms } => {
-                    for (user, routed) in users {
-                        let outcome = match routed {
-                            Routed::Filtered => Receipt::Filtered,
-                            Routed::Expired => Receipt::Expired,
-                        };
-                        pending.push(Pending {
-                            msg: msg.clone(),
-                            user,
-                            outcome,
-                            at_ms,
-                        });
-                    }
-                }
-                Event::Acked {
-                    user,
-                    conn,
-                    ids,
-                    at_ms,
-                } => {
-                    for id in &ids {
-                        let value = self.render(&Record {
-                            id,
-                            msg_type: None,
-                            user: &user,
-                            outcome: Receipt::Acked.label(),
-                            conns: None,
-                            conn: Some(&conn),
-                            node: &self.node,
-                            ts: at_ms,
-                        });
-                        let key = user.to_string();
-                        out.push((Receipt::Acked, Out { key, value }));
-                    }
-                }
-                Event::Published {
-                    header,
-                    expired: true,
-                    at_ms,
-                } => {
-                    let msg = MsgRef::of(&header);
-                    for user in users_of(&header.to) {
-                        pending.push(Pending {
-                            msg: msg.clone(),
-                            user: Arc::from(user),
-                            outcome: Receipt::Expired,
-                            at_ms,
-                        });
-                    }
-                }
-                Event::Published { header, at_ms, .. } => published.push((header, at_ms)),
-            }
-        }
-        self.offline(&published, &mut pending).await;
-        self.claim(pending, &mut out).await;
-        out
-    }
-
-    /// Adds an `offline` candidate for each user of `published` without a matching
-    /// connection anywhere (one presence call for the whole batch).
-    async fn offline(&self, published: &[(Box<Header>, i64)], pending: &mut Vec<Pending>) {
-        let Some(directory) = &self.directory else {
-            return;
-        };
-        let mut queries = Vec::new();
-        for (header, _) in published {
-            match &header.to {
-                Target::User {
-                    user,
-                    platform,
-                    tab,
-                } => queries.push(Query {
-                    user,
-                    platform: *platform,
-                    tab: tab.as_deref(),
-                }),
-                Target::Users(users) => queries.extend(users.iter().map(|user| Query {
-                    user,
-                    platform: None,
-                    tab: None,
-                })),
-                Target::Conn(_) | Target::Group(_) | Target::All => {}
-            }
-        }
-        if queries.is_empty() {
-            return;
-        }
-        let online = match directory.online(&queries).await {
-            Ok(online) if online.len() == queries.len() => online,
-            Ok(online) => {
-                tracing::warn!(
-                    asked = queries.len(),
-                    answered = online.len(),
-                    "presence answered the wrong number of questions: no offline receipts"
-                );
-                self.dropped(ReceiptDropped::PresenceFailed, queries.len());
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "presence unavailable: no offline receipts");
-                self.dropped(ReceiptDropped::PresenceFailed, queries.len());
-                return;
-            }
-        };
-        let mut answers = online.into_iter();
-        for (header, at_ms) in published {
-            let msg = MsgRef::of(header);
-            for user in users_of(&header.to) {
-                if answers.next() == Some(false) {
-                    pending.push(Pending {
-                        msg: msg.clone(),
-                        user: Arc::from(user),
-                        outcome: Receipt::Offline,
-                        at_ms: *at_ms,
-                    });
-                }
-            }
-        }
-    }
-
-    /// Claims every pending negative outcome in one round trip; renders the winners.
-    async fn claim(&mut self, pending: Vec<Pending>, out: &mut Vec<(Receipt, Out)>) {
-        if pending.is_empty() {
-            return;
-        }
-        let won = match self.claims.claim(&pending).await {
-            Ok(won) => won,
-            Err(e) => {
-                tracing::warn!(error = %e, "receipt claims failed: negative outcomes not reported");
-                self.dropped(ReceiptDropped::ClaimFailed, pending.len());
-                return;
-            }
-        };
-        for (p, _) in pending.iter().zip(won).filter(|(_, won)| *won) {
-            let value = self.render(&Record {
-                id: &p.msg.id,
-                msg_type: Some(&p.msg.msg_type),
-                user: &p.user,
-                outcome: p.outcome.label(),
-                conns: Some(0),
-                conn: None,
-                node: &self.node,
-                ts: p.at_ms,
-            });
-            out.push((
-                p.outcome,
-                Out {
-                    key: p.user.to_string(),
-                    value,
-                },
-            ));
-        }
     }
 }
 

@@ -4,7 +4,14 @@ use std::collections::HashSet;
 
 use serde_json::Value;
 
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::task::Worker;
 use super::*;
+use crate::envelope::Platform;
+use crate::metrics::Receipt;
 
 /// Presence as a fixed set of online users (any platform, any tab).
 struct Online(HashSet<&'static str>);
