@@ -86,7 +86,7 @@ impl Ingest {
                     Err(_) => break,
                 }
             }
-            if !batch.outgoing.is_empty() && !self.publish(&batch.outgoing, shutdown).await {
+            if !batch.outgoing.is_empty() && !self.publish(&mut batch.outgoing, shutdown).await {
                 break;
             }
             self.store(&batch.next);
@@ -97,8 +97,9 @@ impl Ingest {
     /// Publishes until the bus takes them all; false if shutdown came first (nothing is
     /// stored, so the records are consumed again by whoever owns the partitions next). A
     /// message the bus already has (a Kafka redelivery, or a retry of a batch that was
-    /// partly published) counts as published and is not published again.
-    async fn publish(&self, msgs: &[Outgoing], shutdown: &CancellationToken) -> bool {
+    /// partly published) counts as published and is not published again. With receipts on,
+    /// the headers of what was published leave `msgs` for the receipts task.
+    async fn publish(&self, msgs: &mut Vec<Outgoing>, shutdown: &CancellationToken) -> bool {
         let mut backoff = Duration::from_millis(50);
         let mut failures = 0u32;
         loop {
@@ -111,10 +112,14 @@ impl Ingest {
                     if self.receipts.is_on() {
                         // Each message published now (not a redelivery) is checked against
                         // presence by the receipts task: `offline` or `expired` candidates.
-                        let now = crate::clock::now_ms();
-                        for (msg, _) in msgs.iter().zip(&published).filter(|(_, p)| !p.duplicate) {
-                            self.receipts.published(&msg.header, now);
-                        }
+                        // The batch is cleared next: its headers are moved, not copied.
+                        let headers = msgs
+                            .drain(..)
+                            .zip(&published)
+                            .filter(|(_, p)| !p.duplicate)
+                            .map(|(msg, _)| msg.header)
+                            .collect();
+                        self.receipts.published(headers, crate::clock::now_ms());
                     }
                     if failures > 0 {
                         tracing::info!(failures, "bus publish recovered; consumption resumes");

@@ -12,7 +12,7 @@ const LOCAL_CLAIMS_MAX: usize = 1 << 20;
 
 /// A negative outcome waiting for its claim.
 pub(super) struct Pending {
-    pub msg: Arc<MsgRef>,
+    pub msg: MsgRef,
     pub user: Arc<str>,
     pub outcome: Receipt,
     pub at_ms: i64,
@@ -73,7 +73,7 @@ impl RedisClaims {
         use fred::prelude::*;
         let keys: Vec<String> = pending
             .iter()
-            .map(|p| self.key(&p.msg.id, &p.user))
+            .map(|p| self.key(p.msg.id(), &p.user))
             .collect();
         let reply: Value = self
             .script
@@ -131,7 +131,7 @@ impl Claims {
         match self {
             Claims::Local(local) => Ok(pending
                 .iter()
-                .map(|p| local.claim(&p.msg.id, &p.user))
+                .map(|p| local.claim(p.msg.id(), &p.user))
                 .collect()),
             Claims::Redis(redis) => redis.claim(pending).await,
         }

@@ -20,8 +20,9 @@
 //!   one script call; in memory on the in-process bus): only the first claim of an (id, user) in
 //!   the cluster is produced, so the backend gets at most one negative outcome per message
 //!   and user, whichever node or ingest saw it first;
-//! * renders each record and hands it to a [`Sink`](crate::kafka::Sink) (librdkafka's queue; full → dropped and
-//!   counted), never waiting for the broker.
+//! * renders each record into one reused buffer and hands it to a
+//!   [`Sink`](crate::kafka::Sink) (librdkafka's queue; full → dropped and counted), never
+//!   waiting for the broker.
 //!
 //! `delivered` is not claimed: one record per node that wrote the message to the user's
 //! sockets. The router gives the queue entries of a user's connections one shared
@@ -43,7 +44,9 @@ use crate::envelope::Target;
 use crate::metrics::{Metrics, ReceiptDropped};
 
 pub use claims::{Claims, LocalClaims, RedisClaims};
-pub use task::{Directory, Out, Query, Task};
+#[cfg(test)]
+pub use task::Out;
+pub use task::{Directory, Query, Task};
 pub use ticket::Ticket;
 
 /// Events waiting for the receipts task at most; beyond, they are dropped and counted.
@@ -51,7 +54,6 @@ pub const CHANNEL: usize = 8192;
 /// Records the events waiting in the channel may become, at most (a message to many users
 /// is one event of many entries); beyond, reports are dropped and counted.
 pub const PENDING_MAX: usize = 1 << 18;
-/// Events the task takes in one batch (one presence call, one claim round trip).
 /// Ids of one `ack` frame carried by one event: a frame with more is split, so an event
 /// holds at most this many ids of at most [`ACK_ID_MAX`] bytes (the channel holds at most
 /// [`CHANNEL`] events: a bounded amount of memory, whatever clients send).
@@ -59,20 +61,51 @@ pub const ACK_IDS_PER_EVENT: usize = 64;
 /// Longest id an `ack` may carry (message ids are ~30 bytes); longer ones are ignored.
 pub const ACK_ID_MAX: usize = 128;
 
-/// What a message's events share: its id and type, allocated once per message (and only
-/// when there is something to report).
-#[derive(Debug)]
+/// What a message's events share: its id and type, in one allocation made once per message
+/// (and only when there is something to report); a clone is a reference count.
+#[derive(Clone)]
 pub struct MsgRef {
-    pub id: Box<str>,
-    pub msg_type: Box<str>,
+    /// The id, then the type.
+    text: Arc<str>,
+    id_len: usize,
 }
 
 impl MsgRef {
-    pub fn of(header: &Header) -> Arc<Self> {
-        Arc::new(Self {
-            id: header.id.as_str().into(),
-            msg_type: header.msg_type.as_str().into(),
-        })
+    pub fn of(header: &Header) -> Self {
+        let (id, msg_type) = (header.id.as_str(), header.msg_type.as_str());
+        let len = id.len() + msg_type.len();
+        // Joined on the stack when short (ids are ~30 bytes, types shorter): one allocation.
+        let mut joined = [0u8; 256];
+        let text: Arc<str> = if len <= joined.len() {
+            joined[..id.len()].copy_from_slice(id.as_bytes());
+            joined[id.len()..len].copy_from_slice(msg_type.as_bytes());
+            std::str::from_utf8(&joined[..len])
+                .expect("two strings joined are UTF-8")
+                .into()
+        } else {
+            [id, msg_type].concat().into()
+        };
+        Self {
+            text,
+            id_len: id.len(),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.text[..self.id_len]
+    }
+
+    pub fn msg_type(&self) -> &str {
+        &self.text[self.id_len..]
+    }
+}
+
+impl std::fmt::Debug for MsgRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MsgRef")
+            .field("id", &self.id())
+            .field("msg_type", &self.msg_type())
+            .finish()
     }
 }
 
@@ -91,7 +124,7 @@ pub enum Routed {
 enum Event {
     /// A message was written to `conns` of `user`'s sockets here (a [`Ticket`]'s report).
     Delivered {
-        msg: Arc<MsgRef>,
+        msg: MsgRef,
         user: Arc<str>,
         conns: u32,
         at_ms: i64,
@@ -99,17 +132,14 @@ enum Event {
     /// The router's negative reports for one message: one entry per user with matching
     /// connections here that it queued to none of (one event per message, not per user).
     Routed {
-        msg: Arc<MsgRef>,
+        msg: MsgRef,
         users: Vec<(Arc<str>, Routed)>,
         at_ms: i64,
     },
-    /// Ingest published a user-targeted message: its users without a matching connection
-    /// anywhere are `offline` (all of them `expired` if it had expired already).
-    Published {
-        header: Box<Header>,
-        expired: bool,
-        at_ms: i64,
-    },
+    /// Ingest published user-targeted messages (one event per bus publish, the headers
+    /// moved, not copied): their users without a matching connection anywhere are
+    /// `offline` (all of a message's users `expired` if it had expired already at `at_ms`).
+    Published { headers: Vec<Header>, at_ms: i64 },
     /// A client acknowledged `ids`.
     Acked {
         user: Arc<str>,
@@ -125,7 +155,9 @@ impl Event {
         match self {
             Event::Delivered { .. } => 1,
             Event::Routed { users, .. } => users.len(),
-            Event::Published { header, .. } => users_of(&header.to).count(),
+            Event::Published { headers, .. } => {
+                headers.iter().map(|h| users_of(&h.to).count()).sum()
+            }
             Event::Acked { ids, .. } => ids.len(),
         }
         .max(1)
@@ -198,7 +230,7 @@ impl Receipts {
     /// A ticket for `msg` to `user`'s connections here, to queue with each of its
     /// frames; `None` when off.
     #[inline]
-    pub fn ticket(&self, msg: &Arc<MsgRef>, user: &Arc<str>) -> Option<Arc<Ticket>> {
+    pub fn ticket(&self, msg: &MsgRef, user: &Arc<str>) -> Option<Arc<Ticket>> {
         self.on
             .as_ref()
             .map(|_| Arc::new(Ticket::new(self.clone(), msg.clone(), user.clone())))
@@ -206,7 +238,7 @@ impl Receipts {
 
     /// The router's negative reports for `msg` on this node (see [`Routed`]); nothing if
     /// empty.
-    pub fn routed(&self, msg: Arc<MsgRef>, users: Vec<(Arc<str>, Routed)>) {
+    pub fn routed(&self, msg: MsgRef, users: Vec<(Arc<str>, Routed)>) {
         if !users.is_empty() {
             self.send(Event::Routed {
                 msg,
@@ -216,14 +248,17 @@ impl Receipts {
         }
     }
 
-    /// Ingest published `header`'s message (not a duplicate). Ignores other targets.
-    pub fn published(&self, header: &Header, now_ms: i64) {
-        if self.is_on() && is_user_target(&header.to) {
-            self.send(Event::Published {
-                header: Box::new(header.clone()),
-                expired: header.expired(now_ms),
-                at_ms: now_ms,
-            });
+    /// Ingest published `headers`' messages (none a duplicate), in one bus call; other
+    /// targets than users are left out here.
+    pub fn published(&self, mut headers: Vec<Header>, now_ms: i64) {
+        if self.is_on() {
+            headers.retain(|h| is_user_target(&h.to));
+            if !headers.is_empty() {
+                self.send(Event::Published {
+                    headers,
+                    at_ms: now_ms,
+                });
+            }
         }
     }
 
@@ -291,16 +326,18 @@ impl Inbox {
             match event {
                 Event::Delivered {
                     msg, user, conns, ..
-                } => out.push(format!("delivered {} {user} {conns}", msg.id)),
+                } => out.push(format!("delivered {} {user} {conns}", msg.id())),
                 Event::Routed { msg, users, .. } => {
                     out.extend(users.iter().map(|(user, routed)| match routed {
-                        Routed::Filtered => format!("filtered {} {user}", msg.id),
-                        Routed::Expired => format!("expired {} {user}", msg.id),
+                        Routed::Filtered => format!("filtered {} {user}", msg.id()),
+                        Routed::Expired => format!("expired {} {user}", msg.id()),
                     }))
                 }
-                Event::Published {
-                    header, expired, ..
-                } => out.push(format!("published {} expired={expired}", header.id)),
+                Event::Published { headers, at_ms } => out.extend(
+                    headers
+                        .iter()
+                        .map(|h| format!("published {} expired={}", h.id, h.expired(at_ms))),
+                ),
                 Event::Acked {
                     user, conn, ids, ..
                 } => out.push(format!("acked {} {user} {conn}", ids.join(","))),

@@ -14,6 +14,7 @@ use crate::envelope::{Platform, Target};
 use crate::kafka::Sink;
 use crate::metrics::{Metrics, Receipt, ReceiptDropped};
 
+/// Events the task takes in one batch (one presence call, one claim round trip).
 const BATCH: usize = 512;
 /// How long the task lets a batch gather after its first event: without it, a steady
 /// stream of messages makes batches of one or two events, each paying a presence call and
@@ -72,7 +73,8 @@ struct Record<'a> {
     ts: i64,
 }
 
-/// A record ready for the topic: key (user id) and JSON value.
+/// A record as a test sees it: key (user id) and JSON value.
+#[cfg(test)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Out {
     pub key: String,
@@ -104,17 +106,10 @@ impl Task {
             directory,
             metrics,
         } = self;
-        let output = Output {
-            sink,
-            topic,
-            metrics: metrics.clone(),
-        };
-        let mut worker = Worker {
-            node,
-            claims,
-            directory,
-            metrics,
-        };
+        let output = Output::new(sink, topic, &metrics);
+        let mut worker = Worker::new(node, claims, directory, metrics);
+        let mut emit = |outcome, key: &str, value: &[u8]| output.produce(outcome, key, value);
+        // One batch buffer for the task's life: no allocation per batch.
         let mut batch = Vec::with_capacity(BATCH);
         loop {
             let received = tokio::select! {
@@ -134,12 +129,12 @@ impl Task {
                     inbox.recv_many(&mut batch, room).await;
                 }
             }
-            output.produce(worker.process(std::mem::take(&mut batch)).await);
+            worker.process(&mut batch, &mut emit).await;
         }
         // What was reported before the shutdown, once (no waiting for more).
         inbox.rx.close();
         while inbox.recv_many(&mut batch, BATCH).await > 0 {
-            output.produce(worker.process(std::mem::take(&mut batch)).await);
+            worker.process(&mut batch, &mut emit).await;
         }
         Ok(())
     }
@@ -149,49 +144,83 @@ impl Task {
 struct Output {
     sink: Sink,
     topic: String,
+    /// `fanout_receipts_total` per outcome, in [`Receipt::ALL`]'s order (looked up once,
+    /// not per record).
+    produced: Vec<prometheus::IntCounter>,
     metrics: Arc<Metrics>,
 }
 
 impl Output {
-    fn produce(&self, out: Vec<(Receipt, Out)>) {
-        for (outcome, record) in out {
-            match self
-                .sink
-                .produce(&self.topic, &record.key, record.value.as_bytes())
-            {
-                Ok(()) => self
-                    .metrics
-                    .receipts
-                    .with_label_values(&[outcome.label()])
-                    .inc(),
-                Err(e) => {
-                    let full =
-                        e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull);
-                    let reason = if full {
-                        ReceiptDropped::QueueFull
-                    } else {
-                        ReceiptDropped::ProduceFailed
-                    };
-                    tracing::debug!(error = %e, "receipt dropped");
-                    self.metrics
-                        .receipts_dropped
-                        .with_label_values(&[reason.label()])
-                        .inc();
+    fn new(sink: Sink, topic: String, metrics: &Arc<Metrics>) -> Self {
+        let produced = Receipt::ALL
+            .iter()
+            .map(|outcome| metrics.receipts.with_label_values(&[outcome.label()]))
+            .collect();
+        Self {
+            sink,
+            topic,
+            produced,
+            metrics: metrics.clone(),
+        }
+    }
+
+    fn produce(&self, outcome: Receipt, key: &str, value: &[u8]) {
+        match self.sink.produce(&self.topic, key, value) {
+            Ok(()) => {
+                let at = Receipt::ALL.iter().position(|o| *o == outcome);
+                if let Some(counter) = at.and_then(|at| self.produced.get(at)) {
+                    counter.inc();
                 }
+            }
+            Err(e) => {
+                let full =
+                    e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull);
+                let reason = if full {
+                    ReceiptDropped::QueueFull
+                } else {
+                    ReceiptDropped::ProduceFailed
+                };
+                tracing::debug!(error = %e, "receipt dropped");
+                self.metrics
+                    .receipts_dropped
+                    .with_label_values(&[reason.label()])
+                    .inc();
             }
         }
     }
 }
 
-/// What turns a batch of events into records (separate from the sink, for tests).
+/// What turns a batch of events into records (separate from the sink, for tests). Its
+/// buffers live as long as it does: a batch allocates for the claims' and presence's calls,
+/// not per record.
 pub(super) struct Worker {
-    pub node: String,
-    pub claims: Claims,
-    pub directory: Option<Arc<dyn Directory>>,
-    pub metrics: Arc<Metrics>,
+    node: String,
+    claims: Claims,
+    directory: Option<Arc<dyn Directory>>,
+    pub(super) metrics: Arc<Metrics>,
+    /// Negative outcomes waiting for their claims.
+    pending: Vec<Pending>,
+    /// Where each record is rendered.
+    buf: Vec<u8>,
 }
 
 impl Worker {
+    pub(super) fn new(
+        node: String,
+        claims: Claims,
+        directory: Option<Arc<dyn Directory>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            node,
+            claims,
+            directory,
+            metrics,
+            pending: Vec::new(),
+            buf: Vec::with_capacity(256),
+        }
+    }
+
     fn dropped(&self, reason: ReceiptDropped, n: usize) {
         if n > 0 {
             self.metrics
@@ -201,17 +230,27 @@ impl Worker {
         }
     }
 
-    fn render(&self, record: &Record<'_>) -> String {
-        serde_json::to_string(record).expect("a receipt serializes")
+    /// Renders `record` into the buffer and hands it to `emit` (key: the user id).
+    fn emit(
+        buf: &mut Vec<u8>,
+        outcome: Receipt,
+        record: &Record<'_>,
+        emit: &mut impl FnMut(Receipt, &str, &[u8]),
+    ) {
+        buf.clear();
+        serde_json::to_writer(&mut *buf, record).expect("a receipt serializes");
+        emit(outcome, record.user, buf);
     }
 
-    /// The records of one batch of events, in order of kind: `delivered` and `acked` as
-    /// they came, then the negative outcomes that won their claims.
-    pub(super) async fn process(&mut self, events: Vec<Event>) -> Vec<(Receipt, Out)> {
-        let mut out = Vec::with_capacity(events.len());
-        let mut pending = Vec::with_capacity(events.len());
-        let mut published = Vec::with_capacity(events.len());
-        for event in events {
+    /// Turns `events` (emptied) into records for `emit`, in order of kind: `delivered` and
+    /// `acked` as they came, then the negative outcomes that won their claims.
+    pub(super) async fn process(
+        &mut self,
+        events: &mut Vec<Event>,
+        emit: &mut impl FnMut(Receipt, &str, &[u8]),
+    ) {
+        let mut published = Vec::new();
+        for event in events.drain(..) {
             match event {
                 Event::Delivered {
                     msg,
@@ -219,18 +258,17 @@ impl Worker {
                     conns,
                     at_ms,
                 } => {
-                    let value = self.render(&Record {
-                        id: &msg.id,
-                        msg_type: Some(&msg.msg_type),
+                    let record = Record {
+                        id: msg.id(),
+                        msg_type: Some(msg.msg_type()),
                         user: &user,
                         outcome: Receipt::Delivered.label(),
                         conns: Some(conns),
                         conn: None,
                         node: &self.node,
                         ts: at_ms,
-                    });
-                    let key = user.to_string();
-                    out.push((Receipt::Delivered, Out { key, value }));
+                    };
+                    Self::emit(&mut self.buf, Receipt::Delivered, &record, emit);
                 }
                 Event::Routed { msg, users, at_ms } => {
                     for (user, routed) in users {
@@ -238,7 +276,7 @@ impl Worker {
                             Routed::Filtered => Receipt::Filtered,
                             Routed::Expired => Receipt::Expired,
                         };
-                        pending.push(Pending {
+                        self.pending.push(Pending {
                             msg: msg.clone(),
                             user,
                             outcome,
@@ -253,7 +291,7 @@ impl Worker {
                     at_ms,
                 } => {
                     for id in &ids {
-                        let value = self.render(&Record {
+                        let record = Record {
                             id,
                             msg_type: None,
                             user: &user,
@@ -262,41 +300,40 @@ impl Worker {
                             conn: Some(&conn),
                             node: &self.node,
                             ts: at_ms,
-                        });
-                        let key = user.to_string();
-                        out.push((Receipt::Acked, Out { key, value }));
+                        };
+                        Self::emit(&mut self.buf, Receipt::Acked, &record, emit);
                     }
                 }
-                Event::Published {
-                    header,
-                    expired: true,
-                    at_ms,
-                } => {
-                    let msg = MsgRef::of(&header);
-                    for user in users_of(&header.to) {
-                        pending.push(Pending {
-                            msg: msg.clone(),
-                            user: Arc::from(user),
-                            outcome: Receipt::Expired,
-                            at_ms,
-                        });
+                Event::Published { headers, at_ms } => {
+                    for header in headers {
+                        if header.expired(at_ms) {
+                            let msg = MsgRef::of(&header);
+                            for user in users_of(&header.to) {
+                                self.pending.push(Pending {
+                                    msg: msg.clone(),
+                                    user: Arc::from(user),
+                                    outcome: Receipt::Expired,
+                                    at_ms,
+                                });
+                            }
+                        } else {
+                            published.push((header, at_ms));
+                        }
                     }
                 }
-                Event::Published { header, at_ms, .. } => published.push((header, at_ms)),
             }
         }
-        self.offline(&published, &mut pending).await;
-        self.claim(pending, &mut out).await;
-        out
+        self.offline(&published).await;
+        self.claim(emit).await;
     }
 
     /// Adds an `offline` candidate for each user of `published` without a matching
     /// connection anywhere (one presence call for the whole batch).
-    async fn offline(&self, published: &[(Box<Header>, i64)], pending: &mut Vec<Pending>) {
+    async fn offline(&mut self, published: &[(Header, i64)]) {
         let Some(directory) = &self.directory else {
             return;
         };
-        let mut queries = Vec::new();
+        let mut queries = Vec::with_capacity(published.len());
         for (header, _) in published {
             match &header.to {
                 Target::User {
@@ -338,10 +375,12 @@ impl Worker {
         };
         let mut answers = online.into_iter();
         for (header, at_ms) in published {
-            let msg = MsgRef::of(header);
+            // Made at the message's first offline user: most users are online.
+            let mut msg = None;
             for user in users_of(&header.to) {
                 if answers.next() == Some(false) {
-                    pending.push(Pending {
+                    let msg = msg.get_or_insert_with(|| MsgRef::of(header));
+                    self.pending.push(Pending {
                         msg: msg.clone(),
                         user: Arc::from(user),
                         outcome: Receipt::Offline,
@@ -352,37 +391,50 @@ impl Worker {
         }
     }
 
-    /// Claims every pending negative outcome in one round trip; renders the winners.
-    async fn claim(&mut self, pending: Vec<Pending>, out: &mut Vec<(Receipt, Out)>) {
-        if pending.is_empty() {
+    /// Claims every pending negative outcome in one round trip; emits the winners.
+    async fn claim(&mut self, emit: &mut impl FnMut(Receipt, &str, &[u8])) {
+        if self.pending.is_empty() {
             return;
         }
-        let won = match self.claims.claim(&pending).await {
+        let won = match self.claims.claim(&self.pending).await {
             Ok(won) => won,
             Err(e) => {
                 tracing::warn!(error = %e, "receipt claims failed: negative outcomes not reported");
-                self.dropped(ReceiptDropped::ClaimFailed, pending.len());
+                self.dropped(ReceiptDropped::ClaimFailed, self.pending.len());
+                self.pending.clear();
                 return;
             }
         };
-        for (p, _) in pending.iter().zip(won).filter(|(_, won)| *won) {
-            let value = self.render(&Record {
-                id: &p.msg.id,
-                msg_type: Some(&p.msg.msg_type),
+        for (p, _) in self.pending.iter().zip(won).filter(|(_, won)| *won) {
+            let record = Record {
+                id: p.msg.id(),
+                msg_type: Some(p.msg.msg_type()),
                 user: &p.user,
                 outcome: p.outcome.label(),
                 conns: Some(0),
                 conn: None,
                 node: &self.node,
                 ts: p.at_ms,
-            });
-            out.push((
-                p.outcome,
-                Out {
-                    key: p.user.to_string(),
-                    value,
-                },
-            ));
+            };
+            Self::emit(&mut self.buf, p.outcome, &record, emit);
         }
+        self.pending.clear();
+    }
+
+    /// What `events` become, as a test sees them.
+    #[cfg(test)]
+    pub(super) async fn records(&mut self, mut events: Vec<Event>) -> Vec<(Receipt, Out)> {
+        let mut out = Vec::new();
+        let mut collect = |outcome, key: &str, value: &[u8]| {
+            out.push((
+                outcome,
+                Out {
+                    key: key.to_owned(),
+                    value: String::from_utf8(value.to_vec()).expect("JSON is UTF-8"),
+                },
+            ))
+        };
+        self.process(&mut events, &mut collect).await;
+        out
     }
 }

@@ -33,12 +33,12 @@ impl Directory for Down {
 }
 
 fn worker(directory: Option<Arc<dyn Directory>>) -> Worker {
-    Worker {
-        node: "node-a".into(),
-        claims: Claims::Local(LocalClaims::new(Duration::from_secs(600))),
+    Worker::new(
+        "node-a".into(),
+        Claims::Local(LocalClaims::new(Duration::from_secs(600))),
         directory,
-        metrics: Arc::new(Metrics::new()),
-    }
+        Arc::new(Metrics::new()),
+    )
 }
 
 fn header(id: &str, to: Target, ttl_ms: Option<u64>, ts: i64) -> Header {
@@ -98,11 +98,11 @@ async fn offline_users_of_a_published_message_get_one_offline_record() {
     let now = now_ms();
     let evs = events(|r| {
         r.published(
-            &header("m1", users(&["alice", "bob", "carol"]), None, now),
+            vec![header("m1", users(&["alice", "bob", "carol"]), None, now)],
             now,
         );
         r.published(
-            &header(
+            vec![header(
                 "m2",
                 Target::User {
                     user: "dave".into(),
@@ -111,13 +111,13 @@ async fn offline_users_of_a_published_message_get_one_offline_record() {
                 },
                 None,
                 now,
-            ),
+            )],
             now,
         );
-        r.published(&header("m3", Target::All, None, now), now);
+        r.published(vec![header("m3", Target::All, None, now)], now);
     });
     assert_eq!(evs.len(), 2, "only user targets are reported");
-    let out = w.process(evs).await;
+    let out = w.records(evs).await;
     assert_eq!(
         outcomes(&out),
         ["offline m1 bob", "offline m1 carol", "offline m2 dave"]
@@ -140,21 +140,21 @@ async fn a_negative_outcome_is_claimed_once_whoever_reports_it() {
         r.routed(msg.clone(), vec![(alice.clone(), Routed::Filtered)]);
         r.routed(msg.clone(), vec![(alice.clone(), Routed::Filtered)]);
     });
-    assert_eq!(outcomes(&w.process(evs).await), ["filtered m1 alice"]);
+    assert_eq!(outcomes(&w.records(evs).await), ["filtered m1 alice"]);
     // Ingest then finds alice offline (she left meanwhile): already reported.
-    let evs = events(|r| r.published(&header("m1", users(&["alice"]), None, now), now));
-    assert!(w.process(evs).await.is_empty());
+    let evs = events(|r| r.published(vec![header("m1", users(&["alice"]), None, now)], now));
+    assert!(w.records(evs).await.is_empty());
     // An expired message: expired for every user at ingest, and again on a node.
     let evs = events(|r| {
         r.published(
-            &header("m2", users(&["alice", "bob"]), Some(1), now - 5_000),
+            vec![header("m2", users(&["alice", "bob"]), Some(1), now - 5_000)],
             now,
         );
         let m2 = MsgRef::of(&header("m2", users(&["alice"]), None, now));
         r.routed(m2, vec![(alice.clone(), Routed::Expired)]);
     });
     assert_eq!(
-        outcomes(&w.process(evs).await),
+        outcomes(&w.records(evs).await),
         ["expired m2 alice", "expired m2 bob"]
     );
 }
@@ -173,7 +173,7 @@ async fn delivered_is_reported_per_node_with_its_connection_count() {
     let msg = MsgRef::of(&header("m1", alice(), None, 0));
     let alice: Arc<str> = Arc::from("alice");
     let out = w
-        .process(events(|r| {
+        .records(events(|r| {
             let ticket = r.ticket(&msg, &alice).unwrap();
             for _ in 0..3 {
                 ticket.written();
@@ -192,7 +192,7 @@ async fn delivered_is_reported_per_node_with_its_connection_count() {
     );
     // Not claimed: a second node's delivery is reported too.
     let again = events(|r| r.ticket(&msg, &alice).unwrap().written());
-    assert_eq!(w.process(again).await.len(), 1);
+    assert_eq!(w.records(again).await.len(), 1);
 }
 
 #[test]
@@ -238,7 +238,7 @@ async fn acks_become_one_record_per_id_in_bounded_events() {
         3,
         "split into events of at most {ACK_IDS_PER_EVENT} ids"
     );
-    let out = w.process(evs).await;
+    let out = w.records(evs).await;
     assert_eq!(
         out.len(),
         ACK_IDS_PER_EVENT * 2 + 1,
@@ -263,14 +263,14 @@ async fn acks_become_one_record_per_id_in_bounded_events() {
 async fn without_presence_no_offline_and_failures_are_counted() {
     let now = now_ms();
     let mut w = worker(None);
-    let evs = events(|r| r.published(&header("m1", alice(), None, now), now));
+    let evs = events(|r| r.published(vec![header("m1", alice(), None, now)], now));
     assert!(
-        w.process(evs).await.is_empty(),
+        w.records(evs).await.is_empty(),
         "no presence: nothing claimed"
     );
     let mut w = worker(Some(Arc::new(Down)));
-    let evs = events(|r| r.published(&header("m1", users(&["a", "b"]), None, now), now));
-    assert!(w.process(evs).await.is_empty());
+    let evs = events(|r| r.published(vec![header("m1", users(&["a", "b"]), None, now)], now));
+    assert!(w.records(evs).await.is_empty());
     let failed = w
         .metrics
         .receipts_dropped
@@ -333,7 +333,7 @@ async fn taking_a_batch_in_two_steps_frees_each_event_once() {
     let (receipts, mut inbox) = Receipts::channel(Arc::new(Metrics::new()));
     let now = now_ms();
     for id in ["m1", "m2", "m3"] {
-        receipts.published(&header(id, users(&["alice", "bob"]), None, now), now);
+        receipts.published(vec![header(id, users(&["alice", "bob"]), None, now)], now);
     }
     let counted = inbox.pending.load(Ordering::Relaxed);
     assert!(counted > 0);

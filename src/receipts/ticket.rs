@@ -14,13 +14,13 @@ use crate::clock::now_ms;
 #[derive(Debug)]
 pub struct Ticket {
     receipts: Receipts,
-    msg: Arc<MsgRef>,
+    msg: MsgRef,
     user: Arc<str>,
     written: AtomicU32,
 }
 
 impl Ticket {
-    pub(super) fn new(receipts: Receipts, msg: Arc<MsgRef>, user: Arc<str>) -> Self {
+    pub(super) fn new(receipts: Receipts, msg: MsgRef, user: Arc<str>) -> Self {
         Self {
             receipts,
             msg,

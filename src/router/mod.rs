@@ -575,7 +575,7 @@ pub fn tell_all_lost(registry: &Registry, metrics: &Metrics) -> usize {
 struct Tally<'a> {
     receipts: &'a Receipts,
     header: &'a crate::bus::Header,
-    msg: Option<Arc<MsgRef>>,
+    msg: Option<MsgRef>,
     users: Vec<(Arc<str>, Routed)>,
     user: Option<Arc<str>>,
     /// The current user's ticket, made at its first queued frame.
@@ -600,7 +600,7 @@ impl<'a> Tally<'a> {
         }
     }
 
-    fn msg(&mut self) -> &Arc<MsgRef> {
+    fn msg(&mut self) -> &MsgRef {
         self.msg.get_or_insert_with(|| MsgRef::of(self.header))
     }
 
