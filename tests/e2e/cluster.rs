@@ -18,19 +18,12 @@
 //! (The other delivery, resume, preference and failure scenarios run on the shared cluster
 //! when `FANOUT_TEST_REDIS_MODE=cluster`, as `./scripts/test` does.)
 
-use std::collections::BTreeSet;
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
 use crate::failures::{expect_exactly_in_order, stream_for};
-use crate::resume::urlencode;
-use crate::sentinel::{
-    check_live, n_and_id, numbered, ranges, watch, KILL_AT, QUIET, ROUNDS, ROUND_PAUSE,
-};
+use crate::sentinel::{n_and_id, numbered, watch, KILL_AT, ROUNDS, ROUND_PAUSE};
 use crate::support::*;
 
 #[path = "../common/redis_cluster.rs"]
@@ -143,54 +136,8 @@ async fn failover_while_messages_flow(manual: bool) {
          serving {switch_took:?} later, at round {at_switch}",
         KILL_AT
     )];
-    let mut failures = Vec::new();
-    for (user, watcher) in users.iter().zip(watchers) {
-        let seen = watcher.await.unwrap();
-        match check_live(&format!("{user} (live)"), &seen, after_kill) {
-            Ok(line) => report.push(line),
-            Err(line) => failures.push(line),
-        }
-    }
-
-    // The leavers come back, each on the other node, with the id they kept.
-    for (i, (user, (last_n, id))) in users.iter().zip(&since).enumerate() {
-        let mut client = cluster
-            .connect(i % 2, user, &format!("since={}", urlencode(id)))
-            .await;
-        let resume = client.hello["resume"].clone();
-        let got: Vec<u64> = client
-            .msgs_during(QUIET)
-            .await
-            .iter()
-            .map(|m| m["data"]["n"].as_u64().unwrap())
-            .collect();
-        let expected: Vec<u64> = (last_n + 1..ROUNDS).collect();
-        let line = format!(
-            "{user} (resume after {last_n}): {resume}, then {} messages ({})",
-            got.len(),
-            ranges(&got)
-        );
-        match resume["recovered"].as_bool() {
-            Some(true) if got == expected && resume["replayed"] == json!(expected.len()) => {
-                report.push(line)
-            }
-            Some(true) => {
-                let have: BTreeSet<u64> = got.iter().copied().collect();
-                let missing: Vec<u64> = expected
-                    .iter()
-                    .copied()
-                    .filter(|n| !have.contains(n))
-                    .collect();
-                failures.push(format!(
-                    "{line}; recovered:true but NOT EXACT: missing {}",
-                    ranges(&missing)
-                ))
-            }
-            Some(false) if got.is_empty() => report.push(line),
-            Some(false) => failures.push(format!("{line}; recovered:false yet messages replayed")),
-            None => failures.push(format!("{line}; no resume in hello {}", client.hello)),
-        }
-    }
+    let (held, mut failures) = judge_failover(&cluster, &users, watchers, &since, after_kill).await;
+    report.extend(held);
 
     for (i, node) in cluster.nodes.iter().enumerate() {
         let mut metrics = Vec::new();
@@ -250,19 +197,7 @@ async fn dropped_shard_subscriptions_are_recovered_from_the_history_without_loss
     let stream = stream_for(&cluster, "uma", 300);
     // Every node drops its subscribers three times while messages flow: each fanout node
     // misses what was published until it subscribes again, and must read it back.
-    let ports = redis.ports();
-    let killer = tokio::spawn(async move {
-        for _ in 0..3 {
-            tokio::time::sleep(Duration::from_millis(700)).await;
-            for port in &ports {
-                let out = Command::new("redis-cli")
-                    .args(["-p", &port.to_string(), "CLIENT", "KILL", "TYPE", "pubsub"])
-                    .output()
-                    .unwrap();
-                assert!(out.status.success());
-            }
-        }
-    });
+    let killer = kill_pubsub_clients(redis.ports(), 3);
     expect_exactly_in_order(&mut uma, 300, Duration::from_secs(20)).await;
     killer.await.unwrap();
     stream.await.unwrap();

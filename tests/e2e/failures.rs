@@ -313,19 +313,7 @@ async fn dropped_bus_subscriptions_are_recovered_from_the_history_without_loss()
     let stream = stream_for(&cluster, "uma", 300);
     // Kill every subscriber connection three times while messages flow: each node misses
     // what was published until it resubscribes, and must read it back from the history.
-    let killer = {
-        let port = redis.port;
-        tokio::spawn(async move {
-            for _ in 0..3 {
-                tokio::time::sleep(Duration::from_millis(700)).await;
-                let out = Command::new("redis-cli")
-                    .args(["-p", &port.to_string(), "CLIENT", "KILL", "TYPE", "pubsub"])
-                    .output()
-                    .unwrap();
-                assert!(out.status.success());
-            }
-        })
-    };
+    let killer = kill_pubsub_clients(vec![redis.port], 3);
     expect_exactly_in_order(&mut uma, 300, Duration::from_secs(20)).await;
     killer.await.unwrap();
     stream.await.unwrap();

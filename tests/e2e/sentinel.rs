@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::resume::urlencode;
 use crate::support::*;
 
 /// The Sentinel service name of the bus.
@@ -668,54 +667,8 @@ async fn failover_while_messages_flow(failover: Failover) {
         after_kill - 1,
         promoted_after
     )];
-    let mut failures = Vec::new();
-    for (user, watcher) in users.iter().zip(watchers) {
-        let seen = watcher.await.unwrap();
-        match check_live(&format!("{user} (live)"), &seen, after_kill) {
-            Ok(line) => report.push(line),
-            Err(line) => failures.push(line),
-        }
-    }
-
-    // The leavers come back, each on the other node it was on, with the id they kept.
-    for (i, (user, (last_n, id))) in users.iter().zip(&since).enumerate() {
-        let mut client = cluster
-            .connect(i % 2, user, &format!("since={}", urlencode(id)))
-            .await;
-        let resume = client.hello["resume"].clone();
-        let got: Vec<u64> = client
-            .msgs_during(QUIET)
-            .await
-            .iter()
-            .map(|m| m["data"]["n"].as_u64().unwrap())
-            .collect();
-        let expected: Vec<u64> = (last_n + 1..ROUNDS).collect();
-        let line = format!(
-            "{user} (resume after {last_n}): {resume}, then {} messages ({})",
-            got.len(),
-            ranges(&got)
-        );
-        match resume["recovered"].as_bool() {
-            Some(true) if got == expected && resume["replayed"] == json!(expected.len()) => {
-                report.push(line)
-            }
-            Some(true) => {
-                let have: BTreeSet<u64> = got.iter().copied().collect();
-                let missing: Vec<u64> = expected
-                    .iter()
-                    .copied()
-                    .filter(|n| !have.contains(n))
-                    .collect();
-                failures.push(format!(
-                    "{line}; recovered:true but NOT EXACT: missing {}",
-                    ranges(&missing)
-                ))
-            }
-            Some(false) if got.is_empty() => report.push(line),
-            Some(false) => failures.push(format!("{line}; recovered:false yet messages replayed")),
-            None => failures.push(format!("{line}; no resume in hello {}", client.hello)),
-        }
-    }
+    let (held, mut failures) = judge_failover(&cluster, &users, watchers, &since, after_kill).await;
+    report.extend(held);
 
     for (i, node) in cluster.nodes.iter().enumerate() {
         let mut metrics = Vec::new();

@@ -10,7 +10,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -30,6 +30,9 @@ use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::resume::urlencode;
+use crate::sentinel::{check_live, ranges, Seen, QUIET, ROUNDS};
 
 pub const SECRET: &str = "e2e-secret";
 pub const ADMIN_TOKEN: &str = "e2e-admin";
@@ -1129,4 +1132,86 @@ pub async fn metric_at(admin: &str, sample: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Kills every pub/sub client of the Redis servers on `ports` (`CLIENT KILL TYPE pubsub`),
+/// `times` times 700 ms apart, the first 700 ms from now, on a task of its own.
+pub fn kill_pubsub_clients(ports: Vec<u16>, times: usize) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for _ in 0..times {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            for port in &ports {
+                let out = Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "CLIENT", "KILL", "TYPE", "pubsub"])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success());
+            }
+        }
+    })
+}
+
+/// A failover's outcome for each of `users` against DESIGN §6 (tests/e2e/sentinel.rs):
+/// the connection that stayed, whose frames `watchers[i]` collected, by [`check_live`]
+/// (nothing from round `after_kill` on may be lost); then the one that left, resuming on
+/// node `i % 2` (the other node) with `since[i]`, the number and id of the last message it
+/// got: every later message replayed exactly, or `recovered:false` and none replayed.
+/// Returns (what held, what broke), a line per connection.
+pub(crate) async fn judge_failover(
+    cluster: &TestCluster,
+    users: &[&str],
+    watchers: Vec<tokio::task::JoinHandle<Vec<Seen>>>,
+    since: &[(u64, String)],
+    after_kill: u64,
+) -> (Vec<String>, Vec<String>) {
+    let mut report = Vec::new();
+    let mut failures = Vec::new();
+    for (user, watcher) in users.iter().zip(watchers) {
+        let seen = watcher.await.unwrap();
+        match check_live(&format!("{user} (live)"), &seen, after_kill) {
+            Ok(line) => report.push(line),
+            Err(line) => failures.push(line),
+        }
+    }
+
+    // The leavers come back, each on the other node, with the id they kept.
+    for (i, (user, (last_n, id))) in users.iter().zip(since).enumerate() {
+        let mut client = cluster
+            .connect(i % 2, user, &format!("since={}", urlencode(id)))
+            .await;
+        let resume = client.hello["resume"].clone();
+        let got: Vec<u64> = client
+            .msgs_during(QUIET)
+            .await
+            .iter()
+            .map(|m| m["data"]["n"].as_u64().unwrap())
+            .collect();
+        let expected: Vec<u64> = (last_n + 1..ROUNDS).collect();
+        let line = format!(
+            "{user} (resume after {last_n}): {resume}, then {} messages ({})",
+            got.len(),
+            ranges(&got)
+        );
+        match resume["recovered"].as_bool() {
+            Some(true) if got == expected && resume["replayed"] == json!(expected.len()) => {
+                report.push(line)
+            }
+            Some(true) => {
+                let have: BTreeSet<u64> = got.iter().copied().collect();
+                let missing: Vec<u64> = expected
+                    .iter()
+                    .copied()
+                    .filter(|n| !have.contains(n))
+                    .collect();
+                failures.push(format!(
+                    "{line}; recovered:true but NOT EXACT: missing {}",
+                    ranges(&missing)
+                ))
+            }
+            Some(false) if got.is_empty() => report.push(line),
+            Some(false) => failures.push(format!("{line}; recovered:false yet messages replayed")),
+            None => failures.push(format!("{line}; no resume in hello {}", client.hello)),
+        }
+    }
+    (report, failures)
 }

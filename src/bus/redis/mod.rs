@@ -61,18 +61,8 @@
 //! History reads also return both counters of the reading node, read with the head
 //! ([`super::Positions`]). Every key is still under the key base: one slot on a cluster.
 //!
-//! fred hands pub/sub messages to a broadcast channel; a receiver that falls behind loses
-//! messages, so the channel is large, drained by one dedicated task, and lag is counted and
-//! reported as a [`BusEvent::Gap`]. After a lost connection fred reconnects with backoff and
-//! `manage_subscriptions` resubscribes; that, too, is reported as a gap.
-//!
-//! On a Redis Cluster a server may also end a shard subscription on a live connection: a
-//! manual failover or a slot migration moves the slot, and the old owner pushes
-//! `sunsubscribe`, which fred drops without a word (no reconnect, no event). So the
-//! subscriber repeats its `SSUBSCRIBE` every [`RESUBSCRIBE_EVERY`]: a no-op where the
-//! subscription holds; after a move, fred follows the redirection to the slot's owner.
-//! What was published meanwhile shows as a jump in the sequence numbers and is recovered
-//! from the history like any gap.
+//! The receiving side, one dedicated client on the bus, control and node channels, is
+//! [`subscriber`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,19 +72,19 @@ use bytes::Bytes;
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use fred::types::scripts::Script;
-use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    After, Bus, BusError, BusEvent, BusHandler, Channel, HistoryRead, Outgoing, Positions,
-    Published, StreamKey, StreamRead,
+    After, Bus, BusError, BusHandler, Channel, HistoryRead, Outgoing, Positions, Published,
+    StreamKey, StreamRead,
 };
 use crate::config::{RecoveryConfig, RedisConfig};
 use crate::envelope::Target;
-use crate::metrics::{Gap, Metrics};
+use crate::metrics::Metrics;
 
 mod connect;
 mod scripts;
+mod subscriber;
 
 use scripts::{
     BROADCAST_LUA, CHUNK_SCRIPT, EPOCH_LUA, PUBLISH_LUA, PUBLISH_SCRIPT, READ_SCRIPT, ROUTED_LUA,
@@ -115,10 +105,6 @@ const BUSY_WAIT: Duration = Duration::from_millis(2 * LEASE_MS);
 
 /// Capacity of fred's pub/sub broadcast channel (messages buffered before lag).
 const BROADCAST_CAPACITY: usize = 1 << 16;
-
-/// On a Redis Cluster, how often the subscriber repeats its `SSUBSCRIBE` (see the module
-/// comment).
-const RESUBSCRIBE_EVERY: Duration = Duration::from_secs(1);
 
 /// How long a node channel's counter outlives its last message: a node id that stopped
 /// being used leaves a small key behind only this long. (A live node whose counter expired
@@ -583,21 +569,6 @@ fn parse_read(reply: Value, routed: bool) -> Result<HistoryRead, BusError> {
     })
 }
 
-/// Repeats `SSUBSCRIBE channels` every [`RESUBSCRIBE_EVERY`], for a subscription a server
-/// ended without fred noticing (see the module comment). Runs beside the receive loop: a
-/// slow or failing command never delays the messages.
-async fn keep_subscribed(subscriber: SubscriberClient, channels: Vec<String>) {
-    let mut tick = tokio::time::interval(RESUBSCRIBE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        if let Err(e) = subscriber.ssubscribe(channels.clone()).await {
-            tracing::debug!(error = %e, "repeated SSUBSCRIBE failed; trying again");
-        }
-    }
-}
-
 /// A pub/sub payload as bytes, without copying.
 fn payload_bytes(value: Value) -> Option<Bytes> {
     match value {
@@ -682,83 +653,10 @@ impl Bus for RedisBus {
 
     async fn subscribe(
         &self,
-        mut handler: Box<dyn BusHandler>,
+        handler: Box<dyn BusHandler>,
         shutdown: CancellationToken,
     ) -> Result<(), BusError> {
-        let mut messages = self.subscriber.message_rx();
-        let mut reconnects = self.subscriber.reconnect_rx();
-        let resubscriber = self.subscriber.manage_subscriptions();
-        let mut channels = vec![self.bus_channel.clone(), self.control_channel.clone()];
-        channels.extend(self.node_channel.clone());
-        let mut keeper = None;
-        if self.cluster {
-            // Channels of one slot: one command, one connection, one order.
-            self.subscriber.ssubscribe(channels.clone()).await?;
-            keeper = Some(tokio::spawn(keep_subscribed(
-                self.subscriber.clone(),
-                channels,
-            )));
-        } else {
-            self.subscriber.subscribe(channels).await?;
-        }
-        let received_bus = self
-            .metrics
-            .bus_received
-            .with_label_values(&[Channel::Bus.as_str()]);
-        let received_control = self
-            .metrics
-            .bus_received
-            .with_label_values(&[Channel::Control.as_str()]);
-        let received_node = self
-            .metrics
-            .bus_received
-            .with_label_values(&[Channel::Node.as_str()]);
-        let node_channel = self.node_channel.as_deref().unwrap_or_default();
-        let result = loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break Ok(()),
-                received = messages.recv() => match received {
-                    Ok(message) => {
-                        let channel = if *message.channel == *self.bus_channel {
-                            received_bus.inc();
-                            Channel::Bus
-                        } else if *message.channel == *self.control_channel {
-                            received_control.inc();
-                            Channel::Control
-                        } else if !node_channel.is_empty() && *message.channel == *node_channel {
-                            received_node.inc();
-                            Channel::Node
-                        } else {
-                            continue;
-                        };
-                        if let Some(payload) = payload_bytes(message.value) {
-                            handler.on_event(BusEvent::Message { channel, payload });
-                        }
-                    }
-                    Err(RecvError::Lagged(missed)) => {
-                        tracing::error!(missed, "bus receiver lagged: messages lost");
-                        self.metrics.bus_gaps.with_label_values(&[Gap::Lagged.label()]).inc();
-                        handler.on_event(BusEvent::Gap { reason: "lagged" });
-                    }
-                    Err(RecvError::Closed) => break Err(BusError::Closed),
-                },
-                reconnected = reconnects.recv() => match reconnected {
-                    Ok(server) => {
-                        tracing::warn!(%server, "redis subscriber reconnected; resubscribing");
-                        self.metrics.bus_gaps.with_label_values(&[Gap::Reconnected.label()]).inc();
-                        handler.on_event(BusEvent::Gap { reason: "reconnected" });
-                    }
-                    Err(RecvError::Lagged(_)) => {}
-                    Err(RecvError::Closed) => break Err(BusError::Closed),
-                },
-            }
-        };
-        resubscriber.abort();
-        if let Some(keeper) = keeper {
-            keeper.abort();
-        }
-        let _ = self.subscriber.unsubscribe_all().await;
-        result
+        self.receive(handler, shutdown).await
     }
 
     fn is_connected(&self) -> bool {
