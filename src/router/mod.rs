@@ -303,15 +303,31 @@ impl Router {
                 .inc();
             return None;
         }
-        // A jump: messages were missed. A step back: the bus's counter was reset.
-        let reason = if msg.seq > last {
+        Some(self.sequence_broken(Channel::Bus, last, msg.seq, msg.seq, payload))
+    }
+
+    /// A channel's number went from `last` to `number` (the bus's own for the bus channel,
+    /// the channel's in routed mode; `seq` the message's bus number): messages were missed
+    /// (a jump) or the counter was reset (a step back). Counts it; the message waits for the
+    /// recovery this starts.
+    fn sequence_broken(
+        &mut self,
+        channel: Channel,
+        last: u64,
+        number: u64,
+        seq: u64,
+        payload: Bytes,
+    ) -> Recovery {
+        let reason = if number > last {
             Gap::Skipped
         } else {
             Gap::Reset
         };
         tracing::warn!(
+            channel = channel.as_str(),
             last,
-            seq = msg.seq,
+            number,
+            seq,
             reason = reason.label(),
             "bus sequence broken: recovering"
         );
@@ -319,11 +335,9 @@ impl Router {
             .bus_gaps
             .with_label_values(&[reason.label()])
             .inc();
-        self.buffer.push_front(BusEvent::Message {
-            channel: Channel::Bus,
-            payload,
-        });
-        Some(self.start_recovery(true))
+        self.buffer
+            .push_front(BusEvent::Message { channel, payload });
+        self.start_recovery(true)
     }
 
     /// Routed mode: routes a message that follows the last one of its channel; a jump or a
@@ -360,26 +374,7 @@ impl Router {
         let seqs = self.channel_seq.as_mut().expect("routed mode");
         match seqs[i] {
             Some(last) if number != last + 1 => {
-                let reason = if number > last {
-                    Gap::Skipped
-                } else {
-                    Gap::Reset
-                };
-                tracing::warn!(
-                    channel = channel.as_str(),
-                    last,
-                    number,
-                    seq = msg.seq,
-                    reason = reason.label(),
-                    "bus channel sequence broken: recovering"
-                );
-                self.metrics
-                    .bus_gaps
-                    .with_label_values(&[reason.label()])
-                    .inc();
-                self.buffer
-                    .push_front(BusEvent::Message { channel, payload });
-                return Some(self.start_recovery(true));
+                return Some(self.sequence_broken(channel, last, number, msg.seq, payload));
             }
             _ => seqs[i] = Some(number),
         }
