@@ -25,7 +25,9 @@
 //! from `last_seq` exactly as in broadcast mode, and takes both channels' numbers from the
 //! read that gave it the bus's head. The idle check compares those numbers, not the head.
 
+mod gaps;
 mod recovery;
+mod tally;
 #[cfg(test)]
 mod tests;
 
@@ -44,10 +46,11 @@ use crate::kick::{self, Kick, Kicks};
 use crate::metrics::{Dropped, Gap, Metrics};
 use crate::prefs::{Change, Prefs};
 use crate::protocol;
-use crate::receipts::{self, MsgRef, Receipts, Routed};
+use crate::receipts::{self, Receipts};
 use crate::registry::{PushError, Registry};
 use crate::types::{self, TypeRegistry};
 use recovery::Recovery;
+use tally::Tally;
 
 /// How many recent message ids the router remembers to drop redeliveries.
 const RECENT_IDS: usize = 1 << 16;
@@ -276,116 +279,6 @@ impl Router {
         }
     }
 
-    /// Routes a message in sequence; a jump or a step back starts a recovery (and the
-    /// message, as `payload`, waits for it).
-    fn on_message(&mut self, msg: BusMessage, payload: Bytes) -> Option<Recovery> {
-        fail::fail_point!("router-message");
-        if msg.header.at_us != 0 {
-            let on_bus_us = now_us().saturating_sub(msg.header.at_us);
-            self.metrics.stage_bus.observe(on_bus_us as f64 / 1e6);
-        }
-        let Some(last) = self.last_seq else {
-            self.last_seq = Some(msg.seq);
-            self.route(&msg);
-            return None;
-        };
-        if msg.seq == last + 1 {
-            self.last_seq = Some(msg.seq);
-            self.whole_at = Instant::now();
-            self.route(&msg);
-            return None;
-        }
-        if msg.seq <= last && msg.seq <= self.recovered_through {
-            // Already routed from the history.
-            self.metrics
-                .dropped
-                .with_label_values(&[Dropped::Duplicate.label()])
-                .inc();
-            return None;
-        }
-        Some(self.sequence_broken(Channel::Bus, last, msg.seq, msg.seq, payload))
-    }
-
-    /// A channel's number went from `last` to `number` (the bus's own for the bus channel,
-    /// the channel's in routed mode; `seq` the message's bus number): messages were missed
-    /// (a jump) or the counter was reset (a step back). Counts it; the message waits for the
-    /// recovery this starts.
-    fn sequence_broken(
-        &mut self,
-        channel: Channel,
-        last: u64,
-        number: u64,
-        seq: u64,
-        payload: Bytes,
-    ) -> Recovery {
-        let reason = if number > last {
-            Gap::Skipped
-        } else {
-            Gap::Reset
-        };
-        tracing::warn!(
-            channel = channel.as_str(),
-            last,
-            number,
-            seq,
-            reason = reason.label(),
-            "bus sequence broken: recovering"
-        );
-        self.metrics
-            .bus_gaps
-            .with_label_values(&[reason.label()])
-            .inc();
-        self.buffer
-            .push_front(BusEvent::Message { channel, payload });
-        self.start_recovery(true)
-    }
-
-    /// Routed mode: routes a message that follows the last one of its channel; a jump or a
-    /// step back in the channel's number starts a recovery (the message waits for it).
-    fn on_routed_message(
-        &mut self,
-        channel: Channel,
-        msg: BusMessage,
-        payload: Bytes,
-    ) -> Option<Recovery> {
-        fail::fail_point!("router-message");
-        if msg.header.at_us != 0 {
-            let on_bus_us = now_us().saturating_sub(msg.header.at_us);
-            self.metrics.stage_bus.observe(on_bus_us as f64 / 1e6);
-        }
-        let Some(number) = payload_channel_seq(&payload) else {
-            // A frame without its channel's number: a node in broadcast mode publishes here.
-            self.metrics.bus_bad_payloads.inc();
-            tracing::warn!(
-                seq = msg.seq,
-                "bus frame without a channel number in routed mode (is every node on bus.routing = \"routed\"?)"
-            );
-            return None;
-        };
-        if self.last_seq.is_some() && msg.seq <= self.recovered_through {
-            // Already routed from the history.
-            self.metrics
-                .dropped
-                .with_label_values(&[Dropped::Duplicate.label()])
-                .inc();
-            return None;
-        }
-        let i = usize::from(channel == Channel::Node);
-        let seqs = self.channel_seq.as_mut().expect("routed mode");
-        match seqs[i] {
-            Some(last) if number != last + 1 => {
-                return Some(self.sequence_broken(channel, last, number, msg.seq, payload));
-            }
-            _ => seqs[i] = Some(number),
-        }
-        if self.last_seq.is_some() {
-            self.whole_at = Instant::now();
-        }
-        self.last_seq = Some(self.last_seq.map_or(msg.seq, |last| last.max(msg.seq)));
-        self.route(&msg);
-        None
-    }
-
     /// Applies one control message, by its `kind`. An unknown kind (from a newer node
     /// during a rolling upgrade) is ignored and counted as undecodable.
     fn on_control(&mut self, payload: &[u8]) {
@@ -557,92 +450,4 @@ pub fn tell_all_lost(registry: &Registry, metrics: &Metrics) -> usize {
         .with_label_values(&[crate::metrics::GapRecovery::Lost.label()])
         .inc();
     registry.connection_count()
-}
-
-/// Follows, user by user, what one message does to the connections it targets here: the
-/// frames queued to a user's connections share one [`Ticket`](receipts::Ticket), which
-/// reports `delivered` once they are written; a user it queued nothing to is reported in
-/// one event per message: `filtered` when the user's connections had the type switched
-/// off, or `expired`. The registry gives a user's connections one after another, so one
-/// user is followed at a time. Per recipient user: a reference count (the registry's
-/// shared id) and a ticket; the message's id and type are allocated once per message, at
-/// its first report.
-struct Tally<'a> {
-    receipts: &'a Receipts,
-    header: &'a crate::bus::Header,
-    msg: Option<MsgRef>,
-    users: Vec<(Arc<str>, Routed)>,
-    user: Option<Arc<str>>,
-    /// The current user's ticket, made at its first queued frame.
-    current: Option<Arc<receipts::Ticket>>,
-    queued: u32,
-    filtered: bool,
-    expired: bool,
-}
-
-impl<'a> Tally<'a> {
-    fn new(receipts: &'a Receipts, header: &'a crate::bus::Header) -> Self {
-        Self {
-            receipts,
-            header,
-            msg: None,
-            users: Vec::new(),
-            user: None,
-            current: None,
-            queued: 0,
-            filtered: false,
-            expired: false,
-        }
-    }
-
-    fn msg(&mut self) -> &MsgRef {
-        self.msg.get_or_insert_with(|| MsgRef::of(self.header))
-    }
-
-    /// Moves on to `user`'s connection (closing the previous user if it changes).
-    #[inline]
-    fn next(&mut self, user: &Arc<str>) {
-        if !self.user.as_ref().is_some_and(|u| Arc::ptr_eq(u, user)) {
-            self.close_user();
-            self.user = Some(user.clone());
-        }
-    }
-
-    /// The current user's ticket, for one more queued frame.
-    fn ticket(&mut self) -> Option<Arc<receipts::Ticket>> {
-        if self.current.is_none() {
-            let user = self.user.clone()?;
-            let receipts = self.receipts;
-            self.current = receipts.ticket(self.msg(), &user);
-        }
-        self.current.clone()
-    }
-
-    /// Notes a negative outcome for the current user, if it had one here.
-    fn close_user(&mut self) {
-        self.current = None; // its frames hold it now (or nothing does: then it is silent)
-        let Some(user) = self.user.take() else { return };
-        let queued = std::mem::take(&mut self.queued);
-        let filtered = std::mem::take(&mut self.filtered);
-        let routed = if self.expired {
-            Routed::Expired
-        } else if queued > 0 {
-            return; // its ticket reports it
-        } else if filtered {
-            Routed::Filtered
-        } else {
-            return; // every queue was full or closed: nothing to report from here
-        };
-        self.users.push((user, routed));
-    }
-
-    /// Reports the message's negative outcomes (one event), if any.
-    fn flush(&mut self) {
-        self.close_user();
-        if !self.users.is_empty() {
-            let users = std::mem::take(&mut self.users);
-            let msg = self.msg().clone();
-            self.receipts.routed(msg, users);
-        }
-    }
 }
