@@ -36,7 +36,10 @@ failures=0
 # The connections of node J (0-based): n spread evenly, the first n % nodes get one more.
 node_share() { echo $(( n / nodes + ($1 < n % nodes ? 1 : 0) )); }
 
-# start_side SIDE R DIR: the run's N servers; sets the arrays pids_ and publics_.
+# start_side SIDE R DIR: the run's N servers; sets the arrays pids_ and publics_. A fanout
+# node keeps server.max_pending_connections files for handshakes out of its 20,000 (the
+# default 2048 left room for 17,760 clients: 19,000 on one node did not fit); 512 is more
+# than the generators' attempts in flight (loadgen --concurrency 200, two per node at 19,000).
 start_side() {
   local side=$1 r=$2 dir=$3 j group=bench-s1-$2-$RANDOM$RANDOM
   pids_=() publics_=()
@@ -46,7 +49,8 @@ start_side() {
         FANOUT__NODE__ID="s1-$r-$j" FANOUT__KAFKA__BROKERS="$kafka" FANOUT__KAFKA__TOPICS="$topic" \
         FANOUT__KAFKA__GROUP_ID="$group" FANOUT__REDIS__URL="$redis_url" FANOUT__REDIS__PREFIX="$group" \
         FANOUT__DATABASE__URL="$db_url" FANOUT__AUTH__JWT_SECRET="$secret" \
-        FANOUT__SERVER__MAX_CONNECTIONS=$(( $(node_share "$j") + 1000 ))
+        FANOUT__SERVER__MAX_CONNECTIONS=$(( $(node_share "$j") + 1000 )) \
+        FANOUT__SERVER__MAX_PENDING_CONNECTIONS=512
     else
       start_peer "$dir/node$j" "$topic" "$group"
     fi
