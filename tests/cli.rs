@@ -21,7 +21,7 @@ fn stderr(o: &Output) -> String {
 
 #[test]
 fn invalid_config_exits_non_zero_naming_the_key() {
-    let cases: [(&[(&str, &str)], &str); 4] = [
+    let cases: [(&[(&str, &str)], &str); 5] = [
         (
             &[("FANOUT__SERVER__MAX_CONNECTIONS", "lots")],
             "max_connections",
@@ -38,6 +38,10 @@ fn invalid_config_exits_non_zero_naming_the_key() {
             "auth.mode",
         ),
         (&[("FANOUT__REDIS__URL", "redis://x")], "auth.jwt_secret"),
+        (
+            &[("FANOUT__DATABASE__MAX_CONNECTIONS", "0")],
+            "database.max_connections",
+        ),
     ];
     for (env, key) in cases {
         let out = fanout(&["serve"], env);
@@ -67,6 +71,7 @@ fn check_config_prints_the_effective_config_with_secrets_masked() {
             "postgres://fanout:pg-pass@db:5432/fanout",
         ),
         ("FANOUT__KAFKA__TOPICS", "a, b"),
+        ("FANOUT__DATABASE__MAX_CONNECTIONS", "32"),
     ];
     let out = fanout(&["check-config"], &env);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -76,6 +81,7 @@ fn check_config_prints_the_effective_config_with_secrets_masked() {
         "{text}"
     );
     assert!(text.contains("redis://user:***@127.0.0.1:6379"), "{text}");
+    assert!(text.contains("max_connections = 32"), "{text}");
     assert!(
         text.contains(
             r#"topics = [

@@ -25,7 +25,7 @@ async fn postgres() -> (Store, String) {
         .await
         .unwrap();
     let server = admin.rsplit_once('/').map(|(s, _)| s).unwrap();
-    (Store::open(&format!("{server}/{name}")).unwrap(), name)
+    (Store::open(&format!("{server}/{name}"), 8).unwrap(), name)
 }
 
 async fn drop_database(name: &str) {
@@ -41,7 +41,7 @@ async fn drop_database(name: &str) {
 
 fn sqlite() -> (Store, tempfile_path::TempPath) {
     let path = tempfile_path::TempPath::new();
-    let store = Store::open(&format!("sqlite://{}", path.0.display())).unwrap();
+    let store = Store::open(&format!("sqlite://{}", path.0.display()), 8).unwrap();
     (store, path)
 }
 
@@ -195,7 +195,7 @@ async fn sqlite_store_loads_many_users_in_chunks() {
 
 #[tokio::test]
 async fn an_unreachable_database_is_an_error_not_a_hang() {
-    let store = Store::open("postgres://postgres@127.0.0.1:1/none").unwrap();
+    let store = Store::open("postgres://postgres@127.0.0.1:1/none", 8).unwrap();
     // acquire_timeout bounds every call; 60 s here only stops a broken build from hanging.
     let load = tokio::time::timeout(std::time::Duration::from_secs(60), store.load("alice")).await;
     assert!(load.expect("load returns").is_err());
@@ -266,4 +266,60 @@ async fn postgres_store_starts_after_a_newer_version_migrated() {
 async fn sqlite_store_starts_after_a_newer_version_migrated() {
     let (store, _path) = sqlite();
     starts_after_a_newer_version_migrated(store).await;
+}
+
+/// `database.max_connections` bounds the node's PostgreSQL connections: a burst of
+/// concurrent reads (a reconnect storm's preference loads) never holds more than that many
+/// connections to the database, as the server itself counts them.
+#[tokio::test]
+async fn the_postgres_pool_holds_at_most_database_max_connections() {
+    let (unused, name) = postgres().await;
+    drop(unused); // lazy: it never connected
+    let url = {
+        let admin = admin_url();
+        let server = admin.rsplit_once('/').map(|(s, _)| s.to_owned()).unwrap();
+        format!("{server}/{name}")
+    };
+    let mut settings = fanout::config::Settings::default();
+    settings.database.url = url;
+    settings.database.max_connections = 2;
+    let store = std::sync::Arc::new(fanout::app::open_store(&settings).unwrap());
+    assert_eq!(store.max_connections(), 2);
+    store.migrate().await.unwrap();
+
+    let reads: Vec<_> = (0..40)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.load(&format!("user-{i}")).await.unwrap() })
+        })
+        .collect();
+    let watch = {
+        let name = name.clone();
+        tokio::spawn(async move {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
+            let mut most = 0i64;
+            for _ in 0..20 {
+                let (n,): (i64,) =
+                    sqlx::query_as("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
+                        .bind(&name)
+                        .fetch_one(&mut conn)
+                        .await
+                        .unwrap();
+                most = most.max(n);
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            most
+        })
+    };
+    for read in reads {
+        read.await.unwrap();
+    }
+    let most = watch.await.unwrap();
+    assert!(
+        (1..=2).contains(&most),
+        "connections to the database while 40 reads ran: {most} (database.max_connections = 2)"
+    );
+    drop(store);
+    drop_database(&name).await;
 }

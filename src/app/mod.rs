@@ -53,7 +53,8 @@ pub fn open_store(settings: &Settings) -> anyhow::Result<Store> {
     } else {
         &settings.database.url
     };
-    Store::open(url).with_context(|| format!("opening database.url {}", mask_url_password(url)))
+    Store::open(url, settings.database.max_connections)
+        .with_context(|| format!("opening database.url {}", mask_url_password(url)))
 }
 
 /// Applies migrations, waiting up to 30 s in all for the database to come up.

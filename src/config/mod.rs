@@ -365,6 +365,12 @@ impl Settings {
         if self.recovery.max_messages == 0 {
             return Err(invalid("recovery.max_messages", "must be positive"));
         }
+        if !(1..=1000).contains(&self.database.max_connections) {
+            return Err(invalid(
+                "database.max_connections",
+                "must be between 1 and 1000",
+            ));
+        }
         Ok(())
     }
 

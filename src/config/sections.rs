@@ -316,12 +316,25 @@ pub enum Routing {
 }
 
 /// `[database]`
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// `postgres://…` (TLS with libpq's `sslmode`, `sslrootcert`, `sslcert`, `sslkey`
     /// parameters) or `sqlite://…`. Empty: the embedded default's `sqlite://fanout.db`.
     pub url: String,
+    /// PostgreSQL connections a node holds at most (its pool; made as needed). Every new
+    /// WebSocket connection reads its user's preferences through it, so a reconnect storm
+    /// waits here first. SQLite keeps 4.
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            max_connections: 8,
+        }
+    }
 }
 
 /// How clients prove who they are.

@@ -104,12 +104,13 @@ macro_rules! on_pool {
 
 impl Store {
     /// Opens a pool lazily (connections are made on first use, so a node starts while the
-    /// database is down and recovers by itself when it returns).
-    pub fn open(url: &str) -> Result<Self, StoreError> {
+    /// database is down and recovers by itself when it returns), of at most `max_connections`
+    /// for PostgreSQL (`database.max_connections`; SQLite keeps 4).
+    pub fn open(url: &str, max_connections: u32) -> Result<Self, StoreError> {
         let acquire = Duration::from_secs(3);
         if url.starts_with("postgres") {
             let pool = PgPoolOptions::new()
-                .max_connections(8)
+                .max_connections(max_connections)
                 .acquire_timeout(acquire)
                 .connect_lazy(url)?;
             Ok(Store::Postgres(pool))
@@ -123,6 +124,11 @@ impl Store {
         } else {
             Err(StoreError::Scheme)
         }
+    }
+
+    /// The most connections the pool holds.
+    pub fn max_connections(&self) -> u32 {
+        on_pool!(self, pool => pool.options().get_max_connections())
     }
 
     /// Applies the shipped migrations. Migrations a newer version applied are tolerated, so

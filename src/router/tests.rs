@@ -282,7 +282,7 @@ async fn control_messages_dispatch_on_kind_and_kicks_close_only_that_user() {
         })
         .unwrap(),
     );
-    let store = crate::prefs::Store::open("sqlite::memory:").unwrap(); // lazy: not used here
+    let store = crate::prefs::Store::open("sqlite::memory:", 8).unwrap(); // lazy: not used here
     let kicks = crate::kick::Kicks::new(
         store,
         router.bus.clone(),
@@ -340,7 +340,7 @@ async fn control_messages_dispatch_on_kind_and_kicks_close_only_that_user() {
 async fn a_bus_gap_makes_the_node_reread_revocations_at_once() {
     let (router, registry) = setup();
     let path = std::env::temp_dir().join(format!("fanout-kick-{:08x}.db", rand::random::<u32>()));
-    let store = crate::prefs::Store::open(&format!("sqlite://{}", path.display())).unwrap();
+    let store = crate::prefs::Store::open(&format!("sqlite://{}", path.display()), 8).unwrap();
     store.migrate().await.unwrap();
     let auth = Arc::new(
         crate::auth::Authenticator::new(&crate::config::AuthConfig {
