@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::claims::{Claims, Pending};
 use super::{users_of, Event, Inbox, MsgRef, Routed};
 use crate::bus::Header;
-use crate::envelope::{Platform, Target};
+use crate::envelope::Target;
 use crate::kafka::Sink;
 use crate::metrics::{Metrics, Receipt, ReceiptDropped};
 
@@ -24,13 +24,8 @@ const BATCH: usize = 512;
 const LINGER: Duration = Duration::from_millis(50);
 
 /// One online question: is there a connection of `user` (on `platform`, with `tab`)
-/// anywhere in the cluster?
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Query<'a> {
-    pub user: &'a str,
-    pub platform: Option<Platform>,
-    pub tab: Option<&'a str>,
-}
+/// anywhere in the cluster? Presence's own query type.
+pub type Query<'a> = crate::presence::OnlineQuery<'a>;
 
 /// Answers online questions cluster-wide (presence).
 #[async_trait]
@@ -43,15 +38,7 @@ pub trait Directory: Send + Sync + 'static {
 #[async_trait]
 impl Directory for crate::presence::Presence {
     async fn online(&self, queries: &[Query<'_>]) -> Result<Vec<bool>, String> {
-        let queries: Vec<crate::presence::OnlineQuery<'_>> = queries
-            .iter()
-            .map(|q| crate::presence::OnlineQuery {
-                user: q.user,
-                platform: q.platform,
-                tab: q.tab,
-            })
-            .collect();
-        crate::presence::Presence::online(self, &queries)
+        crate::presence::Presence::online(self, queries)
             .await
             .map_err(|e| e.to_string())
     }
