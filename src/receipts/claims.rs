@@ -39,13 +39,15 @@ pub struct RedisClaims {
     script: fred::types::scripts::Script,
 }
 
-/// KEYS: the claims; ARGV: the window in seconds. 1 for each claim this call won, else 0.
+/// KEYS: the claims; ARGV: the window in seconds. A string of one character per claim: `1`
+/// if this call won it, else `0` (one bulk string: the client decodes one reply, not one per
+/// claim).
 const CLAIM_LUA: &str = r#"
 local out = {}
 for i, key in ipairs(KEYS) do
-  if redis.call('SET', key, '1', 'NX', 'EX', ARGV[1]) then out[i] = 1 else out[i] = 0 end
+  if redis.call('SET', key, '1', 'NX', 'EX', ARGV[1]) then out[i] = '1' else out[i] = '0' end
 end
-return out
+return table.concat(out)
 "#;
 
 impl RedisClaims {
@@ -80,13 +82,7 @@ impl RedisClaims {
             .evalsha_with_reload(&self.client, keys, vec![self.window_secs.clone()])
             .await
             .map_err(|e| e.to_string())?;
-        let Value::Array(won) = reply else {
-            return Err(format!("claims answered {reply:?}"));
-        };
-        if won.len() != pending.len() {
-            return Err(format!("{} replies to {} claims", won.len(), pending.len()));
-        }
-        Ok(won.iter().map(|v| v.as_i64() == Some(1)).collect())
+        crate::bus::redis::flags(&reply, pending.len()).map_err(|e| format!("claims: {e}"))
     }
 }
 

@@ -132,7 +132,10 @@ impl Store {
     }
 
     fn user_key(&self, user: &str) -> String {
-        format!("{}{user}", self.user_prefix)
+        let mut key = String::with_capacity(self.user_prefix.len() + user.len());
+        key.push_str(&self.user_prefix);
+        key.push_str(user);
+        key
     }
 
     pub async fn connections(&self, user: &str) -> Result<Vec<ConnInfo>, PresenceError> {
@@ -150,29 +153,20 @@ impl Store {
     pub async fn online(&self, queries: &[OnlineQuery<'_>]) -> Result<Vec<bool>, PresenceError> {
         let mut keys = Vec::with_capacity(queries.len() + 1);
         keys.push(self.nodes_key.clone());
-        let mut args = Vec::with_capacity(2 * queries.len() + 1);
-        args.push(self.dead_ms.clone());
-        for q in queries {
+        let mut args = vec![self.dead_ms.clone()];
+        for (n, q) in queries.iter().enumerate() {
             keys.push(self.user_key(q.user));
-            args.push(q.platform.map_or("", |p| p.as_str()).to_owned());
-            args.push(q.tab.unwrap_or("").to_owned());
+            if q.platform.is_some() || q.tab.is_some() {
+                args.push((n + 1).to_string());
+                args.push(q.platform.map_or("", |p| p.as_str()).to_owned());
+                args.push(q.tab.unwrap_or("").to_owned());
+            }
         }
         let reply: Value = self
             .online
             .evalsha_with_reload(&self.client, keys, args)
             .await?;
-        let answers = array(reply)?
-            .iter()
-            .map(|v| v.as_i64() == Some(1))
-            .collect::<Vec<_>>();
-        if answers.len() != queries.len() {
-            return Err(PresenceError::Reply(format!(
-                "{} answers to {} queries",
-                answers.len(),
-                queries.len()
-            )));
-        }
-        Ok(answers)
+        crate::bus::redis::flags(&reply, queries.len()).map_err(PresenceError::Reply)
     }
 
     /// Records this node's heartbeat; its previous state and the dead nodes.

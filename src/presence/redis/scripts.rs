@@ -47,24 +47,32 @@ end
 return out
 "#;
 
-/// KEYS: `nodes`, then one `u:<user>` per query; ARGV: dead bound, then platform and tab
-/// per query (`""`: any). 1 per query with a matching entry on a live node, else 0.
+/// KEYS: `nodes`, then one `u:<user>` per query; ARGV: dead bound, then a (query number,
+/// platform, tab) triple for each query that names either (`""`: any), none for the others.
+/// A string of one character per query: `1` if it has a matching entry on a live node, else
+/// `0` (one bulk string: the client decodes one reply, not one per query).
 pub(super) const ONLINE_LUA: &str = r#"
+local want = {}
+for i = 2, #ARGV, 3 do
+  want[tonumber(ARGV[i])] = {ARGV[i + 1], ARGV[i + 2]}
+end
 local out = {}
 for k = 2, #KEYS do
-  local platform, tab = ARGV[2 * (k - 1)], ARGV[2 * (k - 1) + 1]
-  local found = 0
+  local w = want[k - 1]
+  local platform, tab = '', ''
+  if w then platform, tab = w[1], w[2] end
+  local found = '0'
   for _, info in ipairs(redis.call('HVALS', KEYS[k])) do
     local c = decode(info)
     if c and (platform == '' or c.platform == platform) and (tab == '' or c.tab == tab)
         and alive(c.node) then
-      found = 1
+      found = '1'
       break
     end
   end
-  out[#out + 1] = found
+  out[k - 1] = found
 end
-return out
+return table.concat(out)
 "#;
 
 /// KEYS: `nodes`, `n:<node>`; ARGV: node, dead bound, chunk size, force (`1`: even if
