@@ -430,3 +430,47 @@ async fn a_presence_write_can_be_awaited_on_redis() {
 async fn a_presence_write_can_be_awaited_on_a_redis_cluster() {
     a_write_can_be_awaited(On::Cluster).await;
 }
+
+/// Receipts' claims share presence's Redis and slot: the first claim of an (id, user) wins,
+/// once, whatever the id holds (`:`, a newline), from any client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_claim_is_won_once() {
+    claims_are_won_once(On::Server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_claim_is_won_once_on_a_redis_cluster() {
+    claims_are_won_once(On::Cluster).await;
+}
+
+async fn claims_are_won_once(on: On) {
+    use fanout::receipts::RedisClaims;
+    let prefix = prefix();
+    let (a, base) = client_on(on, &prefix).await;
+    let (b, _) = client_on(on, &prefix).await;
+    let window = Duration::from_secs(60);
+    let (a, b) = (
+        RedisClaims::new(a, &base, window),
+        RedisClaims::new(b, &base, window),
+    );
+    let odd = "m:1\n2";
+    let first = [("m-1", "ann"), (odd, "bob"), ("m-1", "bob")];
+    assert_eq!(
+        a.claim(first.into_iter()).await.unwrap(),
+        [true, true, true]
+    );
+    // The same claims from another node lose; a new one in the same call wins.
+    let again = [("m-1", "bob"), (odd, "bob"), ("m-2", "ann"), ("m-1", "ann")];
+    assert_eq!(
+        b.claim(again.into_iter()).await.unwrap(),
+        [false, false, true, false]
+    );
+    // Ids are length-prefixed in the call: `12:3` for `ann` and `1` for `2:3ann` are two
+    // claims, whatever the colons.
+    assert_eq!(
+        b.claim([("12:3", "ann"), ("1", "2:3ann"), (odd, "carol")].into_iter())
+            .await
+            .unwrap(),
+        [true, true, true]
+    );
+}

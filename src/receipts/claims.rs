@@ -26,26 +26,36 @@ pub enum Claims {
     Local(LocalClaims),
 }
 
-/// Claims in Redis: `SET <key base>:receipt:<id>:<user> 1 NX EX <window>` for every key of
-/// a batch, in one script call (one command for the client to encode and route, however many
-/// claims: a pipeline of one `SET` each cost the receipts task more than all its other
-/// work). The key base is the bus's: `<prefix>` on one Redis, `{<prefix>}` on a Redis
-/// Cluster, where a script's keys must all be in one slot.
+/// Claims in Redis: `SET <key base>:receipt:<id>:<user> 1 NX EX <window>` for every claim of
+/// a batch, in one script call that gets all of them in one argument and answers in one
+/// string (one element for the client to encode and one to decode, however many claims: a
+/// pipeline of one `SET` each cost the receipts task more than all its other work, and one
+/// key per claim still cost more than building the keys in the script). The key base is the
+/// bus's: `<prefix>` on one Redis, `{<prefix>}` on a Redis Cluster, where the keys the script
+/// builds are all in the slot of the one key it is called with.
 pub struct RedisClaims {
     client: fred::clients::Client,
-    /// `<key base>:receipt:`
+    /// `<key base>:receipt:`, the script's one key (its slot is the claims' slot).
     base: String,
     window_secs: String,
     script: fred::types::scripts::Script,
 }
 
-/// KEYS: the claims; ARGV: the window in seconds. A string of one character per claim: `1`
-/// if this call won it, else `0` (one bulk string: the client decodes one reply, not one per
-/// claim).
+/// KEYS: `<key base>:receipt:`; ARGV: the window in seconds, then the claims, each as
+/// `<id length>:<id><user>\n` (an id may hold any character, a user id no control
+/// character). A string of one character per claim: `1` if this call won it (set
+/// `KEYS[1] .. <id> .. ':' .. <user>`), else `0`.
 const CLAIM_LUA: &str = r#"
-local out = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('SET', key, '1', 'NX', 'EX', ARGV[1]) then out[i] = '1' else out[i] = '0' end
+local claims, pos, out = ARGV[2], 1, {}
+while pos <= #claims do
+  local colon = string.find(claims, ':', pos, true)
+  local len = tonumber(string.sub(claims, pos, colon - 1))
+  local id = string.sub(claims, colon + 1, colon + len)
+  local nl = string.find(claims, '\n', colon + len + 1, true)
+  local user = string.sub(claims, colon + len + 1, nl - 1)
+  local won = redis.call('SET', KEYS[1] .. id .. ':' .. user, '1', 'NX', 'EX', ARGV[1])
+  out[#out + 1] = won and '1' or '0'
+  pos = nl + 1
 end
 return table.concat(out)
 "#;
@@ -61,28 +71,31 @@ impl RedisClaims {
         }
     }
 
-    /// The key of the claim on (`id`, `user`).
-    fn key(&self, id: &str, user: &str) -> String {
-        let mut key = String::with_capacity(self.base.len() + id.len() + 1 + user.len());
-        key.push_str(&self.base);
-        key.push_str(id);
-        key.push(':');
-        key.push_str(user);
-        key
-    }
-
-    async fn claim(&self, pending: &[Pending]) -> Result<Vec<bool>, String> {
-        use fred::prelude::*;
-        let keys: Vec<String> = pending
-            .iter()
-            .map(|p| self.key(p.msg.id(), &p.user))
-            .collect();
-        let reply: Value = self
+    /// Claims each (message id, user id) of `claims`: true for those this call was the
+    /// first in the cluster to claim within the window.
+    pub async fn claim<'a>(
+        &self,
+        claims: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Vec<bool>, String> {
+        use std::fmt::Write as _;
+        let n = claims.len();
+        let mut arg = String::with_capacity(n * 48);
+        for (id, user) in claims {
+            let _ = write!(arg, "{}:", id.len());
+            arg.push_str(id);
+            arg.push_str(user);
+            arg.push('\n');
+        }
+        let reply: fred::types::Value = self
             .script
-            .evalsha_with_reload(&self.client, keys, vec![self.window_secs.clone()])
+            .evalsha_with_reload(
+                &self.client,
+                vec![self.base.clone()],
+                vec![self.window_secs.clone(), arg],
+            )
             .await
             .map_err(|e| e.to_string())?;
-        crate::bus::redis::flags(&reply, pending.len()).map_err(|e| format!("claims: {e}"))
+        crate::bus::redis::flags(&reply, n).map_err(|e| format!("claims: {e}"))
     }
 }
 
@@ -129,7 +142,11 @@ impl Claims {
                 .iter()
                 .map(|p| local.claim(p.msg.id(), &p.user))
                 .collect()),
-            Claims::Redis(redis) => redis.claim(pending).await,
+            Claims::Redis(redis) => {
+                redis
+                    .claim(pending.iter().map(|p| (p.msg.id(), &*p.user)))
+                    .await
+            }
         }
     }
 }

@@ -151,20 +151,24 @@ impl Store {
     }
 
     pub async fn online(&self, queries: &[OnlineQuery<'_>]) -> Result<Vec<bool>, PresenceError> {
-        let mut keys = Vec::with_capacity(queries.len() + 1);
-        keys.push(self.nodes_key.clone());
-        let mut args = vec![self.dead_ms.clone()];
+        let mut users =
+            String::with_capacity(queries.iter().map(|q| q.user.len() + 1).sum::<usize>());
+        let mut filters = Vec::new();
         for (n, q) in queries.iter().enumerate() {
-            keys.push(self.user_key(q.user));
+            users.push_str(q.user);
+            users.push('\n');
             if q.platform.is_some() || q.tab.is_some() {
-                args.push((n + 1).to_string());
-                args.push(q.platform.map_or("", |p| p.as_str()).to_owned());
-                args.push(q.tab.unwrap_or("").to_owned());
+                filters.push((n + 1).to_string());
+                filters.push(q.platform.map_or("", |p| p.as_str()).to_owned());
+                filters.push(q.tab.unwrap_or("").to_owned());
             }
         }
+        let mut args = Vec::with_capacity(3 + filters.len());
+        args.extend([self.dead_ms.clone(), self.user_prefix.clone(), users]);
+        args.extend(filters);
         let reply: Value = self
             .online
-            .evalsha_with_reload(&self.client, keys, args)
+            .evalsha_with_reload(&self.client, vec![self.nodes_key.clone()], args)
             .await?;
         crate::bus::redis::flags(&reply, queries.len()).map_err(PresenceError::Reply)
     }

@@ -47,22 +47,25 @@ end
 return out
 "#;
 
-/// KEYS: `nodes`, then one `u:<user>` per query; ARGV: dead bound, then a (query number,
-/// platform, tab) triple for each query that names either (`""`: any), none for the others.
-/// A string of one character per query: `1` if it has a matching entry on a live node, else
-/// `0` (one bulk string: the client decodes one reply, not one per query).
+/// KEYS: `nodes`; ARGV: dead bound, the user key prefix, the queries' users each followed by
+/// `\n` (a user id holds no control character), then a (query number, platform, tab) triple
+/// for each query that names either (`""`: any), none for the others. A string of one
+/// character per query: `1` if it has a matching entry on a live node, else `0`. One argument
+/// for all the users and one string back: the client encodes and decodes one element per
+/// call, not several per query (the user keys are built here, in the prefix's slot on a
+/// Redis Cluster, as the sweep does).
 pub(super) const ONLINE_LUA: &str = r#"
 local want = {}
-for i = 2, #ARGV, 3 do
+for i = 4, #ARGV, 3 do
   want[tonumber(ARGV[i])] = {ARGV[i + 1], ARGV[i + 2]}
 end
 local out = {}
-for k = 2, #KEYS do
-  local w = want[k - 1]
+for user in string.gmatch(ARGV[3], '([^\n]*)\n') do
+  local w = want[#out + 1]
   local platform, tab = '', ''
   if w then platform, tab = w[1], w[2] end
   local found = '0'
-  for _, info in ipairs(redis.call('HVALS', KEYS[k])) do
+  for _, info in ipairs(redis.call('HVALS', ARGV[2] .. user)) do
     local c = decode(info)
     if c and (platform == '' or c.platform == platform) and (tab == '' or c.tab == tab)
         and alive(c.node) then
@@ -70,7 +73,7 @@ for k = 2, #KEYS do
       break
     end
   end
-  out[k - 1] = found
+  out[#out + 1] = found
 end
 return table.concat(out)
 "#;
