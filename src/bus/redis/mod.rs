@@ -85,6 +85,8 @@ use crate::metrics::Metrics;
 mod connect;
 mod publish;
 mod scripts;
+
+pub use scripts::flags;
 mod subscriber;
 
 use scripts::{
@@ -347,27 +349,6 @@ fn lua_string(s: &str) -> String {
     out
 }
 
-/// Decodes a script's answer of one `0` or `1` per question, `n` of them, in one string
-/// (presence's online questions, receipts' claims): true for `1`.
-pub fn flags(reply: &Value, n: usize) -> Result<Vec<bool>, String> {
-    let text: &[u8] = match reply {
-        Value::String(s) => s.as_bytes(),
-        Value::Bytes(b) => b,
-        Value::Null => &[],
-        other => return Err(format!("expected a string of 0 and 1: {other:?}")),
-    };
-    if text.len() != n {
-        return Err(format!("{} answers to {n} questions", text.len()));
-    }
-    text.iter()
-        .map(|c| match c {
-            b'1' => Ok(true),
-            b'0' => Ok(false),
-            other => Err(format!("unexpected answer {:?}", char::from(*other))),
-        })
-        .collect()
-}
-
 /// `{<prefix>}` on a Redis Cluster (the hash tag of every bus key), else `<prefix>`.
 pub fn key_base(prefix: &str, cluster: bool) -> String {
     if cluster {
@@ -533,23 +514,5 @@ impl Bus for RedisBus {
 
     fn is_routed(&self) -> bool {
         self.node_channel.is_some()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use fred::types::Value;
-
-    use super::flags;
-
-    #[test]
-    fn flags_are_one_character_per_question() {
-        assert_eq!(flags(&Value::from("101"), 3), Ok(vec![true, false, true]));
-        assert_eq!(flags(&Value::Null, 0), Ok(vec![]));
-        assert!(flags(&Value::from("10"), 3)
-            .unwrap_err()
-            .contains("2 answers to 3"));
-        assert!(flags(&Value::from("1x"), 2).unwrap_err().contains("'x'"));
-        assert!(flags(&Value::Integer(1), 1).is_err());
     }
 }

@@ -6,6 +6,8 @@
 //! message of [`PUBLISH_SCRIPT`], and `positions`, the channel counters [`READ_SCRIPT`]
 //! reports.
 
+use fred::types::Value;
+
 /// Broadcast mode: every message on the bus channel, as numbered. No positions.
 pub(super) const BROADCAST_LUA: &str = r#"
 local STEP = 3
@@ -301,3 +303,40 @@ for i = 5, #KEYS do
 end
 return out
 "#;
+
+/// Decodes a script's answer of one `0` or `1` per question, `n` of them, in one string
+/// (presence's online questions, receipts' claims): true for `1`.
+pub fn flags(reply: &Value, n: usize) -> Result<Vec<bool>, String> {
+    let text: &[u8] = match reply {
+        Value::String(s) => s.as_bytes(),
+        Value::Bytes(b) => b,
+        Value::Null => &[],
+        other => return Err(format!("expected a string of 0 and 1: {other:?}")),
+    };
+    if text.len() != n {
+        return Err(format!("{} answers to {n} questions", text.len()));
+    }
+    text.iter()
+        .map(|c| match c {
+            b'1' => Ok(true),
+            b'0' => Ok(false),
+            other => Err(format!("unexpected answer {:?}", char::from(*other))),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{flags, Value};
+
+    #[test]
+    fn flags_are_one_character_per_question() {
+        assert_eq!(flags(&Value::from("101"), 3), Ok(vec![true, false, true]));
+        assert_eq!(flags(&Value::Null, 0), Ok(vec![]));
+        assert!(flags(&Value::from("10"), 3)
+            .unwrap_err()
+            .contains("2 answers to 3"));
+        assert!(flags(&Value::from("1x"), 2).unwrap_err().contains("'x'"));
+        assert!(flags(&Value::Integer(1), 1).is_err());
+    }
+}

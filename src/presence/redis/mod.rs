@@ -132,10 +132,7 @@ impl Store {
     }
 
     fn user_key(&self, user: &str) -> String {
-        let mut key = String::with_capacity(self.user_prefix.len() + user.len());
-        key.push_str(&self.user_prefix);
-        key.push_str(user);
-        key
+        format!("{}{user}", self.user_prefix)
     }
 
     pub async fn connections(&self, user: &str) -> Result<Vec<ConnInfo>, PresenceError> {
