@@ -187,6 +187,10 @@ pub(super) struct Worker {
     pub(super) metrics: Arc<Metrics>,
     /// Negative outcomes waiting for their claims.
     pending: Vec<Pending>,
+    /// The batch's published messages that had not expired, to ask presence about (kept
+    /// for its capacity: a batch's few hundred headers would otherwise grow a fresh
+    /// buffer, and touch fresh pages, every batch).
+    published: Vec<(Header, i64)>,
     /// Where each record is rendered.
     buf: Vec<u8>,
 }
@@ -204,6 +208,7 @@ impl Worker {
             directory,
             metrics,
             pending: Vec::new(),
+            published: Vec::new(),
             buf: Vec::with_capacity(256),
         }
     }
@@ -236,7 +241,7 @@ impl Worker {
         events: &mut Vec<Event>,
         emit: &mut impl FnMut(Receipt, &str, &[u8]),
     ) {
-        let mut published = Vec::new();
+        let mut published = std::mem::take(&mut self.published);
         for event in events.drain(..) {
             match event {
                 Event::Delivered {
@@ -311,6 +316,8 @@ impl Worker {
             }
         }
         self.offline(&published).await;
+        published.clear();
+        self.published = published;
         self.claim(emit).await;
     }
 
