@@ -465,12 +465,25 @@ async fn claims_are_won_once(on: On) {
         b.claim(again.into_iter()).await.unwrap(),
         [false, false, true, false]
     );
-    // Ids are length-prefixed in the call: `12:3` for `ann` and `1` for `2:3ann` are two
-    // claims, whatever the colons.
+    // Ids are length-prefixed in the call and in the keys: `12:3` for `ann` and `1` for
+    // `2:3ann` are two claims, and so are `a:b` for `c` and `a` for `b:c` (user ids may
+    // hold `:` too), whatever the colons.
     assert_eq!(
         b.claim([("12:3", "ann"), ("1", "2:3ann"), (odd, "carol")].into_iter())
             .await
             .unwrap(),
         [true, true, true]
+    );
+    assert_eq!(
+        b.claim([("a:b", "c"), ("a", "b:c")].into_iter())
+            .await
+            .unwrap(),
+        [true, true]
+    );
+    assert_eq!(
+        a.claim([("a", "b:c"), ("a:b", "c")].into_iter())
+            .await
+            .unwrap(),
+        [false, false]
     );
 }

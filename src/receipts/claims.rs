@@ -26,7 +26,8 @@ pub enum Claims {
     Local(LocalClaims),
 }
 
-/// Claims in Redis: `SET <key base>:receipt:<id>:<user> 1 NX EX <window>` for every claim of
+/// Claims in Redis: `SET <key base>:receipt:<id length>:<id>:<user> 1 NX EX <window>` (the
+/// length keeps `a:b` for `c` and `a` for `b:c` apart: ids and user ids may hold `:`) for every claim of
 /// a batch, in one script call that gets all of them in one argument and answers in one
 /// string (one element for the client to encode and one to decode, however many claims: a
 /// pipeline of one `SET` each cost the receipts task more than all its other work, and one
@@ -44,16 +45,18 @@ pub struct RedisClaims {
 /// KEYS: `<key base>:receipt:`; ARGV: the window in seconds, then the claims, each as
 /// `<id length>:<id><user>\n` (an id may hold any character, a user id no control
 /// character). A string of one character per claim: `1` if this call won it (set
-/// `KEYS[1] .. <id> .. ':' .. <user>`), else `0`.
+/// `KEYS[1] .. <id length> .. ':' .. <id> .. ':' .. <user>`), else `0`.
 const CLAIM_LUA: &str = r#"
 local claims, pos, out = ARGV[2], 1, {}
 while pos <= #claims do
   local colon = string.find(claims, ':', pos, true)
-  local len = tonumber(string.sub(claims, pos, colon - 1))
+  local digits = string.sub(claims, pos, colon - 1)
+  local len = tonumber(digits)
   local id = string.sub(claims, colon + 1, colon + len)
   local nl = string.find(claims, '\n', colon + len + 1, true)
   local user = string.sub(claims, colon + len + 1, nl - 1)
-  local won = redis.call('SET', KEYS[1] .. id .. ':' .. user, '1', 'NX', 'EX', ARGV[1])
+  local key = KEYS[1] .. digits .. ':' .. id .. ':' .. user
+  local won = redis.call('SET', key, '1', 'NX', 'EX', ARGV[1])
   out[#out + 1] = won and '1' or '0'
   pos = nl + 1
 end
@@ -116,7 +119,7 @@ impl LocalClaims {
     }
 
     pub(super) fn claim(&mut self, id: &str, user: &str) -> bool {
-        let key = format!("{id}:{user}");
+        let key = format!("{}:{id}:{user}", id.len());
         let now = Instant::now();
         while let Some((at, _)) = self.order.front() {
             if now.duration_since(*at) < self.window && self.order.len() < LOCAL_CLAIMS_MAX {

@@ -16,7 +16,7 @@
 //! * asks presence, in one call, which users of the published messages have a matching
 //!   connection anywhere ([`Directory`]); those without one are `offline` candidates;
 //! * claims every negative candidate (`offline`, `filtered`, `expired`) in one round trip
-//!   ([`Claims`]: Redis `SET <key base>:receipt:<id>:<user> 1 NX EX <recovery.window>`,
+//!   ([`Claims`]: Redis `SET <key base>:receipt:<id length>:<id>:<user> 1 NX EX <recovery.window>`,
 //!   one script call; in memory on the in-process bus): only the first claim of an (id, user) in
 //!   the cluster is produced, so the backend gets at most one negative outcome per message
 //!   and user, whichever node or ingest saw it first;

@@ -326,6 +326,10 @@ fn local_claims_expire_after_the_window() {
     assert!(claims.claim("m", "a"));
     assert!(!claims.claim("m", "a"));
     assert!(claims.claim("m", "b"));
+    // Ids and user ids may hold `:`: `a:b` for `c` and `a` for `b:c` are two claims.
+    assert!(claims.claim("a:b", "c"));
+    assert!(claims.claim("a", "b:c"));
+    assert!(!claims.claim("a", "b:c"));
 }
 
 #[tokio::test]
