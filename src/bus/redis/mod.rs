@@ -63,6 +63,8 @@
 //!
 //! The receiving side, one dedicated client on the bus, control and node channels, is
 //! [`subscriber`].
+//! Key and channel names are built in `keys.rs`, publishing is in `publish.rs`, history
+//! reads in `read.rs`, the Lua in `scripts.rs`, connecting in `connect.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,19 +77,22 @@ use fred::types::scripts::Script;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    After, Bus, BusError, BusHandler, Channel, HistoryRead, Outgoing, Positions, Published,
-    StreamKey, StreamRead,
+    After, Bus, BusError, BusHandler, Channel, HistoryRead, Outgoing, Published, StreamKey,
 };
 use crate::config::{RecoveryConfig, RedisConfig};
 use crate::envelope::Target;
 use crate::metrics::Metrics;
 
 mod connect;
+mod keys;
 mod publish;
+mod read;
 mod scripts;
-
-pub use scripts::flags;
 mod subscriber;
+
+pub use keys::key_base;
+use keys::routed_names;
+pub use scripts::flags;
 
 use scripts::{
     BROADCAST_LUA, CHUNK_SCRIPT, EPOCH_LUA, PUBLISH_LUA, PUBLISH_SCRIPT, READ_SCRIPT, ROUTED_LUA,
@@ -250,172 +255,12 @@ impl RedisBus {
     pub fn client(&self) -> Client {
         self.publisher.clone()
     }
-
-    fn stream_key(&self, key: &StreamKey<'_>) -> String {
-        match key {
-            StreamKey::All => self.all_key.clone(),
-            StreamKey::User(user) => format!("{}:u:{user}", self.base),
-            StreamKey::Group(group) => format!("{}:g:{group}", self.base),
-        }
-    }
-
-    /// `<prefix>:c:<stream>` (`c:u:<user>`, `c:g:<group>`, `c:all`): a stream's `collapse`
-    /// key → the sequence number of its entry.
-    fn collapse_key(&self, key: &StreamKey<'_>) -> String {
-        match key {
-            StreamKey::All => format!("{}:c:all", self.base),
-            StreamKey::User(user) => format!("{}:c:u:{user}", self.base),
-            StreamKey::Group(group) => format!("{}:c:g:{group}", self.base),
-        }
-    }
-
-    /// The keys a publish script appends `msg` to: each stream, followed by its collapse
-    /// hash when `msg` has a `collapse` key.
-    fn append_keys<'a>(
-        &self,
-        msg: &Outgoing,
-        streams: impl IntoIterator<Item = &'a StreamKey<'a>>,
-        into: &mut Vec<String>,
-    ) {
-        let collapse = msg.header.collapse.is_some();
-        for key in streams {
-            into.push(self.stream_key(key));
-            if collapse {
-                into.push(self.collapse_key(key));
-            }
-        }
-    }
-
-    /// `<prefix>:m:<id>`: the sequence number an id was published with.
-    fn seen_key(&self, id: &str) -> String {
-        format!("{}:m:{id}", self.base)
-    }
-
-    fn script_keys<'a>(
-        &self,
-        id: &str,
-        streams: impl IntoIterator<Item = &'a StreamKey<'a>>,
-    ) -> Vec<String> {
-        let mut keys = vec![
-            self.seq_key.clone(),
-            self.epoch_key.clone(),
-            self.seen_key(id),
-            self.pending_key.clone(),
-        ];
-        keys.extend(streams.into_iter().map(|k| self.stream_key(k)));
-        keys
-    }
-
-    /// The channel's name; [`Channel::Node`] is this node's own (the bus channel in
-    /// broadcast mode, which has no node channels).
-    fn channel_name(&self, channel: Channel) -> &str {
-        match channel {
-            Channel::Bus => &self.bus_channel,
-            Channel::Control => &self.control_channel,
-            Channel::Node => self.node_channel.as_deref().unwrap_or(&self.bus_channel),
-        }
-    }
-}
-
-/// The names [`ROUTED_LUA`] uses, as Lua definitions, for the key base `base` and this
-/// node's id.
-fn routed_names(base: &str, node: &str) -> String {
-    let users = format!("{base}:u:");
-    format!(
-        "local R_BSEQ = {}\nlocal R_NSEQ = {}\nlocal R_OWN = {}\nlocal R_NODE = {}\n\
-         local R_PRESENCE = {}\nlocal R_USERS_LEN = {}\nlocal R_NSEQ_TTL = {}\n",
-        lua_string(&format!("{base}:bseq")),
-        lua_string(&format!("{base}:nseq:")),
-        lua_string(&format!("{base}:nseq:{node}")),
-        lua_string(&format!("{base}:node:")),
-        lua_string(&format!("{base}:presence:u:")),
-        users.len(),
-        NODE_COUNTER_TTL_SECS,
-    )
-}
-
-/// `s` as a Lua string literal (every byte that is not plain printable ASCII escaped).
-fn lua_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('\'');
-    for b in s.bytes() {
-        if (b.is_ascii_graphic() && b != b'\\' && b != b'\'') || b == b' ' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("\\{b:03}"));
-        }
-    }
-    out.push('\'');
-    out
-}
-
-/// `{<prefix>}` on a Redis Cluster (the hash tag of every bus key), else `<prefix>`.
-pub fn key_base(prefix: &str, cluster: bool) -> String {
-    if cluster {
-        format!("{{{prefix}}}")
-    } else {
-        prefix.to_owned()
-    }
 }
 
 fn int(value: &Value) -> Result<i64, BusError> {
     value
         .as_i64()
         .ok_or_else(|| BusError::Reply(format!("expected an integer, got {value:?}")))
-}
-
-/// Parses [`READ_SCRIPT`]'s reply (with the channel counters after `after` when `routed`).
-fn parse_read(reply: Value, routed: bool) -> Result<HistoryRead, BusError> {
-    let Value::Array(items) = reply else {
-        return Err(BusError::Reply(format!("history read: {reply:?}")));
-    };
-    let head = items.first().map(int).transpose()?.unwrap_or(0).max(0) as u64;
-    let epoch_start = items.get(1).map(int).transpose()?.unwrap_or(0).max(0) as u64;
-    let after = items.get(2).map(int).transpose()?.unwrap_or(-1);
-    let positions = if routed {
-        match items.get(3) {
-            Some(Value::Array(pos)) if pos.len() == 2 => Some(Positions {
-                bus: int(&pos[0])?.max(0) as u64,
-                node: int(&pos[1])?.max(0) as u64,
-            }),
-            other => {
-                return Err(BusError::Reply(format!(
-                    "history read: no channel counters: {other:?}"
-                )))
-            }
-        }
-    } else {
-        None
-    };
-    if after < 0 {
-        return Ok(HistoryRead {
-            after: None,
-            head,
-            epoch_start,
-            streams: Vec::new(),
-            positions,
-        });
-    }
-    let skip = if routed { 4 } else { 3 };
-    let mut streams = Vec::with_capacity(items.len().saturating_sub(skip));
-    for item in items.into_iter().skip(skip) {
-        let Value::Array(parts) = item else {
-            return Err(BusError::Reply(
-                "history read: stream is not an array".into(),
-            ));
-        };
-        let mut parts = parts.into_iter();
-        let complete = parts.next().map(|v| int(&v)).transpose()? == Some(1);
-        let entries = parts.filter_map(payload_bytes).collect();
-        streams.push(StreamRead { complete, entries });
-    }
-    Ok(HistoryRead {
-        after: Some(after as u64),
-        head,
-        epoch_start,
-        streams,
-        positions,
-    })
 }
 
 /// A pub/sub payload as bytes, without copying.
@@ -482,22 +327,7 @@ impl Bus for RedisBus {
         after: After<'_>,
         streams: &[StreamKey<'_>],
     ) -> Result<HistoryRead, BusError> {
-        let (id, mode, position) = match after {
-            After::Id(id) => (id, "id", 0),
-            After::Seq(seq) => ("", "seq", seq),
-        };
-        let keys = self.script_keys(id, streams);
-        let args: Vec<Value> = vec![
-            mode.into(),
-            position.to_string().into(),
-            self.max_messages.as_str().into(),
-            self.body_prefix.as_str().into(),
-        ];
-        let reply: Value = self
-            .read_script
-            .evalsha_with_reload(&self.publisher, keys, args)
-            .await?;
-        parse_read(reply, self.node_channel.is_some())
+        self.read(after, streams).await
     }
 
     async fn subscribe(
