@@ -26,14 +26,14 @@ pub enum Claims {
     Local(LocalClaims),
 }
 
-/// Claims in Redis: `SET <key base>:receipt:<id length>:<id>:<user> 1 NX EX <window>` (the
-/// length keeps `a:b` for `c` and `a` for `b:c` apart: ids and user ids may hold `:`) for every claim of
-/// a batch, in one script call that gets all of them in one argument and answers in one
-/// string (one element for the client to encode and one to decode, however many claims: a
-/// pipeline of one `SET` each cost the receipts task more than all its other work, and one
-/// key per claim still cost more than building the keys in the script). The key base is the
-/// bus's: `<prefix>` on one Redis, `{<prefix>}` on a Redis Cluster, where the keys the script
-/// builds are all in the slot of the one key it is called with.
+/// Claims in Redis: `SET <key base>:receipt:<id length>:<id>:<user> 1 NX EX <window>` (the length
+/// keeps `a:b` for `c` and `a` for `b:c` apart: ids and user ids may hold `:`) for every claim of a
+/// batch, in one script call that gets all of them in one argument and answers in one string (one
+/// element for the client to encode and one to decode, however many claims: a pipeline of one `SET`
+/// each cost the receipts task more than all its other work, and one key per claim still cost more
+/// than building the keys in the script). The key base is the bus's: `<prefix>` on one Redis,
+/// `{<prefix>}` on a Redis Cluster, where the keys the script builds are all in the slot of the one
+/// key it is called with.
 pub struct RedisClaims {
     client: fred::clients::Client,
     /// `<key base>:receipt:`, the script's one key (its slot is the claims' slot).
